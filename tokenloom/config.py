@@ -1,0 +1,130 @@
+"""Engine configuration: every option and its default, in one place.
+
+`EngineConfig` groups four sub-configs. Their field names are flat and unique across the groups, so
+that `LLM(model=..., kv_cache_gib=...)` keyword arguments and `tokenloom generate --kv-cache-gib`
+flags map one to one onto fields (see `EngineConfig.from_kwargs` and `cli.add_engine_flags`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+class ConfigError(ValueError):
+    """An engine option has an invalid value; the message names the option."""
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """What to load and in which numeric format."""
+
+    model: str = DEFAULT_MODEL
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        """Resolve `dtype` to a torch dtype; `auto` keeps a float16/bfloat16/float32 checkpoint's own
+        (float16 becomes bfloat16 on CPU, where half matmuls are slow)."""
+        if self.dtype == "auto":
+            if checkpoint_dtype in (torch.bfloat16, torch.float32):
+                return checkpoint_dtype
+            return torch.bfloat16
+        return _DTYPES[self.dtype]
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    kv_cache_gib: float = 1.0
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """The token-budget scheduler."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(slots=True)
+class DeviceConfig:
+    """Where tensors live and how many CPU threads torch uses."""
+
+    device: str = "auto"
+    num_threads: int | None = None
+
+    def torch_device(self) -> torch.device:
+        """`auto` picks CUDA when present, else the CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_GROUPS = {"model_config": ModelConfig, "cache_config": CacheConfig,
+           "scheduler_config": SchedulerConfig, "device_config": DeviceConfig}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """All engine options, grouped; build it from flat keyword arguments with `from_kwargs`."""
+
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device_config: DeviceConfig = field(default_factory=DeviceConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Dispatch each flat option to the sub-config that owns it; unknown names are an error."""
+        parts: dict[str, dict[str, Any]] = {name: {} for name in _GROUPS}
+        for key, value in kwargs.items():
+            group = option_owner(key)
+            if group is None:
+                raise ConfigError(f"unknown engine option {key!r}; known options: {', '.join(option_names())}")
+            parts[group][key] = value
+        return cls(**{name: _GROUPS[name](**values) for name, values in parts.items()})
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first option that is out of range."""
+        m, c, s = self.model_config, self.cache_config, self.scheduler_config
+        if m.dtype != "auto" and m.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {m.dtype!r}")
+        if m.max_model_len is not None and m.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1; got {m.max_model_len}")
+        if c.kv_cache_gib <= 0:
+            raise ConfigError(f"kv_cache_gib must be > 0; got {c.kv_cache_gib}")
+        if c.block_size < 1 or c.block_size & (c.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two; got {c.block_size}")
+        if s.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1; got {s.max_num_batched_tokens}")
+        if s.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1; got {s.max_num_seqs}")
+
+
+def option_names() -> list[str]:
+    """Every flat engine option name, in declaration order."""
+    return [f.name for group in _GROUPS.values() for f in dataclasses.fields(group)]
+
+
+def option_owner(name: str) -> str | None:
+    """The EngineConfig attribute holding option `name`, or None."""
+    for group, klass in _GROUPS.items():
+        if any(f.name == name for f in dataclasses.fields(klass)):
+            return group
+    return None
