@@ -48,6 +48,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    num_published_blocks: int = 0
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None
@@ -75,6 +76,15 @@ class Request:
         """The token at absolute `position` without building a joined list."""
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens at positions [start, end) across prompt and output."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
 
     @property
     def is_finished(self) -> bool:

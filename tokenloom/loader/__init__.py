@@ -1,0 +1,96 @@
+"""Turn a model reference into a ready model, its tokenizer and its limits."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenloom.config import ConfigError, ModelConfig
+from tokenloom.loader.tokenizer import Tokenizer
+from tokenloom.models.registry import model_class_for
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what the engine needs to know about it."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    hf_config: Any
+    name: str
+    path: Path
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    load_seconds: float
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count (tied matrices counted once)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of parameters in memory."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def load_model(model_config: ModelConfig, device: torch.device) -> LoadedModel:
+    """Resolve `model_config.model`, build the model on the meta device, then fill its weights."""
+    from tokenloom.loader.sources import resolve_model
+
+    start = time.perf_counter()
+    source = resolve_model(model_config.model)
+    if source.kind == "gguf":
+        from tokenloom.loader.gguf import gguf_tokenizer, iter_gguf_weights, read_gguf
+
+        ckpt = read_gguf(source.path)
+        hf_config, saved_dtype = ckpt.config, None
+        weights = iter_gguf_weights(ckpt)
+        tokenizer = gguf_tokenizer(ckpt)
+    else:
+        from tokenloom.loader.hf import checkpoint_dtype, hf_tokenizer, iter_hf_weights, read_hf_config
+
+        hf_config = read_hf_config(source.path)
+        saved_dtype = checkpoint_dtype(hf_config)
+        weights = iter_hf_weights(source.path)
+        tokenizer = hf_tokenizer(Path(model_config.tokenizer) if model_config.tokenizer else source.path)
+    if model_config.tokenizer and source.kind == "gguf":
+        from tokenloom.loader.hf import hf_tokenizer
+
+        tokenizer = hf_tokenizer(Path(model_config.tokenizer))
+    max_len = _max_model_len(hf_config, model_config.max_model_len)
+    dtype = model_config.torch_dtype(saved_dtype)
+    model = build_model(hf_config, max_len, dtype, device)
+    model.load_weights(weights)
+    return LoadedModel(model, tokenizer, hf_config, source.name, source.path, dtype, device, max_len,
+                       time.perf_counter() - start)
+
+
+def build_model(hf_config: Any, max_model_len: int, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Instantiate the architecture without initialising weights (meta device, then empty storage)."""
+    model_class = model_class_for(hf_config)
+    with torch.device("meta"):
+        model = model_class(hf_config, max_positions=max_model_len)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    return model.eval().requires_grad_(False)
+
+
+def _max_model_len(hf_config: Any, requested: int | None) -> int:
+    limit = None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        limit = getattr(hf_config, key, None)
+        if limit:
+            break
+    if requested is None:
+        if limit is None:
+            raise ConfigError("the checkpoint does not state its context length; set max_model_len")
+        return int(limit)
+    if limit is not None and requested > limit:
+        raise ConfigError(f"max_model_len {requested} exceeds the model's context length {limit}")
+    return requested

@@ -1,0 +1,177 @@
+"""The engine loop: schedule → execute → sample → update → emit outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from tokenloom.config import EngineConfig
+from tokenloom.engine.kv_cache import KVCacheManager
+from tokenloom.engine.model_runner import ModelRunner, kv_bytes_per_block
+from tokenloom.engine.output_processor import OutputProcessor, ParentState
+from tokenloom.engine.request import Request, RequestStatus
+from tokenloom.engine.scheduler import Scheduler
+from tokenloom.loader import LoadedModel, load_model
+from tokenloom.outputs import RequestOutput
+from tokenloom.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidRequestError(ValueError):
+    """A request cannot be served as given; the message says why."""
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters for monitoring."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    """Owns the model, the KV cache, the scheduler and the per-request output state."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        device = config.device_config.torch_device()
+        if config.device_config.num_threads:
+            torch.set_num_threads(config.device_config.num_threads)
+        torch.manual_seed(config.model_config.seed)
+        self.loaded = loaded or load_model(config.model_config, device)
+        self.tokenizer = self.loaded.tokenizer
+        cache = config.cache_config
+        block_bytes = kv_bytes_per_block(self.loaded.model, cache.block_size, self.loaded.dtype)
+        num_blocks = int(cache.kv_cache_gib * 2**30 // block_bytes)
+        if num_blocks < 1:
+            raise InvalidRequestError(f"kv_cache_gib={cache.kv_cache_gib} holds no block of {block_bytes} bytes")
+        # A request must always fit alone, or it could neither run nor be preempted away.
+        self.max_model_len = min(self.loaded.max_model_len, num_blocks * cache.block_size)
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.loaded.dtype, device)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.requests: dict[str, Request] = {}
+        self.device = device
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    prompt_text: str | None = None) -> None:
+        """Validate and queue a request (a string prompt is tokenized here)."""
+        if request_id in self.outputs.parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        token_ids = self.encode_prompt(prompt)
+        max_tokens = self.check_lengths(len(token_ids), params.max_tokens)
+        params.validate_vocab(self.tokenizer.vocab_size)
+        text = prompt if isinstance(prompt, str) else prompt_text
+        parent = ParentState(request_id, text, token_ids)
+        children = [self._child(f"{i}_{request_id}" if params.n > 1 else request_id, token_ids, params, i,
+                                max_tokens) for i in range(params.n)]
+        self.outputs.add(parent, children)
+        for child in children:
+            self.requests[child.request_id] = child
+            self.scheduler.add(child)
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt, checked against the vocabulary."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt token id list is empty")
+        vocab = self.tokenizer.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        return ids
+
+    def check_lengths(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        """The request's effective max_tokens; rejects prompts that leave no room to generate."""
+        room = self.max_model_len - num_prompt_tokens
+        if room < 1:
+            raise InvalidRequestError(f"prompt has {num_prompt_tokens} tokens, but the context length is "
+                                      f"{self.max_model_len}: at most {self.max_model_len - 1} prompt tokens fit")
+        return room if max_tokens is None else min(max_tokens, room)
+
+    def _child(self, request_id: str, token_ids: list[int], params: SamplingParams, index: int,
+               max_tokens: int) -> Request:
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+        child_params = dataclasses.replace(params, n=1) if params.n > 1 else params
+        eos = frozenset(self.tokenizer.eos_token_ids)
+        return Request(request_id, list(token_ids), child_params, eos, max_tokens, generator=generator)
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        """Stop requests (by user request id) and free their blocks."""
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            parent = self.outputs.parents.get(rid)
+            for child in parent.children if parent else []:
+                self.scheduler.finish(child.request, RequestStatus.FINISHED_ABORTED)
+                self.requests.pop(child.request.request_id, None)
+            if parent:
+                self.outputs._forget(parent)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request waits or runs."""
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine iteration and return the outputs it produced."""
+        sched = self.scheduler.schedule()
+        if not sched.requests:
+            return []
+        try:
+            result = self.runner.execute(sched)
+        except Exception as exc:  # the loop must survive: fail this batch's requests, keep serving
+            logger.exception("model execution failed")
+            return self._fail(sched.requests, exc)
+        self.scheduler.update(sched, result.sampled)
+        changed: list[Request] = []
+        for request in sched.requests:
+            plp = result.prompt_logprobs.get(request.request_id)
+            if plp is not None:
+                self.outputs.on_prompt_logprobs(request, plp)
+            token = result.sampled.get(request.request_id)
+            if token is None:
+                continue
+            stop = self.outputs.on_token(request, token, result.logprobs.get(request.request_id))
+            if stop is not None and not request.is_finished:
+                request.stop_reason = stop
+                self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+            changed.append(request)
+        return self._emit(changed)
+
+    def _emit(self, changed: list[Request]) -> list[RequestOutput]:
+        outputs = []
+        for request in changed:
+            if request.request_id not in self.outputs.child_to_parent:
+                continue
+            out = self.outputs.make_output(request)
+            if request.is_finished:
+                self.requests.pop(request.request_id, None)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _fail(self, requests: list[Request], exc: Exception) -> list[RequestOutput]:
+        for request in requests:
+            request.stop_reason = f"error: {exc}"
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+        return self._emit(requests)
+
+    def stats(self) -> EngineStats:
+        """Current queue sizes, cache usage and prefix-cache counters."""
+        s = self.kv.stats
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage,
+                           self.kv.num_blocks, s.queries, s.hits, self.scheduler.num_preemptions)

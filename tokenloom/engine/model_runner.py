@@ -1,0 +1,145 @@
+"""SchedulerOutput → packed tensors (ids, positions, slots, block tables) → model → sampled ids.
+
+The packed batch has no padding: prefill chunks first, then one token per decoding request. Logits
+are computed only for positions that are sampled (and for prompt positions whose logprobs were
+asked for).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from tokenloom.engine.request import Request
+from tokenloom.engine.sampler import Sampler, prompt_logprobs
+from tokenloom.engine.scheduler import SchedulerOutput
+from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention, PrefillSpan
+from tokenloom.outputs import PositionLogprobs
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """Sampled token per request id, plus logprobs where asked for."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+
+
+def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block occupies across every attention layer (keys and values)."""
+    per_token = sum(2 * a.num_kv_heads * a.head_dim for a in attention_layers(model))
+    return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
+
+
+def attention_layers(model: nn.Module) -> list[PagedAttention]:
+    """The model's paged attention modules, in order."""
+    return [m for m in model.modules() if isinstance(m, PagedAttention)]
+
+
+class ModelRunner:
+    """Runs the model on a scheduled batch over its bound paged KV cache."""
+
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler()
+        for attn in attention_layers(model):
+            shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+            attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
+                             torch.zeros(shape, dtype=dtype, device=device))
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step and sample the requests that reached their last token."""
+        order = sorted(range(len(sched.requests)), key=lambda i: sched.num_tokens[i] == 1)
+        batch = self._prepare(sched, order)
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+        out = RunnerOutput()
+        if batch.sample_rows:
+            logits = self.model.compute_logits(hidden[batch.sample_index])
+            reqs = [sched.requests[i] for i in batch.sample_rows]
+            result = self.sampler(logits, reqs)
+            for r, token, lp in zip(reqs, result.token_ids, result.logprobs):
+                out.sampled[r.request_id] = token
+                if lp is not None:
+                    out.logprobs[r.request_id] = lp
+        for request, index, targets in batch.prompt_logprob_rows:
+            logits = self.model.compute_logits(hidden[index])
+            k = request.sampling_params.prompt_logprobs
+            out.prompt_logprobs[request.request_id] = prompt_logprobs(logits, targets, k)
+        return out
+
+    def _prepare(self, sched: SchedulerOutput, order: list[int]) -> _Batch:
+        bs = self.block_size
+        ids, positions, slots = [], [], []
+        spans, decode_rows, sample_rows, sample_index, plp_rows = [], [], [], [], []
+        offset = 0
+        for i in order:
+            request, n = sched.requests[i], sched.num_tokens[i]
+            start = request.num_computed_tokens
+            pos = np.arange(start, start + n)
+            table = np.asarray(request.block_ids)
+            ids.extend(request.token_slice(start, start + n))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            if n == 1:
+                decode_rows.append((table, start + 1))
+            else:
+                ctx = np.arange(start + n)
+                kv = torch.from_numpy(table[ctx // bs] * bs + ctx % bs).to(self.device) if start else None
+                spans.append(PrefillSpan(offset, n, start, kv))
+            if sched.samples(i):
+                sample_rows.append(i)
+                sample_index.append(offset + n - 1)
+            plp = self._prompt_logprob_positions(request, start, n, offset)
+            if plp is not None:
+                plp_rows.append(plp)
+            offset += n
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(self.device),
+            prefills=spans, num_prefill_tokens=sum(s.length for s in spans))
+        if decode_rows:
+            meta.decode_slots, meta.decode_lens = self._decode_tables(decode_rows)
+        return _Batch(torch.tensor(ids, dtype=torch.long, device=self.device),
+                      torch.from_numpy(np.concatenate(positions)).to(self.device), meta,
+                      sample_rows, torch.tensor(sample_index, dtype=torch.long, device=self.device), plp_rows)
+
+    def _decode_tables(self, rows: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.block_size
+        lens = np.array([length for _, length in rows])
+        max_blocks = -(-int(lens.max()) // bs)
+        table = np.zeros((len(rows), max_blocks), dtype=np.int64)
+        for r, (blocks, length) in enumerate(rows):
+            used = -(-length // bs)
+            table[r, :used] = blocks[:used]
+        pos = np.arange(max_blocks * bs)
+        slots = table[:, pos // bs] * bs + pos % bs
+        return torch.from_numpy(slots).to(self.device), torch.from_numpy(lens).to(self.device)
+
+    def _prompt_logprob_positions(self, request: Request, start: int, n: int,
+                                  offset: int) -> tuple[Request, torch.Tensor, torch.Tensor] | None:
+        """Packed rows whose logits score the next prompt token, for requests that asked."""
+        if request.sampling_params.prompt_logprobs is None:
+            return None
+        last = min(start + n, request.num_prompt_tokens - 1)
+        if last <= start:
+            return None
+        index = torch.arange(offset, offset + last - start, device=self.device)
+        targets = torch.tensor(request.prompt_token_ids[start + 1:last + 1], device=self.device)
+        return request, index, targets
+
+
+@dataclass(slots=True)
+class _Batch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: list[int]
+    sample_index: torch.Tensor
+    prompt_logprob_rows: list[tuple[Request, torch.Tensor, torch.Tensor]]

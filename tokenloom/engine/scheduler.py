@@ -1,0 +1,157 @@
+"""The scheduler: one token-budget rule for prefill, chunked prefill, decode and recompute.
+
+Each step hands out up to `max_num_batched_tokens` tokens, first to running requests (oldest
+first), then to waiting ones (FCFS). A request is given `num_tokens - num_computed_tokens` tokens or
+what is left of the budget, whichever is smaller. When the KV pool runs dry, the most recently
+admitted running request is preempted: its blocks are freed and it goes back to the front of the
+queue, to be recomputed later (its prefix may still be found in the cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokenloom.config import SchedulerConfig
+from tokenloom.engine.kv_cache import KVCacheManager
+from tokenloom.engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What to run this step: each scheduled request and how many of its tokens to compute."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens in the batch."""
+        return sum(self.num_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Whether request i reaches its last token this step, and so samples a new one."""
+        r = self.requests[i]
+        return r.num_computed_tokens + self.num_tokens[i] == r.num_tokens
+
+
+class Scheduler:
+    """Owns the waiting queue and the running list; decides each step's batch."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        """Queue a new request."""
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        """True while any request waits or runs."""
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's requests and token counts, allocating their KV blocks."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, n, out):
+                break
+            out.requests.append(request)
+            out.num_tokens.append(n)
+            budget -= n
+            i += 1
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _allocate_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool:
+        while not self.kv.allocate(request, n):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            cached = self.kv.find_cached_prefix(request)
+            num_cached = len(cached) * self.kv.block_size
+            n = request.num_tokens - num_cached
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if not self.kv.allocate(request, n, cached):
+                break
+            self.waiting.popleft()
+            self.kv.stats.queries += request.num_tokens
+            self.kv.stats.hits += num_cached
+            if request.status is RequestStatus.WAITING:
+                request.num_cached_tokens = num_cached
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.requests.append(request)
+            out.num_tokens.append(n)
+            budget -= n
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens and finish requests that hit a token-level
+        stop (EOS, stop token, max_tokens, context length). Returns the requests that finished."""
+        finished = []
+        for request, n in zip(out.requests, out.num_tokens):
+            if request.is_finished:
+                continue
+            request.num_computed_tokens += n
+            self.kv.cache_full_blocks(request)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.output_token_ids.append(token)
+            status = self._stop_status(request, token)
+            if status is not None:
+                self.finish(request, status)
+                finished.append(request)
+        return finished
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        num_out = len(request.output_token_ids)
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if num_out >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request (stop string, abort, error): drop it from the queues, free its blocks."""
+        if request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)

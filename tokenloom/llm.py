@@ -1,0 +1,114 @@
+"""Offline API: `LLM(model=...).generate(prompts, SamplingParams(...))`, shaped like vLLM's."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tokenloom.config import EngineConfig
+from tokenloom.engine.llm_engine import InvalidRequestError, LLMEngine
+from tokenloom.outputs import RequestOutput
+from tokenloom.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict[str, Any]
+Message = dict[str, Any]
+
+
+class LLM:
+    """A model with its engine, for batch generation in one process.
+
+    Keyword arguments are engine options (see `tokenloom.config`), e.g.
+    `LLM("gemma-3-270m", dtype="float32", kv_cache_gib=2, max_num_seqs=64)`.
+    """
+
+    def __init__(self, model: str | None = None, **engine_options: Any) -> None:
+        if model is not None:
+            engine_options["model"] = model
+        self.engine = LLMEngine(EngineConfig.from_kwargs(**engine_options))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        """The model's tokenizer (tokenloom's wrapper)."""
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}); outputs come
+        back in input order. Every prompt is validated before any starts, so a bad one fails the
+        call with its index named and no work is lost."""
+        prompts = _as_list(prompts)
+        params = _broadcast(sampling_params, len(prompts))
+        encoded = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                ids = self.engine.encode_prompt(_prompt_ids_or_text(prompt))
+                self.engine.check_lengths(len(ids), p.max_tokens)
+                p.validate_vocab(self.engine.tokenizer.vocab_size)
+            except ValueError as exc:
+                raise InvalidRequestError(f"prompt {i}: {exc}") from exc
+            text = prompt if isinstance(prompt, str) else None
+            encoded.append((ids, text))
+        return self._run(encoded, params, use_tqdm)
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = []
+        for conversation in conversations:
+            text = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                           chat_template=chat_template)
+            prompts.append(tok.encode(text, add_special_tokens=False))
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, encoded: list[tuple[list[int], str | None]], params: list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
+        ids = [str(next(self._ids)) for _ in encoded]
+        for rid, (token_ids, text), p in zip(ids, encoded, params):
+            self.engine.add_request(rid, token_ids, dataclasses.replace(p, output_kind="final"), text)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, unit="req")
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+            self.engine.abort_request([rid for rid in ids if rid not in results])
+        return [results[rid] for rid in ids]
+
+
+def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if prompts and isinstance(prompts[0], int):
+        return [list(prompts)]
+    return list(prompts)
+
+
+def _prompt_ids_or_text(prompt: Prompt) -> str | list[int]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        return prompt["prompt"]
+    return prompt
+
+
+def _broadcast(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise InvalidRequestError(f"got {len(params)} sampling_params for {n} prompts")
+    return list(params)

@@ -1,0 +1,116 @@
+"""Attention over the paged KV cache.
+
+The runner packs a step's tokens as [prefill chunks..., decode tokens...] and describes them with one
+`AttentionMetadata`, shared by every layer. Each layer writes its new keys and values into its cache
+at `slot_mapping`, then:
+- a prefill chunk with no earlier context attends to its own fresh keys (causal);
+- a chunk that continues earlier context (chunked prefill, prefix-cache hit, recompute) gathers its
+  keys from the cache through its slot list;
+- all decode tokens run as one batched call over keys gathered through a padded slot table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """One request's chunk of more than one token (or its first token) in the packed batch."""
+
+    start: int
+    length: int
+    context_len: int
+    kv_slots: torch.Tensor | None = None  # [context_len + length] cache slots, when context_len > 0
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """How this step's packed tokens map onto requests and cache slots."""
+
+    slot_mapping: torch.Tensor
+    prefills: list[PrefillSpan]
+    num_prefill_tokens: int
+    decode_slots: torch.Tensor | None = None  # [num_decodes, max_len], padded with slot 0
+    decode_lens: torch.Tensor | None = None  # [num_decodes] keys per decode row, the new one included
+    _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[num_decodes, 1, 1, max_len] bool: which gathered keys each decode query may see."""
+        mask = self._decode_masks.get(window)
+        if mask is None:
+            lens = self.decode_lens.unsqueeze(1)
+            idx = torch.arange(self.decode_slots.shape[1], device=lens.device).unsqueeze(0)
+            mask = idx < lens
+            if window is not None:
+                mask &= idx >= lens - window
+            mask = mask[:, None, None, :]
+            self._decode_masks[window] = mask
+        return mask
+
+
+def chunk_mask(length: int, context_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[length, context_len + length] bool: causal (and sliding-window) visibility for a chunk."""
+    q_pos = torch.arange(context_len, context_len + length, device=device).unsqueeze(1)
+    k_pos = torch.arange(context_len + length, device=device).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+class PagedAttention(nn.Module):
+    """Scaled dot-product attention whose keys and values live in a paged cache.
+
+    The runner binds `kv_cache` = (keys, values), each [num_blocks, block_size, kv_heads, head_dim].
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] → [tokens, heads * dim]."""
+        k_flat = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)
+        v_flat = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        for span in meta.prefills:
+            end = span.start + span.length
+            out[span.start:end] = self._prefill(q[span.start:end], k[span.start:end], v[span.start:end],
+                                                span, k_flat, v_flat)
+        if meta.decode_slots is not None:
+            out[meta.num_prefill_tokens:] = self._decode(q[meta.num_prefill_tokens:], meta, k_flat, v_flat)
+        return out.view(q.shape[0], -1)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan,
+                 k_flat: torch.Tensor, v_flat: torch.Tensor) -> torch.Tensor:
+        window = self.sliding_window
+        if span.context_len:
+            k, v = k_flat[span.kv_slots], v_flat[span.kv_slots]
+        if span.context_len == 0 and (window is None or span.length <= window):
+            mask, causal = None, True
+        else:
+            mask, causal = chunk_mask(span.length, span.context_len, window, q.device), False
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, is_causal=causal,
+            scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
+        return out.transpose(0, 1)
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata, k_flat: torch.Tensor,
+                v_flat: torch.Tensor) -> torch.Tensor:
+        k = k_flat[meta.decode_slots].transpose(1, 2)  # [rows, kv_heads, max_len, dim]
+        v = v_flat[meta.decode_slots].transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k, v, attn_mask=meta.decode_mask(self.sliding_window), scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)
+        return out.squeeze(2)
