@@ -1,0 +1,159 @@
+"""Command line: `tokenloom generate | chat`.
+
+Engine flags are generated from the config dataclasses (`--kv-cache-gib` ↔ `kv_cache_gib`), so the
+CLI, `LLM(...)` keyword arguments and `EngineConfig` stay one to one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from tokenloom.config import (
+    DEFAULT_MODEL,
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
+
+_SAMPLING_FLAGS: dict[str, type] = {
+    "temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int, "min_tokens": int,
+    "seed": int, "presence_penalty": float, "frequency_penalty": float, "repetition_penalty": float,
+}
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per engine option, with the option's default."""
+    for group_class in (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig):
+        group = parser.add_argument_group(group_class.__name__)
+        for f in dataclasses.fields(group_class):
+            flag = "--" + f.name.replace("_", "-")
+            names = [flag, "-m"] if f.name == "model" else [flag]
+            kind = str(f.type).split("|")[0].strip()
+            if kind == "bool":
+                group.add_argument(*names, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction)
+            else:
+                group.add_argument(*names, dest=f.name, default=f.default, type=_TYPES[kind],
+                                   help=f"(default: {f.default})")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed engine options, ready for `EngineConfig.from_kwargs` or `LLM(**kwargs)`."""
+    groups = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig)
+    return {f.name: getattr(args, f.name) for g in groups for f in dataclasses.fields(g)}
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags for the common sampling parameters."""
+    group = parser.add_argument_group("sampling")
+    for name, kind in _SAMPLING_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
+    group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true", default=None)
+
+
+def sampling_params(args: argparse.Namespace, **defaults: Any):
+    """SamplingParams from the sampling flags that were given, over `defaults`."""
+    from tokenloom.sampling_params import SamplingParams
+
+    given = {k: getattr(args, k) for k in [*_SAMPLING_FLAGS, "stop", "ignore_eos"] if getattr(args, k) is not None}
+    return SamplingParams(**{**defaults, **given, "output_kind": "delta"})
+
+
+def stream(engine: Any, prompt: str | list[int], params: Any, request_id: str) -> Iterator[str]:
+    """Yield text deltas of one request as the engine produces them."""
+    engine.add_request(request_id, prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == request_id:
+                yield out.outputs[0].text
+
+
+def _build_engine(args: argparse.Namespace):
+    from tokenloom.engine.llm_engine import LLMEngine
+
+    return LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream one completion to the terminal."""
+    engine = _build_engine(args)
+    params = sampling_params(args, max_tokens=128)
+    start, pieces = time.perf_counter(), 0
+    sys.stdout.write(args.prompt)
+    for delta in stream(engine, args.prompt, params, "cli"):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+        pieces += 1
+    elapsed = time.perf_counter() - start
+    print(f"\n[{pieces} chunks in {elapsed:.2f}s; model loaded in {engine.loaded.load_seconds:.1f}s]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive chat session; an empty line or EOF ends it."""
+    engine = _build_engine(args)
+    params = sampling_params(args, max_tokens=512, temperature=0.7)
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    for turn in itertools.count():
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        messages.append({"role": "user", "content": user})
+        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        sys.stdout.write("assistant> ")
+        reply = []
+        for delta in stream(engine, ids, params, f"chat-{turn}"):
+            reply.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `tokenloom` argument parser."""
+    parser = argparse.ArgumentParser(prog="tokenloom", description="LLM inference and serving engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="stream a completion of a prompt")
+    gen.add_argument("prompt", help="the prompt text")
+    chat = sub.add_parser("chat", help="interactive chat in the terminal")
+    chat.add_argument("--system", default=None, help="system message")
+    for p, fn in ((gen, cmd_generate), (chat, cmd_chat)):
+        add_engine_flags(p)
+        add_sampling_flags(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; bad input is reported in one line, not a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as exc:
+        print(f"tokenloom: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "DEFAULT_MODEL"]
