@@ -48,7 +48,7 @@ class LLM:
             try:
                 ids = self.engine.encode_prompt(_prompt_ids_or_text(prompt))
                 self.engine.check_lengths(len(ids), p.max_tokens)
-                p.validate_vocab(self.engine.tokenizer.vocab_size)
+                p.validate_vocab(self.engine.vocab_size)
             except ValueError as exc:
                 raise InvalidRequestError(f"prompt {i}: {exc}") from exc
             text = prompt if isinstance(prompt, str) else None

@@ -49,6 +49,8 @@ class LLMEngine:
         torch.manual_seed(config.model_config.seed)
         self.loaded = loaded or load_model(config.model_config, device)
         self.tokenizer = self.loaded.tokenizer
+        # Token ids index the model's embedding; a tokenizer may know fewer (or more) ids.
+        self.vocab_size = int(self.loaded.hf_config.vocab_size)
         cache = config.cache_config
         block_bytes = kv_bytes_per_block(self.loaded.model, cache.block_size, self.loaded.dtype)
         num_blocks = int(cache.kv_cache_gib * 2**30 // block_bytes)
@@ -70,7 +72,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         token_ids = self.encode_prompt(prompt)
         max_tokens = self.check_lengths(len(token_ids), params.max_tokens)
-        params.validate_vocab(self.tokenizer.vocab_size)
+        params.validate_vocab(self.vocab_size)
         text = prompt if isinstance(prompt, str) else prompt_text
         parent = ParentState(request_id, text, token_ids)
         children = [self._child(f"{i}_{request_id}" if params.n > 1 else request_id, token_ids, params, i,
@@ -89,7 +91,7 @@ class LLMEngine:
         ids = list(prompt)
         if not ids:
             raise InvalidRequestError("prompt token id list is empty")
-        vocab = self.tokenizer.vocab_size
+        vocab = self.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")

@@ -57,8 +57,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Run one step and sample the requests that reached their last token."""
-        order = sorted(range(len(sched.requests)), key=lambda i: sched.num_tokens[i] == 1)
-        batch = self._prepare(sched, order)
+        batch = self._prepare(sched)
         hidden = self.model(batch.input_ids, batch.positions, batch.meta)
         out = RunnerOutput()
         if batch.sample_rows:
@@ -75,7 +74,9 @@ class ModelRunner:
             out.prompt_logprobs[request.request_id] = prompt_logprobs(logits, targets, k)
         return out
 
-    def _prepare(self, sched: SchedulerOutput, order: list[int]) -> _Batch:
+    def _prepare(self, sched: SchedulerOutput) -> _Batch:
+        """Pack the batch: multi-token chunks first, then single-token (decode) rows."""
+        order = sorted(range(len(sched.requests)), key=lambda i: sched.num_tokens[i] == 1)
         bs = self.block_size
         ids, positions, slots = [], [], []
         spans, decode_rows, sample_rows, sample_index, plp_rows = [], [], [], [], []
