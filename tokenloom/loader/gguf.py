@@ -1,0 +1,323 @@
+"""GGUF files: HF-style config, HF-named float weights, and the embedded tokenizer.
+
+llama.cpp's converter renames tensors and changes a few of them on the way in; we undo exactly that,
+as transformers' own GGUF loader does: Llama Q/K rows are permuted for its rotary layout, Gemma stores
+every RMSNorm weight as `w + 1`, and GPT-2's Conv1D weights are transposed to `[out, in]`. Qwen2/3 and
+Gemma 3 are written without the permutation. Shapes come out in torch order (GGUF lists them reversed).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gguf
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from tokenloom.loader.tokenizer import Tokenizer
+
+Q = gguf.GGMLQuantizationType
+SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+                             Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+_SKIPPED = {"rope_freqs.weight"}  # llama3 rope factors: folded into config.rope_scaling instead
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be used: not GGUF, truncated, corrupt, or of an unsupported kind."""
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A parsed GGUF file: its metadata as an HF config, plus the reader for lazy weight access."""
+
+    path: Path
+    architecture: str
+    config: PretrainedConfig
+    chat_template: str | None
+    reader: gguf.GGUFReader = field(repr=False)
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+class _Meta:
+    """`{arch}.key` lookups over the file's metadata, with float32 values rounded to their shortest form."""
+
+    def __init__(self, arch: str, md: dict[str, Any], tensors: dict[str, Any]) -> None:
+        self.arch, self.md, self.tensors = arch, md, tensors
+
+    def __call__(self, key: str, default: Any = None) -> Any:
+        value = self.md.get(f"{self.arch}.{key}", default)
+        return float(str(np.float32(value))) if isinstance(value, float) else value
+
+    def ids(self) -> dict[str, int | None]:
+        """Special token ids as HF configs name them (None where the file has none)."""
+        return {f"{n}_token_id": self.md.get(f"tokenizer.ggml.{k}_token_id")
+                for n, k in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
+
+    def vocab_size(self) -> int:
+        """Rows of the embedding matrix (the token list may be shorter or padded)."""
+        return int(self.tensors["token_embd.weight"].shape[-1])
+
+    def has(self, name: str) -> bool:
+        """Whether the file holds a tensor of this GGUF name."""
+        return name in self.tensors
+
+
+def _rope_scaling(m: _Meta, theta: float, head_dim: int) -> dict[str, Any] | None:
+    kind = m("rope.scaling.type")
+    if kind in ("linear", "yarn"):
+        scaling = {"rope_type": kind, "factor": m("rope.scaling.factor")}
+        if kind == "yarn":
+            scaling["original_max_position_embeddings"] = m("rope.scaling.original_context_length")
+        return scaling
+    if m.has("rope_freqs.weight"):  # llama3: llama.cpp stores per-frequency factors, not the parameters
+        freqs = np.asarray(m.tensors["rope_freqs.weight"].data, dtype=np.float64)
+        return _llama3_scaling(freqs, theta, head_dim)
+    return None
+
+
+def _llama3_scaling(freqs: np.ndarray, theta: float, head_dim: int) -> dict[str, Any]:
+    """Recover llama3 rope parameters from llama.cpp's factors (it assumes an 8192 original context)."""
+    factor, old_ctx, low, high = float(freqs.max()), 8192, 1.0, 4.0
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    mid = (freqs > 1 + 1e-6) & (freqs < factor - 1e-6)
+    if mid.sum() >= 2:  # factor = 1 / ((1 - s) / f + s), s linear in old_ctx / wavelen
+        smooth = (1 / freqs[mid] - 1 / factor) / (1 - 1 / factor)
+        slope, low = np.polyfit(smooth, old_ctx / wavelen[mid], 1)
+        high = low + slope
+    return {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": round(float(low), 3),
+            "high_freq_factor": round(float(high), 3), "original_max_position_embeddings": old_ctx}
+
+
+def _decoder_fields(m: _Meta) -> dict[str, Any]:
+    hidden, heads = m("embedding_length"), m("attention.head_count")
+    head_dim = m("attention.key_length") or m("rope.dimension_count") or hidden // heads
+    theta = m("rope.freq_base", 10000.0)
+    return dict(vocab_size=m.vocab_size(), hidden_size=hidden, intermediate_size=m("feed_forward_length"),
+                num_hidden_layers=m("block_count"), num_attention_heads=heads,
+                num_key_value_heads=m("attention.head_count_kv", heads), head_dim=head_dim,
+                rms_norm_eps=m("attention.layer_norm_rms_epsilon"), rope_theta=theta,
+                rope_scaling=_rope_scaling(m, theta, head_dim), max_position_embeddings=m("context_length"),
+                tie_word_embeddings=not m.has("output.weight"), **m.ids())
+
+
+def _llama_config(m: _Meta) -> PretrainedConfig:
+    from transformers import LlamaConfig
+    return LlamaConfig(**_decoder_fields(m), attention_bias=m.has("blk.0.attn_q.bias"),
+                       mlp_bias=m.has("blk.0.ffn_up.bias"), architectures=["LlamaForCausalLM"])
+
+
+def _qwen2_config(m: _Meta) -> PretrainedConfig:
+    from transformers import Qwen2Config
+    fields = _decoder_fields(m)
+    del fields["head_dim"]  # Qwen2 has none: always hidden / heads
+    return Qwen2Config(**fields, architectures=["Qwen2ForCausalLM"])
+
+
+def _qwen3_config(m: _Meta) -> PretrainedConfig:
+    from transformers import Qwen3Config
+    return Qwen3Config(**_decoder_fields(m), attention_bias=m.has("blk.0.attn_q.bias"),
+                       architectures=["Qwen3ForCausalLM"])
+
+
+def _gemma3_config(m: _Meta) -> PretrainedConfig:
+    from transformers import Gemma3TextConfig
+    fields = _decoder_fields(m)
+    n_layers, pattern = fields["num_hidden_layers"], m("attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # newer converters: one flag per layer
+        layer_types = ["sliding_attention" if swa else "full_attention" for swa in pattern]
+    else:  # llama.cpp's built-in rule: every 6th layer is global
+        layer_types = ["full_attention" if (i + 1) % (pattern or 6) == 0 else "sliding_attention"
+                       for i in range(n_layers)]
+    # llama.cpp scales queries by 1/sqrt(head_dim), except the 27B (62 layers): 1/sqrt(hidden / heads)
+    scalar = fields["hidden_size"] // fields["num_attention_heads"] if n_layers == 62 else fields["head_dim"]
+    return Gemma3TextConfig(**fields, sliding_window=m("attention.sliding_window"), layer_types=layer_types,
+                            rope_local_base_freq=m("rope.freq_base_swa", 10000.0), query_pre_attn_scalar=scalar,
+                            final_logit_softcapping=m("final_logit_softcapping"),
+                            attn_logit_softcapping=m("attn_logit_softcapping"),
+                            architectures=["Gemma3ForCausalLM"])
+
+
+def _gpt2_config(m: _Meta) -> PretrainedConfig:
+    from transformers import GPT2Config
+    hidden, ff = m("embedding_length"), m("feed_forward_length")
+    tied = not m.has("output.weight") or np.array_equal(  # llama.cpp always writes a copy of wte
+        m.tensors["output.weight"].data, m.tensors["token_embd.weight"].data)
+    return GPT2Config(vocab_size=m.vocab_size(), n_positions=m("context_length"), n_embd=hidden,
+                      n_layer=m("block_count"), n_head=m("attention.head_count"),
+                      n_inner=None if ff in (None, 4 * hidden) else ff,
+                      layer_norm_epsilon=m("attention.layer_norm_epsilon"), tie_word_embeddings=bool(tied),
+                      architectures=["GPT2LMHeadModel"], **{k: v for k, v in m.ids().items() if k != "pad_token_id"})
+
+
+# --- names and transforms -------------------------------------------------------------------------
+
+_LLAMA_BLOCK = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+                "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+_GEMMA3_BLOCK = {**_LLAMA_BLOCK, "ffn_norm": "pre_feedforward_layernorm",
+                 "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+_LLAMA_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GPT2_BLOCK = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+               "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+_GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+             "output_norm": "transformer.ln_f", "output": "lm_head"}
+
+
+@dataclass(frozen=True)
+class _Arch:
+    config: Callable[[_Meta], PretrainedConfig]
+    top: dict[str, str]
+    block: dict[str, str]
+    block_prefix: str = "model.layers."
+    permute_qk: bool = False  # llama.cpp's rotary row order (LlamaModel.permute)
+    norm_shift: float = 0.0  # Gemma: norm weights stored as w + 1
+    transposed: frozenset[str] = frozenset()  # GPT-2 Conv1D weights, stored [out, in]
+
+
+ARCHITECTURES: dict[str, _Arch] = {
+    "llama": _Arch(_llama_config, _LLAMA_TOP, _LLAMA_BLOCK, permute_qk=True),
+    "qwen2": _Arch(_qwen2_config, _LLAMA_TOP, _LLAMA_BLOCK),
+    "qwen3": _Arch(_qwen3_config, _LLAMA_TOP, _LLAMA_BLOCK),
+    "gemma3": _Arch(_gemma3_config, _LLAMA_TOP, _GEMMA3_BLOCK, norm_shift=1.0),
+    "gpt2": _Arch(_gpt2_config, _GPT2_TOP, _GPT2_BLOCK, block_prefix="transformer.h.",
+                  transposed=frozenset({"attn_qkv", "attn_output", "ffn_up", "ffn_down"})),
+}
+
+
+def _hf_name(spec: _Arch, name: str) -> tuple[str, str] | None:
+    """(HF parameter name, GGUF base name such as 'attn_q'), or None for an unknown tensor."""
+    if m := _BLOCK_RE.fullmatch(name):
+        base = spec.block.get(m[2])
+        return (f"{spec.block_prefix}{m[1]}.{base}.{m[3]}", m[2]) if base else None
+    stem, _, suffix = name.rpartition(".")
+    return (f"{spec.top[stem]}.{suffix}", stem) if stem in spec.top else None
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of llama.cpp's `permute`: rows back from (head, 2, dim/2) to (head, dim/2, 2) order."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _tensor(t: Any) -> torch.Tensor:
+    if t.tensor_type in (Q.F32, Q.F16):
+        return torch.from_numpy(np.array(t.data))
+    if t.tensor_type == Q.BF16:  # numpy has no bfloat16: raw bytes reinterpreted
+        return torch.from_numpy(np.array(t.data)).view(torch.bfloat16)
+    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+
+
+def iter_gguf_weights(ckpt: GGUFCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, tensor) in HF layout; float32, or F16/BF16 where the file stores those."""
+    spec, cfg = ARCHITECTURES[ckpt.architecture], ckpt.config
+    for t in ckpt.reader.tensors:
+        if t.name in _SKIPPED:
+            continue
+        named = _hf_name(spec, t.name)
+        if named is None:
+            raise GGUFError(f"{ckpt.path}: tensor {t.name!r} has no counterpart in a {ckpt.architecture} model")
+        hf_name, base = named
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        w = _tensor(t)
+        if spec.norm_shift and base.endswith("norm"):
+            w = w.float() - spec.norm_shift
+        if spec.permute_qk and base in ("attn_q", "attn_k"):
+            w = _unpermute(w, cfg.num_attention_heads if base == "attn_q" else cfg.num_key_value_heads)
+        if base in spec.transposed and w.dim() == 2:
+            w = w.t().contiguous()
+        yield hf_name, w
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+def _open(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF' ({size} bytes)")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # the reader fails with numpy/struct/index errors on a short file
+        raise GGUFError(f"{path} is truncated or corrupt ({size} bytes): {type(exc).__name__}: {exc}") from exc
+    for t in reader.tensors:  # data_offset is absolute
+        if t.data.nbytes != int(t.n_bytes) or int(t.data_offset) + int(t.n_bytes) > size:
+            raise GGUFError(f"{path} is truncated ({size} bytes): tensor {t.name!r} runs past the end of the file")
+    return reader
+
+
+def read_gguf(path: str | Path) -> GGUFCheckpoint:
+    """Parse a GGUF file's metadata into an HF config; weights stay in the file until iterated."""
+    path = Path(path)
+    reader = _open(path)
+    try:
+        md = {key: f.contents() for key, f in reader.fields.items()}
+    except Exception as exc:
+        raise GGUFError(f"{path}: corrupt metadata: {exc}") from exc
+    arch = md.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    tensors = {t.name: t for t in reader.tensors}
+    bad = sorted({f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if t.tensor_type not in SUPPORTED_TYPES})
+    if bad:
+        supported = ", ".join(sorted(q.name for q in SUPPORTED_TYPES))
+        raise GGUFError(f"{path}: unsupported tensor types: {', '.join(bad[:5])}; supported: {supported}")
+    if "token_embd.weight" not in tensors:
+        raise GGUFError(f"{path}: no token_embd.weight tensor")
+    try:
+        config = ARCHITECTURES[arch].config(_Meta(arch, md, tensors))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GGUFError(f"{path}: incomplete {arch} metadata: {exc!r}") from exc
+    return GGUFCheckpoint(path, arch, config, md.get("tokenizer.chat_template"), reader, md)
+
+
+# --- tokenizer ------------------------------------------------------------------------------------
+
+_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                   "pad_token": "padding_token_id"}
+
+
+def gguf_tokenizer(ckpt: GGUFCheckpoint) -> Tokenizer:
+    """The file's tokenizer, built from the metadata already parsed (as transformers' GGUF path builds it)."""
+    from transformers import TokenizersBackend
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+
+    from tokenloom.loader.tokenizer import FALLBACK_CHAT_TEMPLATES, Tokenizer
+
+    md = ckpt.metadata
+    tok, tok_config = ({name: md[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in md}
+                       for renames in (GGUF_TOKENIZER_MAPPING["tokenizer"], GGUF_TOKENIZER_MAPPING["tokenizer_config"]))
+    if "tokens" not in tok:
+        raise GGUFError(f"{ckpt.path}: no tokenizer.ggml.tokens in the metadata, so no tokenizer")
+    if tok.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to sentencepiece vocabularies by default
+        tok_config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = md.get(f"tokenizer.ggml.{key}")
+        tok_config[name] = tok["tokens"][token_id] if token_id is not None else None
+    try:
+        backend, extra = convert_gguf_tokenizer(ckpt.architecture, tok)
+    except ValueError as exc:
+        raise GGUFError(f"{ckpt.path}: {exc}") from exc
+    hf_class = TOKENIZER_MAPPING.get(type(ckpt.config), TokenizersBackend)
+    hf = hf_class(tokenizer_object=backend, **tok_config, **extra)
+    extra_eos = []
+    if ckpt.architecture.startswith("gemma"):
+        end_of_turn = hf.backend_tokenizer.token_to_id("<end_of_turn>")
+        extra_eos = [end_of_turn] if end_of_turn is not None else []
+    template = ckpt.chat_template or FALLBACK_CHAT_TEMPLATES.get(ckpt.architecture)
+    return Tokenizer(hf, chat_template=template, extra_eos_token_ids=extra_eos)
