@@ -122,7 +122,7 @@ class LLMEngine:
                 self.scheduler.finish(child.request, RequestStatus.FINISHED_ABORTED)
                 self.requests.pop(child.request.request_id, None)
             if parent:
-                self.outputs._forget(parent)
+                self.outputs.forget(parent)
 
     def has_unfinished_requests(self) -> bool:
         """True while any request waits or runs."""

@@ -67,8 +67,10 @@ class OutputProcessor:
             self._decode_logprob_tokens(logprobs)
             child.logprobs.append(logprobs)
             request.cumulative_logprob += logprobs[token].logprob
-        is_eos = token in request.eos_token_ids and not request.sampling_params.ignore_eos
-        return child.detokenizer.update([token], is_eos=is_eos)
+        # The scheduler has already applied token-level stops (EOS, stop_token_ids): hide that token's text.
+        is_eos = request.status is RequestStatus.FINISHED_STOPPED
+        stop = child.detokenizer.update([token], is_eos=is_eos)
+        return stop
 
     def on_prompt_logprobs(self, request: Request, logprobs: list[PositionLogprobs]) -> None:
         """Append a chunk's prompt logprobs (once per prompt, not again after a recompute)."""
@@ -99,7 +101,7 @@ class OutputProcessor:
                             parent.finished, parent.prompt_logprobs,
                             parent.children[0].request.num_cached_tokens)
         if parent.finished:
-            self._forget(parent)
+            self.forget(parent)
         return out
 
     def _completion(self, child: _Child, delta: bool) -> CompletionOutput:
@@ -113,12 +115,15 @@ class OutputProcessor:
             child.sent_tokens = len(r.output_token_ids)
             child.sent_logprobs = len(child.logprobs or [])
         else:
+            if finished:
+                child.detokenizer.get_delta(finished=True)  # flush held-back text into output_text
             text, token_ids, logprobs = child.detokenizer.output_text, list(r.output_token_ids), child.logprobs
         return CompletionOutput(child.index, text, token_ids,
                                 r.cumulative_logprob if child.logprobs is not None else None,
                                 logprobs, reason, r.stop_reason)
 
-    def _forget(self, parent: ParentState) -> None:
+    def forget(self, parent: ParentState) -> None:
+        """Drop a request's state."""
         self.parents.pop(parent.request_id, None)
         for child in parent.children:
             self.child_to_parent.pop(child.request.request_id, None)

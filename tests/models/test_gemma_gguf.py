@@ -1,0 +1,55 @@
+"""The real embedded default model (Gemma 3 270M, GGUF Q4_K_M) against transformers reading the same file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenloom import SamplingParams
+from tokenloom.llm import LLM
+from tokenloom.loader.sources import resolve_model
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "Water boils at a temperature of"]
+
+
+@pytest.fixture(scope="module")
+def ours() -> LLM:
+    return LLM("gemma-3-270m", dtype="float32", kv_cache_gib=0.25)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers dequantizes the GGUF to fp32 (about 45 s): loaded once for this module."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model("gemma-3-270m").path
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def test_greedy_continuations_match_transformers(ours, reference):
+    outs = ours.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        ids = torch.tensor([out.prompt_token_ids])
+        ref = reference.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, ids.shape[1]:].tolist()
+        assert out.outputs[0].token_ids == ref, prompt
+        assert out.outputs[0].text == ours.get_tokenizer().decode(ref)
+
+
+def test_logits_match_transformers(ours, reference):
+    prompt = ours.get_tokenizer().encode(PROMPTS[2])
+    out = ours.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1),
+                        use_tqdm=False)[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(torch.tensor([prompt])).logits[0].float(), -1)
+    for pos in range(1, len(prompt)):
+        assert out.prompt_logprobs[pos][prompt[pos]].logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(),
+                                                                             abs=1e-3)
+
+
+def test_batch_invariance_on_the_real_model(ours):
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    together = [o.outputs[0].token_ids for o in ours.generate(PROMPTS * 4, params, use_tqdm=False)]
+    alone = [ours.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
+    assert together == alone * 4
