@@ -25,7 +25,7 @@ from tokenloom.config import (
 
 _SAMPLING_FLAGS: dict[str, type] = {
     "temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int, "min_tokens": int,
-    "seed": int, "presence_penalty": float, "frequency_penalty": float, "repetition_penalty": float,
+    "presence_penalty": float, "frequency_penalty": float, "repetition_penalty": float,
 }
 _TYPES = {"int": int, "float": float, "str": str}
 
