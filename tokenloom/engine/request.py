@@ -72,11 +72,6 @@ class Request:
         """Prompt followed by the generated tokens (a new list)."""
         return self.prompt_token_ids + self.output_token_ids
 
-    def token_id_at(self, position: int) -> int:
-        """The token at absolute `position` without building a joined list."""
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
-
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens at positions [start, end) across prompt and output."""
         n = len(self.prompt_token_ids)
