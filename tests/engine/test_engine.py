@@ -181,3 +181,27 @@ def test_abort_frees_blocks(llm):
     engine.abort_request("x")
     assert not engine.has_unfinished_requests()
     assert engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0
+
+
+def test_a_request_that_breaks_execution_fails_alone(llm, monkeypatch):
+    engine = llm.engine
+    good = mixed_prompts(3, engine.vocab_size, seed=14)
+    expected = token_ids(llm.generate(good, GREEDY, use_tqdm=False))
+    real_sampler = engine.runner.sampler
+
+    def poisoned(logits, requests):
+        if any(r.request_id == "poison" for r in requests):
+            raise RuntimeError("kernel blew up")
+        return real_sampler(logits, requests)
+
+    monkeypatch.setattr(engine.runner, "sampler", poisoned)
+    for i, p in enumerate(good):
+        engine.add_request(f"g{i}", p, GREEDY)
+    engine.add_request("poison", good[0], GREEDY)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert done["poison"].outputs[0].finish_reason == "error"
+    assert "kernel blew up" in done["poison"].outputs[0].stop_reason
+    assert [done[f"g{i}"].outputs[0].token_ids for i in range(3)] == expected
+    assert engine.stats().kv_cache_usage == 0

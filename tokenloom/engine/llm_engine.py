@@ -10,10 +10,10 @@ import torch
 
 from tokenloom.config import EngineConfig
 from tokenloom.engine.kv_cache import KVCacheManager
-from tokenloom.engine.model_runner import ModelRunner, kv_bytes_per_block
+from tokenloom.engine.model_runner import ModelRunner, RunnerOutput, kv_bytes_per_block
 from tokenloom.engine.output_processor import OutputProcessor, ParentState
 from tokenloom.engine.request import Request, RequestStatus
-from tokenloom.engine.scheduler import Scheduler
+from tokenloom.engine.scheduler import Scheduler, SchedulerOutput
 from tokenloom.loader import LoadedModel, load_model
 from tokenloom.outputs import RequestOutput
 from tokenloom.sampling_params import SamplingParams
@@ -135,9 +135,14 @@ class LLMEngine:
             return []
         try:
             result = self.runner.execute(sched)
-        except Exception as exc:  # the loop must survive: fail this batch's requests, keep serving
-            logger.exception("model execution failed")
-            return self._fail(sched.requests, exc)
+        except Exception:  # the loop must survive: find the request that fails, keep the others
+            logger.exception("model execution failed; retrying the batch's requests one by one")
+            sched, result, failed = self._execute_isolated(sched)
+            outputs = self._fail(failed)
+            if not sched.requests:
+                return outputs
+        else:
+            outputs = []
         self.scheduler.update(sched, result.sampled)
         changed: list[Request] = []
         for request in sched.requests:
@@ -152,7 +157,25 @@ class LLMEngine:
                 request.stop_reason = stop
                 self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
             changed.append(request)
-        return self._emit(changed)
+        return outputs + self._emit(changed)
+
+    def _execute_isolated(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, RunnerOutput,
+                                                                 list[tuple[Request, Exception]]]:
+        """Run each scheduled request alone; KV writes of the failed batch are simply redone."""
+        ok, merged, failed = SchedulerOutput(), RunnerOutput(), []
+        for request, n in zip(sched.requests, sched.num_tokens):
+            single = SchedulerOutput([request], [n])
+            try:
+                part = self.runner.execute(single)
+            except Exception as exc:
+                failed.append((request, exc))
+                continue
+            ok.requests.append(request)
+            ok.num_tokens.append(n)
+            merged.sampled.update(part.sampled)
+            merged.logprobs.update(part.logprobs)
+            merged.prompt_logprobs.update(part.prompt_logprobs)
+        return ok, merged, failed
 
     def _emit(self, changed: list[Request]) -> list[RequestOutput]:
         outputs = []
@@ -166,11 +189,11 @@ class LLMEngine:
                 outputs.append(out)
         return outputs
 
-    def _fail(self, requests: list[Request], exc: Exception) -> list[RequestOutput]:
-        for request in requests:
-            request.stop_reason = f"error: {exc}"
+    def _fail(self, failed: list[tuple[Request, Exception]]) -> list[RequestOutput]:
+        for request, exc in failed:
+            request.stop_reason = f"error: {type(exc).__name__}: {exc}"
             self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
-        return self._emit(requests)
+        return self._emit([request for request, _ in failed])
 
     def stats(self) -> EngineStats:
         """Current queue sizes, cache usage and prefix-cache counters."""

@@ -107,7 +107,6 @@ class OutputProcessor:
     def _completion(self, child: _Child, delta: bool) -> CompletionOutput:
         r = child.request
         finished = r.is_finished
-        reason = r.finish_reason if r.status is not RequestStatus.FINISHED_ERROR else "error"
         if delta:
             text = child.detokenizer.get_delta(finished)
             token_ids = r.output_token_ids[child.sent_tokens:]
@@ -120,7 +119,7 @@ class OutputProcessor:
             text, token_ids, logprobs = child.detokenizer.output_text, list(r.output_token_ids), child.logprobs
         return CompletionOutput(child.index, text, token_ids,
                                 r.cumulative_logprob if child.logprobs is not None else None,
-                                logprobs, reason, r.stop_reason)
+                                logprobs, r.finish_reason, r.stop_reason)
 
     def forget(self, parent: ParentState) -> None:
         """Drop a request's state."""
