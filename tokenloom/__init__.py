@@ -1,6 +1,9 @@
+"""tokenloom: LLM inference and serving engine."""
+
 from tokenloom.config import EngineConfig
+from tokenloom.llm import LLM
 from tokenloom.outputs import CompletionOutput, RequestOutput
 from tokenloom.sampling_params import BeamSearchParams, SamplingParams
 
-__all__ = ["EngineConfig", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
