@@ -111,10 +111,12 @@ class PagedAttention(nn.Module):
                 v_flat: torch.Tensor) -> torch.Tensor:
         # Grouped-query attention as two batched matmuls: on CPU this runs ~6x faster than SDPA's
         # flash kernel for one query row per sequence (measured: 4.6 vs 30 ms a layer, 64 rows x 400 keys).
-        rows, group = q.shape[0], self.num_heads // self.num_kv_heads
-        k = k_flat[meta.decode_slots].permute(0, 2, 3, 1)  # [rows, kv_heads, dim, max_len]
-        v = v_flat[meta.decode_slots].transpose(1, 2)  # [rows, kv_heads, max_len, dim]
-        scores = torch.matmul(q.view(rows, self.num_kv_heads, group, self.head_dim), k).float()
+        rows, kv_heads, group = q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads
+        # Fold kv heads into the batch (free with one kv head) so bmm reads K transposed in place.
+        k = k_flat[meta.decode_slots].transpose(1, 2).reshape(rows * kv_heads, -1, self.head_dim)
+        v = v_flat[meta.decode_slots].transpose(1, 2).reshape(rows * kv_heads, -1, self.head_dim)
+        scores = torch.bmm(q.view(rows * kv_heads, group, self.head_dim), k.transpose(1, 2)).float()
+        scores = scores.view(rows, kv_heads, group, -1)
         scores.mul_(self.scale).masked_fill_(~meta.decode_mask(self.sliding_window), float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.matmul(probs, v).view(rows, self.num_heads, self.head_dim)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype).view(rows * kv_heads, group, -1)
+        return torch.bmm(probs, v).view(rows, self.num_heads, self.head_dim)
