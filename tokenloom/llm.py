@@ -43,17 +43,14 @@ class LLM:
         call with its index named and no work is lost."""
         prompts = _as_list(prompts)
         params = _broadcast(sampling_params, len(prompts))
-        encoded = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
+        ids = [str(next(self._ids)) for _ in prompts]
+        for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params)):
             try:
-                ids = self.engine.encode_prompt(_prompt_ids_or_text(prompt))
-                self.engine.check_lengths(len(ids), p.max_tokens)
-                p.validate_vocab(self.engine.vocab_size)
+                self.engine.add_request(rid, _prompt_ids_or_text(prompt), dataclasses.replace(p, output_kind="final"))
             except ValueError as exc:
+                self.engine.abort_request(ids[:i])  # nothing has run yet: drop the ones already queued
                 raise InvalidRequestError(f"prompt {i}: {exc}") from exc
-            text = prompt if isinstance(prompt, str) else None
-            encoded.append((ids, text))
-        return self._run(encoded, params, use_tqdm)
+        return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -69,11 +66,7 @@ class LLM:
             prompts.append(tok.encode(text, add_special_tokens=False))
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, encoded: list[tuple[list[int], str | None]], params: list[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
-        ids = [str(next(self._ids)) for _ in encoded]
-        for rid, (token_ids, text), p in zip(ids, encoded, params):
-            self.engine.add_request(rid, token_ids, dataclasses.replace(p, output_kind="final"), text)
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, unit="req")
         try:

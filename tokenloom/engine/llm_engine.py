@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenloom.config import EngineConfig
+from tokenloom.config import ConfigError, EngineConfig
 from tokenloom.engine.kv_cache import KVCacheManager
 from tokenloom.engine.model_runner import ModelRunner, RunnerOutput, kv_bytes_per_block
 from tokenloom.engine.output_processor import OutputProcessor, ParentState
@@ -55,31 +55,27 @@ class LLMEngine:
         block_bytes = kv_bytes_per_block(self.loaded.model, cache.block_size, self.loaded.dtype)
         num_blocks = int(cache.kv_cache_gib * 2**30 // block_bytes)
         if num_blocks < 1:
-            raise InvalidRequestError(f"kv_cache_gib={cache.kv_cache_gib} holds no block of {block_bytes} bytes")
+            raise ConfigError(f"kv_cache_gib={cache.kv_cache_gib} holds no block of {block_bytes} bytes")
         # A request must always fit alone, or it could neither run nor be preempted away.
         self.max_model_len = min(self.loaded.max_model_len, num_blocks * cache.block_size)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.loaded.dtype, device)
         self.outputs = OutputProcessor(self.tokenizer)
-        self.requests: dict[str, Request] = {}
         self.device = device
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    prompt_text: str | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         """Validate and queue a request (a string prompt is tokenized here)."""
         if request_id in self.outputs.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         token_ids = self.encode_prompt(prompt)
         max_tokens = self.check_lengths(len(token_ids), params.max_tokens)
         params.validate_vocab(self.vocab_size)
-        text = prompt if isinstance(prompt, str) else prompt_text
-        parent = ParentState(request_id, text, token_ids)
+        parent = ParentState(request_id, prompt if isinstance(prompt, str) else None, token_ids)
         children = [self._child(f"{i}_{request_id}" if params.n > 1 else request_id, token_ids, params, i,
                                 max_tokens) for i in range(params.n)]
         self.outputs.add(parent, children)
         for child in children:
-            self.requests[child.request_id] = child
             self.scheduler.add(child)
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -120,7 +116,6 @@ class LLMEngine:
             parent = self.outputs.parents.get(rid)
             for child in parent.children if parent else []:
                 self.scheduler.finish(child.request, RequestStatus.FINISHED_ABORTED)
-                self.requests.pop(child.request.request_id, None)
             if parent:
                 self.outputs.forget(parent)
 
@@ -183,8 +178,6 @@ class LLMEngine:
             if request.request_id not in self.outputs.child_to_parent:
                 continue
             out = self.outputs.make_output(request)
-            if request.is_finished:
-                self.requests.pop(request.request_id, None)
             if out is not None:
                 outputs.append(out)
         return outputs

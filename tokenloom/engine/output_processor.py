@@ -68,9 +68,7 @@ class OutputProcessor:
             child.logprobs.append(logprobs)
             request.cumulative_logprob += logprobs[token].logprob
         # The scheduler has already applied token-level stops (EOS, stop_token_ids): hide that token's text.
-        is_eos = request.status is RequestStatus.FINISHED_STOPPED
-        stop = child.detokenizer.update([token], is_eos=is_eos)
-        return stop
+        return child.detokenizer.update([token], is_eos=request.status is RequestStatus.FINISHED_STOPPED)
 
     def on_prompt_logprobs(self, request: Request, logprobs: list[PositionLogprobs]) -> None:
         """Append a chunk's prompt logprobs (once per prompt, not again after a recompute)."""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tokenloom.config import ConfigError, ModelConfig
+from tokenloom.loader.hf import hf_tokenizer
 from tokenloom.loader.tokenizer import Tokenizer
 from tokenloom.models.registry import model_class_for
 
@@ -52,18 +53,15 @@ def load_model(model_config: ModelConfig, device: torch.device) -> LoadedModel:
         ckpt = read_gguf(source.path)
         hf_config, saved_dtype = ckpt.config, None
         weights = iter_gguf_weights(ckpt)
-        tokenizer = gguf_tokenizer(ckpt)
+        default_tokenizer = lambda: gguf_tokenizer(ckpt)
     else:
-        from tokenloom.loader.hf import checkpoint_dtype, hf_tokenizer, iter_hf_weights, read_hf_config
+        from tokenloom.loader.hf import checkpoint_dtype, iter_hf_weights, read_hf_config
 
         hf_config = read_hf_config(source.path)
         saved_dtype = checkpoint_dtype(hf_config)
         weights = iter_hf_weights(source.path)
-        tokenizer = hf_tokenizer(Path(model_config.tokenizer) if model_config.tokenizer else source.path)
-    if model_config.tokenizer and source.kind == "gguf":
-        from tokenloom.loader.hf import hf_tokenizer
-
-        tokenizer = hf_tokenizer(Path(model_config.tokenizer))
+        default_tokenizer = lambda: hf_tokenizer(source.path)
+    tokenizer = hf_tokenizer(Path(model_config.tokenizer)) if model_config.tokenizer else default_tokenizer()
     max_len = _max_model_len(hf_config, model_config.max_model_len)
     dtype = model_config.torch_dtype(saved_dtype)
     model = build_model(hf_config, max_len, dtype, device)
