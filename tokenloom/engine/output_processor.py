@@ -92,7 +92,9 @@ class OutputProcessor:
         if kind == "final" and not parent.finished:
             return None
         if kind == "delta":
-            outputs = [self._completion(child, delta=True)]
+            # The output that finishes the parent is its last: it must carry every sibling's unsent tokens too.
+            outputs = [self._completion(c, delta=True) for c in parent.children
+                       if c is child or (parent.finished and c.sent_tokens < len(c.request.output_token_ids))]
         else:
             outputs = [self._completion(c, delta=False) for c in parent.children]
         out = RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs,
