@@ -29,6 +29,7 @@ class ModelConfig:
     dtype: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
+    quantization: str = "none"
 
     def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
         """Resolve `dtype` to a torch dtype; `auto` keeps a float16/bfloat16/float32 checkpoint's own
@@ -72,6 +73,7 @@ class DeviceConfig:
         return torch.device(self.device)
 
 
+QUANTIZATIONS = ("none", "int8", "int4")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GROUPS = {"model_config": ModelConfig, "cache_config": CacheConfig,
            "scheduler_config": SchedulerConfig, "device_config": DeviceConfig}
@@ -105,6 +107,8 @@ class EngineConfig:
         m, c, s = self.model_config, self.cache_config, self.scheduler_config
         if m.dtype != "auto" and m.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {m.dtype!r}")
+        if m.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {m.quantization!r}")
         if m.max_model_len is not None and m.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1; got {m.max_model_len}")
         if c.kv_cache_gib <= 0:

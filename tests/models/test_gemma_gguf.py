@@ -53,3 +53,22 @@ def test_batch_invariance_on_the_real_model(ours):
     together = [o.outputs[0].token_ids for o in ours.generate(PROMPTS * 4, params, use_tqdm=False)]
     alone = [ours.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
     assert together == alone * 4
+
+
+def test_int8_quantization_keeps_the_real_models_perplexity(ours):
+    text = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg developed "
+            "a system of movable metal type in Mainz. His press made books cheaper to produce, and within a few "
+            "decades printing shops had opened in most major European cities.")
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    int8 = LLM("gemma-3-270m", dtype="float32", kv_cache_gib=0.25, quantization="int8")
+
+    def score(llm: LLM) -> tuple[float, list[int]]:
+        out = llm.generate([text], params, use_tqdm=False)[0]
+        ids, rows = out.prompt_token_ids, out.prompt_logprobs[1:]
+        nll = -sum(row[t].logprob for row, t in zip(rows, ids[1:])) / len(rows)
+        return nll, [min(row, key=lambda t: row[t].rank) for row in rows]
+
+    (nll_float, top_float), (nll_int8, top_int8) = score(ours), score(int8)
+    assert abs(nll_int8 - nll_float) < 0.03, (nll_float, nll_int8)  # perplexity within 3%
+    assert sum(a == b for a, b in zip(top_float, top_int8)) / len(top_float) >= 0.8
+    assert int8.engine.loaded.weight_bytes < ours.engine.loaded.weight_bytes

@@ -13,6 +13,7 @@ from torch import nn
 from tokenloom.config import ConfigError, ModelConfig
 from tokenloom.loader.hf import hf_tokenizer
 from tokenloom.loader.tokenizer import Tokenizer
+from tokenloom.models.layers.quantized import quantize_model
 from tokenloom.models.registry import model_class_for
 
 
@@ -37,8 +38,9 @@ class LoadedModel:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of parameters in memory."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of parameters and quantized weight buffers in memory (shared tensors counted once)."""
+        tensors = {t.data_ptr(): t for t in [*self.model.parameters(), *self.model.buffers()]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def load_model(model_config: ModelConfig, device: torch.device) -> LoadedModel:
@@ -66,6 +68,7 @@ def load_model(model_config: ModelConfig, device: torch.device) -> LoadedModel:
     dtype = model_config.torch_dtype(saved_dtype)
     model = build_model(hf_config, max_len, dtype, device)
     model.load_weights(weights)
+    quantize_model(model, model_config.quantization)
     return LoadedModel(model, tokenizer, hf_config, source.name, source.path, dtype, device, max_len,
                        time.perf_counter() - start)
 

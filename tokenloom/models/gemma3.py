@@ -7,11 +7,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
-from tokenloom.models.layers.linear import MergedLinear
+from tokenloom.models.layers.linear import MergedLinear, TiedLMHead
 from tokenloom.models.layers.norm import RMSNorm
 from tokenloom.models.layers.rotary import RotaryEmbedding, rope_parameters
 from tokenloom.models.llama import GatedMLP, head_dim_of
@@ -97,6 +96,7 @@ class Gemma3ForCausalLM(nn.Module):
         self.model.layers = nn.ModuleList(Gemma3DecoderLayer(config, i, rotary)
                                           for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0)
+        self.lm_head = TiedLMHead(self.model.embed_tokens)
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -110,7 +110,7 @@ class Gemma3ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states of the sampled positions → float32 logits."""
-        logits = F.linear(hidden, self.model.embed_tokens.weight).float()
+        logits = self.lm_head(hidden).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
+from tokenloom.models.layers.linear import TiedLMHead
 from tokenloom.models.loading import load_named_weights
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -63,6 +64,7 @@ class GPT2LMHeadModel(nn.Module):
         self.transformer.wpe = nn.Embedding(config.n_positions, config.hidden_size)
         self.transformer.h = nn.ModuleList(GPT2Block(config) for _ in range(config.num_hidden_layers))
         self.transformer.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.lm_head = TiedLMHead(self.transformer.wte)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Packed batch → hidden states [tokens, hidden]."""
@@ -74,7 +76,7 @@ class GPT2LMHeadModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states of the sampled positions → float32 logits."""
-        return F.linear(hidden, self.transformer.wte.weight).float()
+        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF GPT-2 tensors (with or without the `transformer.` prefix), transposing Conv1D."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
-from tokenloom.models.layers.linear import MergedLinear
+from tokenloom.models.layers.linear import MergedLinear, TiedLMHead
 from tokenloom.models.layers.norm import RMSNorm
 from tokenloom.models.layers.rotary import RotaryEmbedding, rope_parameters
 from tokenloom.models.loading import load_named_weights
@@ -130,7 +130,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, max_positions)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = (self.model.embed_tokens if self.tie_word_embeddings
+        self.lm_head = (TiedLMHead(self.model.embed_tokens) if self.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -139,7 +139,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states of the sampled positions → float32 logits."""
-        return F.linear(hidden, self.lm_head.weight).float()
+        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors (rotary caches and a tied head's copy are skipped)."""
