@@ -203,14 +203,41 @@ def gemm_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def physical_limits(llm: LLM, dtype: torch.dtype, bandwidth_gbs: float) -> dict[str, float]:
-    """Decode <= bandwidth / weight bytes per token; batched <= GEMM FLOP/s / (2 x parameters)."""
-    params = list(llm.engine.loaded.model.parameters())
-    num_params = sum(p.numel() for p in params)
-    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    """Decode <= bandwidth / weight bytes read per token; batched <= GEMM FLOP/s / (2 x parameters)."""
+    model = llm.engine.loaded.model
+    num_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = decode_bytes(model)
     flops = gemm_flops(dtype)
     return {"parameters": num_params, "weight_bytes": weight_bytes, "bandwidth_gbs": bandwidth_gbs,
             "gemm_gflops": flops / 1e9, "decode_tok_s_max": bandwidth_gbs * 1e9 / weight_bytes,
             "batched_tok_s_max": flops / (2 * num_params)}
+
+
+def decode_bytes(model: torch.nn.Module) -> int:
+    """Bytes of matrices one single-row decode step reads: every linear layer and the LM head in the
+    format the step uses (embedding lookups read one row and are left out)."""
+    from tokenloom.models.layers.linear import TiedLMHead
+    from tokenloom.models.layers.quantized import Int8Linear, Int8LMHead
+
+    def nbytes(*tensors: torch.Tensor | None) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            total += nbytes(m.qweight_t, m.scale, m.bias)
+        elif isinstance(m, Int8LMHead):
+            total += nbytes(m.qweight, m.scale)
+        elif isinstance(m, (torch.nn.Linear, TiedLMHead)) and not _inside_int8_head(model, m):
+            total += nbytes(m.weight, getattr(m, "bias", None))
+    return total
+
+
+def _inside_int8_head(model: torch.nn.Module, module: torch.nn.Module) -> bool:
+    from tokenloom.models.layers.quantized import Int8LMHead
+
+    head = getattr(model, "lm_head", None)
+    return isinstance(head, Int8LMHead) and head.dense is module
 
 
 # ---------------------------------------------------------------- report
@@ -267,6 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--workloads", default="fixed,mixed,single")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies request counts and lengths")
+    p.add_argument("--quantization", default="none", help="tokenloom's weight format (none, int8)")
     p.add_argument("--skip-hf", action="store_true", help="run tokenloom only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (use physical cores)")
@@ -286,7 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _load_tokenloom(args: argparse.Namespace) -> LLM:
     llm, seconds = _timed(lambda: LLM(args.model, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
                                       max_num_seqs=args.max_num_seqs, num_threads=args.threads,
-                                      max_num_batched_tokens=args.max_num_batched_tokens))
+                                      max_num_batched_tokens=args.max_num_batched_tokens,
+                                      quantization=args.quantization))
     print(f"tokenloom loaded {args.model} in {seconds:.1f} s", flush=True)
     tokenloom_generate(llm, [[MIN_TOKEN_ID + i for i in range(8)]] * 2, [4, 4])  # warm-up
     return llm
