@@ -1,0 +1,261 @@
+"""Async front of the engine: one background thread steps `LLMEngine`; each request gets an asyncio stream.
+
+Only the engine thread touches the `LLMEngine`. Callers on an event loop talk to it through a command
+queue (add, abort) that the thread drains between steps; outputs travel back to each request's
+`RequestStream` (engine/request_stream.py) through `loop.call_soon_threadsafe`, one wake-up per event
+loop per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tokenloom.engine.llm_engine import EngineStats, LLMEngine
+from tokenloom.engine.request_stream import RequestStream, RequestTimings
+from tokenloom.outputs import RequestOutput
+from tokenloom.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+__all__ = ["AsyncEngine", "EngineDeadError", "RequestAbortedError", "RequestStream", "RequestTimings",
+           "ServerBusyError"]
+
+
+class ServerBusyError(RuntimeError):
+    """The engine takes no more requests now: its waiting queue is full or it is shutting down."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The engine dropped the request before it finished (shutdown or an engine failure)."""
+
+
+@dataclass(slots=True)
+class _Tracked:
+    stream: RequestStream
+    timings: RequestTimings
+
+
+class AsyncEngine:
+    """Runs the engine loop in a background thread and serves requests to asyncio callers."""
+
+    def __init__(self, engine: LLMEngine, max_waiting: int = 1024) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
+        self.listeners: list[Callable[[RequestTimings], None]] = []
+        self._cond = threading.Condition()
+        self._commands: list[tuple[Any, ...]] = []
+        self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._stats = engine.stats()
+        self._draining = False
+        self._drain_deadline: float | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tokenloom-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any thread, usually the event loop) ----
+
+    @property
+    def is_alive(self) -> bool:
+        """True while the engine thread runs."""
+        return self._dead is None and self._thread.is_alive()
+
+    @property
+    def is_draining(self) -> bool:
+        """True once a drain started: new requests are refused."""
+        return self._draining
+
+    def stats(self) -> EngineStats:
+        """The engine's counters as of the last step."""
+        return self._stats
+
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                          arrival: float | None = None) -> RequestStream:
+        """Queue a request and return its stream; validation errors are raised here, before any output."""
+        if self._draining:
+            raise ServerBusyError("the server is shutting down and takes no new requests")
+        if not self.is_alive:
+            raise EngineDeadError("the engine has stopped")
+        stream = RequestStream(request_id, asyncio.get_running_loop(), self.abort)
+        timings = RequestTimings(arrival if arrival is not None else time.monotonic())
+        admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._submit(("add", request_id, prompt, dataclasses.replace(params, output_kind="delta"),
+                      _Tracked(stream, timings), admitted))
+        try:
+            await asyncio.wrap_future(admitted)
+        except asyncio.CancelledError:
+            self.abort(request_id)  # it may have been admitted just before the caller went away
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request by id (a no-op for unknown or finished ones)."""
+        with contextlib.suppress(EngineDeadError):  # a stopped engine has nothing left to abort
+            self._submit(("abort", request_id))
+
+    def begin_drain(self, timeout: float) -> None:
+        """Refuse new requests; requests in flight get `timeout` seconds to finish, then are aborted."""
+        with self._cond:
+            self._draining = True
+            self._drain_deadline = time.monotonic() + max(timeout, 0.0)
+            self._cond.notify()
+
+    def num_in_flight(self) -> int:
+        """Requests admitted and not yet finished (approximate outside the engine thread)."""
+        return len(self._tracked)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort whatever is left and stop the engine thread."""
+        with self._cond:
+            self._draining = self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _submit(self, command: tuple[Any, ...]) -> None:
+        with self._cond:
+            if self._dead is not None:
+                raise EngineDeadError("the engine has stopped")
+            self._commands.append(command)
+            self._cond.notify()
+
+    # ---- engine thread ----
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._commands or self._stopping or self._drain_due()
+                               or self.engine.has_unfinished_requests()):
+                        self._cond.wait(self._idle_timeout())
+                    commands, self._commands = self._commands, []
+                    stopping = self._stopping
+                for command in commands:
+                    self._apply(command)
+                if stopping or self._drain_due():
+                    self._abort_all(RequestAbortedError("the server shut down before the request finished"))
+                if stopping:
+                    self._close(EngineDeadError("the engine has shut down"))
+                    return
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._stats = self.engine.stats()
+        except BaseException as exc:  # a bug in the loop itself: fail every request rather than hang them
+            logger.exception("engine loop died")
+            self._close(EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}"))
+
+    def _drain_due(self) -> bool:
+        return self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and bool(self._tracked)
+
+    def _idle_timeout(self) -> float | None:
+        if self._drain_deadline is None or not self._tracked:
+            return None
+        return max(self._drain_deadline - time.monotonic(), 0.0)
+
+    def _apply(self, command: tuple[Any, ...]) -> None:
+        if command[0] == "abort":
+            tracked = self._tracked.get(command[1])
+            if tracked is not None:
+                self._drop(command[1], RequestAbortedError("request aborted"))
+            return
+        _, request_id, prompt, params, tracked, admitted = command
+        if not admitted.set_running_or_notify_cancel():
+            return
+        if self.engine.stats().num_waiting >= self.max_waiting:
+            admitted.set_exception(ServerBusyError(
+                f"the waiting queue is full ({self.max_waiting} requests); retry later"))
+            return
+        if request_id in self._tracked:
+            admitted.set_exception(ValueError(f"request id {request_id!r} is already in use"))
+            return
+        try:
+            self.engine.add_request(request_id, prompt, params)
+        except Exception as exc:  # validation errors belong to the caller, not to the loop
+            admitted.set_exception(exc)
+            return
+        tracked.timings.num_prompt_tokens = len(prompt) if isinstance(prompt, list) else 0
+        self._tracked[request_id] = tracked
+        admitted.set_result(None)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            # LLMEngine isolates failures of model execution; anything else leaves state we cannot trust.
+            logger.exception("engine step failed; aborting the requests in flight")
+            self._abort_all(RequestAbortedError(f"engine error: {type(exc).__name__}: {exc}"))
+            return
+        now = time.monotonic()
+        deliveries: list[tuple[RequestStream, RequestOutput | Exception]] = []
+        for out in outputs:
+            tracked = self._tracked.get(out.request_id)
+            if tracked is None:
+                continue
+            tracked.timings.record(out, now)
+            deliveries.append((tracked.stream, out))
+            if out.finished:
+                del self._tracked[out.request_id]
+                self._finish(tracked.timings, out, now)
+        self._stats = self.engine.stats()  # before the outputs: a reader must never see stats older than them
+        self._deliver(deliveries)
+
+    def _finish(self, t: RequestTimings, out: RequestOutput | None, now: float) -> None:
+        t.end(out, now)
+        for listener in self.listeners:
+            try:
+                listener(t)
+            except Exception:
+                logger.exception("request listener failed")
+
+    def _drop(self, request_id: str, error: Exception) -> None:
+        """Abort one tracked request in the engine and end its stream with `error`."""
+        tracked = self._tracked.pop(request_id)
+        try:
+            self.engine.abort_request(request_id)
+        finally:
+            self._finish(tracked.timings, None, time.monotonic())
+            self._deliver([(tracked.stream, error)])
+
+    def _abort_all(self, error: Exception) -> None:
+        for request_id in list(self._tracked):
+            self._drop(request_id, error)
+
+    def _close(self, error: Exception) -> None:
+        """Refuse further commands and fail every request still known."""
+        with self._cond:
+            self._dead = error
+        tracked, self._tracked = list(self._tracked.values()), {}
+        self._deliver([(t.stream, error) for t in tracked])
+        with self._cond:
+            for command in self._commands:
+                if command[0] == "add" and command[-1].set_running_or_notify_cancel():
+                    command[-1].set_exception(error)
+            self._commands = []
+
+    @staticmethod
+    def _deliver(deliveries: list[tuple[RequestStream, RequestOutput | Exception]]) -> None:
+        """Hand outputs to their event loops: one wake-up per loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput | Exception]]] = {}
+        for stream, item in deliveries:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the caller's loop has closed: nobody is listening
+                loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[RequestStream, RequestOutput | Exception]]) -> None:
+    for stream, item in items:
+        stream.put(item)
