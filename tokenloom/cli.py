@@ -1,4 +1,4 @@
-"""Command line: `tokenloom generate | chat`.
+"""Command line: `tokenloom generate | chat | serve`.
 
 Engine flags are generated from the config dataclasses (`--kv-cache-gib` ↔ `kv_cache_gib`), so the
 CLI, `LLM(...)` keyword arguments and `EngineConfig` stay one to one.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -125,6 +126,32 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerConfig field, with its default."""
+    from tokenloom.server.config import ServerConfig
+
+    group = parser.add_argument_group("server")
+    for f in dataclasses.fields(ServerConfig):
+        kind = str(f.type).split("|")[0].strip()
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, type=_TYPES[kind],
+                           help=f"(default: {f.default})")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the OpenAI API until SIGTERM or Ctrl-C."""
+    from tokenloom.engine.async_engine import AsyncEngine
+    from tokenloom.server.app import run_server
+    from tokenloom.server.config import ServerConfig
+
+    if args.model_ref is not None:
+        args.model = args.model_ref
+    config = ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
+    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO),
+                        format="%(levelname)s:     %(name)s: %(message)s")
+    run_server(AsyncEngine(_build_engine(args), max_waiting=config.max_waiting), config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `tokenloom` argument parser."""
     parser = argparse.ArgumentParser(prog="tokenloom", description="LLM inference and serving engine")
@@ -137,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_flags(p)
         add_sampling_flags(p)
         p.set_defaults(func=fn)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("model_ref", nargs="?", default=None, metavar="MODEL",
+                       help=f"model to serve (default: {DEFAULT_MODEL}; overrides --model)")
+    add_server_flags(serve)
+    add_engine_flags(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

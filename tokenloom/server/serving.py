@@ -1,0 +1,214 @@
+"""What the completion and chat endpoints share: the server state, request checks, sampling parameters,
+submission to the engine, SSE framing and disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from tokenloom.engine.async_engine import AsyncEngine, RequestStream
+from tokenloom.outputs import PositionLogprobs, RequestOutput
+from tokenloom.sampling_params import SamplingParams
+from tokenloom.server.config import ServerConfig
+from tokenloom.server.errors import APIError, error_body, to_api_error
+from tokenloom.server.metrics import ServerMetrics
+from tokenloom.server.protocol import SamplingRequest
+from tokenloom.server.tokenization import TokenizerPool
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class ServerState:
+    """What every route needs: the engine, its tokenizer, the options, the metrics and the served model's name."""
+
+    engine: AsyncEngine
+    tokenizer: TokenizerPool
+    config: ServerConfig
+    metrics: ServerMetrics
+    model_name: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_model(self, model: str | None) -> str:
+        """The served model's name; 404 for any other model."""
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+        return self.model_name
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        """400 when the prompt, or the prompt plus max_tokens, does not fit the context."""
+        limit = self.engine.max_model_len
+        if num_prompt_tokens >= limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
+                                f"{num_prompt_tokens} tokens: at most {limit - 1} prompt tokens fit",
+                           param="prompt" if param == "max_tokens" else "messages", code="context_length_exceeded")
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, but you requested "
+                                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+                                f"{max_tokens} in {param}); reduce the prompt or {param}",
+                           param=param, code="context_length_exceeded")
+
+
+def state_of(request: Request) -> ServerState:
+    """The ServerState of the app serving `request`."""
+    return request.app.state.tokenloom
+
+
+def sampling_params(req: SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None) -> SamplingParams:
+    """SamplingParams from a request; `None` fields take the engine's defaults (OpenAI's, where they differ)."""
+    given = {name: getattr(req, name) for name in (
+        "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+        "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "include_stop_str_in_output",
+        "skip_special_tokens", "spaces_between_special_tokens")}
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if req.logit_bias:
+        try:
+            kwargs["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
+        except ValueError as exc:
+            raise APIError(400, f"logit_bias keys must be token ids; {exc}", param="logit_bias",
+                           code="invalid_value") from exc
+    return SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                          output_kind="delta")
+
+
+async def submit(state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams
+                 ) -> list[RequestStream]:
+    """Queue one engine request per prompt; if one is refused, the others are dropped and the error raised."""
+    arrival = time.monotonic()
+    streams: list[RequestStream] = []
+    try:
+        for i, ids in enumerate(prompts):
+            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            streams.append(await state.engine.add_request(rid, ids, params, arrival))
+    except BaseException:
+        for stream in streams:
+            stream.abort()
+        raise
+    return streams
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index; aborts the rest on exit."""
+    try:
+        if len(streams) == 1:
+            async for out in streams[0]:
+                yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((i, out))
+                queue.put_nowait((i, None))
+            except Exception as exc:
+                queue.put_nowait((i, exc))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(streams)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+    finally:
+        for stream in streams:
+            stream.abort()
+
+
+def check_failure(out: RequestOutput) -> None:
+    """Raise when a completion ended in an engine error (the engine isolated it; other requests went on)."""
+    for c in out.outputs:
+        if c.finish_reason == "error":
+            raise APIError(500, f"generation failed: {c.stop_reason}", code="generation_error")
+
+
+def token_text(lp: PositionLogprobs, token_id: int) -> str:
+    """The decoded text of a token in a logprobs entry."""
+    entry = lp.get(token_id)
+    return (entry.decoded_token or "") if entry is not None else ""
+
+
+def plain_prompt_logprobs(positions: list[PositionLogprobs | None] | None) -> list[dict[str, Any] | None] | None:
+    """Prompt logprobs as JSON-ready dicts, `{token_id: {logprob, rank, decoded_token}}` per position (as vLLM)."""
+    if positions is None:
+        return None
+    return [None if p is None else {str(t): {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.decoded_token}
+                                    for t, e in p.items()} for p in positions]
+
+
+def sse(payload: BaseModel | dict[str, Any] | str) -> str:
+    """One server-sent event."""
+    if isinstance(payload, BaseModel):
+        data = payload.model_dump_json()
+    elif isinstance(payload, dict):
+        data = json.dumps(payload, ensure_ascii=False)
+    else:
+        data = payload
+    return f"data: {data}\n\n"
+
+
+async def sse_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Frame a stream's events; an error mid-stream becomes an error event; always ends with [DONE]."""
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield event
+    except Exception as exc:
+        error = to_api_error(exc)
+        yield sse(error_body(error.status, error.message, error.param, error.code))
+    yield sse("[DONE]")
+
+
+class SSEResponse(StreamingResponse):
+    """An event stream whose generator is closed as soon as the response ends, disconnects included,
+    so the requests behind it are aborted at once rather than when the generator is garbage-collected."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[str]) -> None:
+        super().__init__(sse_events(events), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (which aborts its requests) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise APIError(499, "client disconnected", code="client_closed_request")
+    finally:
+        watcher.cancel()
+        task.cancel()

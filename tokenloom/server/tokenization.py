@@ -1,0 +1,41 @@
+"""Tokenizer work for the HTTP side, off the event loop and off the engine thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from tokenloom.loader.tokenizer import Tokenizer
+
+
+class TokenizerPool:
+    """A private copy of the model's tokenizer behind one worker thread.
+
+    The engine thread keeps decoding with its own tokenizer; HF fast tokenizers are not meant to be
+    used by two threads at once, and a single worker keeps this copy's calls in order.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenloom-tokenizer")
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text."""
+        return await self._run(self.tokenizer.encode, text, add_special_tokens)
+
+    async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation through the chat template, exactly as `LLM.chat` builds them."""
+        def render() -> list[int]:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return await self._run(render)
+
+    async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids."""
+        return await self._run(self.tokenizer.decode, token_ids, skip_special_tokens)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
