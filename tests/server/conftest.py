@@ -1,0 +1,140 @@
+"""Live servers for the server tests: `tokenloom serve` subprocesses on free ports of 127.0.0.1.
+
+Every server is launched when the session starts (so their model loads overlap) and waited for when a
+test first needs it; each is stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+TINY_FLAGS = ["--dtype", "float32", "--kv-cache-gib", "0.05", "--served-model-name", "tiny", "--num-threads", "1"]
+GEMMA_FLAGS = ["--kv-cache-gib", "0.25", "--num-threads", "2"]
+
+
+@dataclass
+class Server:
+    """One `tokenloom serve` process."""
+
+    proc: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        """Base URL, without /v1."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 180.0) -> Server:
+        """Block until /health answers 200; fail with the server's log if it dies or never gets there."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def free_port() -> int:
+    """A port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model: str, flags: list[str], log_dir: Path, name: str) -> Server:
+    """Start `tokenloom serve MODEL` in the background."""
+    port = free_port()
+    log = log_dir / f"{name}.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "tokenloom.cli", "serve", model, "--port", str(port), *flags],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    return Server(proc, port, log)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tiny_models) -> str:
+    """The tiny random Gemma 3 checkpoint every tiny server and offline reference uses."""
+    return str(tiny_models["gemma3"])
+
+
+@pytest.fixture(scope="session")
+def _servers(tiny_path, tmp_path_factory):
+    """All session servers, launched together."""
+    logs = tmp_path_factory.mktemp("server-logs")
+    servers = {
+        "tiny": launch(tiny_path, TINY_FLAGS, logs, "tiny"),
+        "restricted": launch(tiny_path, [*TINY_FLAGS, "--api-key", "sekrit", "--max-waiting", "1",
+                                         "--max-num-seqs", "1", "--max-body-bytes", "65536"], logs, "restricted"),
+        "gemma": launch("gemma-3-270m", GEMMA_FLAGS, logs, "gemma"),
+    }
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(_servers) -> Server:
+    """A server on the tiny model, served as 'tiny'."""
+    return _servers["tiny"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def restricted_server(_servers) -> Server:
+    """The tiny model behind an API key ('sekrit'), one running sequence, a waiting queue of one, 64 KiB bodies."""
+    return _servers["restricted"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def gemma_server(_servers) -> Server:
+    """The default model, gemma-3-270m."""
+    return _servers["gemma"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_path):
+    """The offline reference for the tiny server."""
+    from tokenloom.llm import LLM
+
+    return LLM(tiny_path, dtype="float32", kv_cache_gib=0.05, num_threads=1)
+
+
+@pytest.fixture(scope="session")
+def gemma_llm(_servers):
+    """The offline reference for the gemma server (same engine options)."""
+    from tokenloom.llm import LLM
+
+    return LLM("gemma-3-270m", kv_cache_gib=0.25, num_threads=2)
+
+
+def offline(llm, method: str, inputs, params):
+    """Run `llm.generate` or `llm.chat` with the thread count the LLM was built with (torch's is global)."""
+    import torch
+
+    torch.set_num_threads(llm.engine.config.device_config.num_threads)
+    return getattr(llm, method)(inputs, params, use_tqdm=False)

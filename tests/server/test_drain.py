@@ -1,0 +1,66 @@
+"""SIGTERM drains: no new requests, requests in flight finish (up to the drain timeout), then a clean exit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+
+from tests.server.conftest import TINY_FLAGS, launch
+
+DRAIN_TIMEOUT = 2.0
+
+
+async def stream(http: httpx.AsyncClient, max_tokens: int, admitted: asyncio.Event) -> tuple[list[dict], float]:
+    """A streamed completion's events (the [DONE] marker as {"done": True}) and when the last arrived."""
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    events: list[dict] = []
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        admitted.set()
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events.append({"done": True} if line == "data: [DONE]" else json.loads(line[6:]))
+    return events, time.monotonic()
+
+
+def test_sigterm_drains_then_exits_cleanly(tiny_path, tmp_path):
+    # One sequence at a time: twelve long requests queue up far longer than the drain timeout.
+    server = launch(tiny_path, [*TINY_FLAGS, "--max-num-seqs", "1", "--drain-timeout", str(DRAIN_TIMEOUT)],
+                    tmp_path, "drain").wait_ready()
+    try:
+        async def run() -> tuple[list, float]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+                admitted = [asyncio.Event() for _ in range(12)]
+                tasks = [asyncio.create_task(stream(http, 300, event)) for event in admitted]
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in admitted)), 30)
+                sigterm_at = time.monotonic()
+                server.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                try:  # no new requests: the listening socket is closed (or the server says it is draining)
+                    r = await http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+                    assert r.status_code == 503
+                except httpx.TransportError:
+                    pass
+                return await asyncio.gather(*tasks), sigterm_at
+
+        results, sigterm_at = asyncio.run(run())
+        assert server.proc.wait(DRAIN_TIMEOUT + 10) == 0
+        exited_at = time.monotonic()
+        assert exited_at - sigterm_at < DRAIN_TIMEOUT + 8
+        assert all(ev[-1] == {"done": True} for ev, _ in results)  # every stream ends well-formed
+        completed = [(ev, t) for ev, t in results if ev[-2].get("usage")]
+        aborted = [ev for ev, _ in results if "error" in ev[-2]]
+        assert any(t > sigterm_at for _, t in completed), "a request in flight at SIGTERM should finish"
+        for ev, _ in completed:
+            assert ev[-2]["usage"]["completion_tokens"] == 300 and ev[-3]["choices"][0]["finish_reason"] == "length"
+        assert aborted and all("shut" in ev[-2]["error"]["message"] for ev in aborted)
+        assert len(completed) + len(aborted) == 12
+        log = server.log.read_text()
+        assert "Traceback" not in log
+    finally:
+        server.stop()
