@@ -207,7 +207,7 @@ def test_round_trip_f32_exact(tiny, case):
 def test_round_trip_q8_0(tiny, case):
     model, path = tiny(case, Q.Q8_0)
     ckpt = read_gguf(path)
-    assert Q.Q8_0 in {t.tensor_type for t in ckpt.reader.tensors}
+    assert Q.Q8_0 in {t.tensor_type for t in ckpt.tensors}
     got, want = dict(iter_gguf_weights(ckpt)), _expected(model)
     assert sorted(got) == sorted(want)
     for name, tensor in want.items():
@@ -229,15 +229,15 @@ def test_half_precision_kept(tiny, qtype):
 def test_transforms_are_not_identity(tiny):
     """The files really hold permuted / shifted / transposed tensors, so the round trips test something."""
     llama, llama_path = tiny("llama")
-    raw = {t.name: np.array(t.data) for t in read_gguf(llama_path).reader.tensors}
+    raw = {t.name: np.array(t.data) for t in read_gguf(llama_path).tensors}
     q_proj = llama.model.layers[0].self_attn.q_proj.weight.detach().numpy()
     assert not np.array_equal(raw["blk.0.attn_q.weight"], q_proj)
     np.testing.assert_array_equal(raw["blk.0.attn_q.weight"], _permute(torch.from_numpy(q_proj), 4).numpy())
     gemma, gemma_path = tiny("gemma3")
-    raw = {t.name: np.array(t.data) for t in read_gguf(gemma_path).reader.tensors}
+    raw = {t.name: np.array(t.data) for t in read_gguf(gemma_path).tensors}
     np.testing.assert_allclose(raw["output_norm.weight"], gemma.model.norm.weight.detach().numpy() + 1, rtol=1e-6)
     gpt2, gpt2_path = tiny("gpt2")
-    raw = {t.name: np.array(t.data) for t in read_gguf(gpt2_path).reader.tensors}
+    raw = {t.name: np.array(t.data) for t in read_gguf(gpt2_path).tensors}
     assert raw["blk.0.attn_qkv.weight"].shape == (192, 64)  # [out, in]; HF Conv1D is [in, out]
 
 
@@ -282,7 +282,7 @@ def test_truncated_file(tiny, tmp_path, cut):
     _, path = tiny("llama")
     data = path.read_bytes()
     ckpt = read_gguf(path)
-    last = ckpt.reader.tensors[-1]
+    last = ckpt.tensors[-1]
     size = {"mid_tensor": int(last.data_offset) + int(last.n_bytes) // 2,
             "tensor_boundary": int(last.data_offset), "header": 1000}[cut]
     short = tmp_path / "short.gguf"

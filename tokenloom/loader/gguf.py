@@ -9,6 +9,7 @@ Gemma 3 are written without the permutation. Shapes come out in torch order (GGU
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import gguf
 import numpy as np
 import torch
+
+from tokenloom.loader.gguf_file import GGUFFormatError, GGUFTensor, read_gguf_file
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -36,13 +39,13 @@ class GGUFError(ValueError):
 
 @dataclass
 class GGUFCheckpoint:
-    """A parsed GGUF file: its metadata as an HF config, plus the reader for lazy weight access."""
+    """A parsed GGUF file: its metadata as an HF config, plus its memory-mapped tensors."""
 
     path: Path
     architecture: str
     config: PretrainedConfig
     chat_template: str | None
-    reader: gguf.GGUFReader = field(repr=False)
+    tensors: list[GGUFTensor] = field(repr=False)
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -65,7 +68,7 @@ class _Meta:
 
     def vocab_size(self) -> int:
         """Rows of the embedding matrix (the token list may be shorter or padded)."""
-        return int(self.tensors["token_embd.weight"].shape[-1])
+        return int(self.tensors["token_embd.weight"].shape[0])
 
     def has(self, name: str) -> bool:
         """Whether the file holds a tensor of this GGUF name."""
@@ -210,7 +213,7 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _tensor(t: Any) -> torch.Tensor:
+def _tensor(t: GGUFTensor) -> torch.Tensor:
     if t.tensor_type in (Q.F32, Q.F16):
         return torch.from_numpy(np.array(t.data))
     if t.tensor_type == Q.BF16:  # numpy has no bfloat16: raw bytes reinterpreted
@@ -221,7 +224,7 @@ def _tensor(t: Any) -> torch.Tensor:
 def iter_gguf_weights(ckpt: GGUFCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF parameter name, tensor) in HF layout; float32, or F16/BF16 where the file stores those."""
     spec, cfg = ARCHITECTURES[ckpt.architecture], ckpt.config
-    for t in ckpt.reader.tensors:
+    for t in ckpt.tensors:
         if t.name in _SKIPPED:
             continue
         named = _hf_name(spec, t.name)
@@ -242,7 +245,7 @@ def iter_gguf_weights(ckpt: GGUFCheckpoint) -> Iterator[tuple[str, torch.Tensor]
 
 # --- reading --------------------------------------------------------------------------------------
 
-def _open(path: Path) -> gguf.GGUFReader:
+def _open(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
     size = path.stat().st_size
@@ -251,28 +254,20 @@ def _open(path: Path) -> gguf.GGUFReader:
     if magic != b"GGUF":
         raise GGUFError(f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF' ({size} bytes)")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # the reader fails with numpy/struct/index errors on a short file
-        raise GGUFError(f"{path} is truncated or corrupt ({size} bytes): {type(exc).__name__}: {exc}") from exc
-    for t in reader.tensors:  # data_offset is absolute
-        if t.data.nbytes != int(t.n_bytes) or int(t.data_offset) + int(t.n_bytes) > size:
-            raise GGUFError(f"{path} is truncated ({size} bytes): tensor {t.name!r} runs past the end of the file")
-    return reader
+        return read_gguf_file(path)
+    except (GGUFFormatError, UnicodeDecodeError, struct.error, ValueError) as exc:
+        raise GGUFError(f"{path} is truncated or corrupt ({size} bytes): {exc}") from exc
 
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
     """Parse a GGUF file's metadata into an HF config; weights stay in the file until iterated."""
     path = Path(path)
-    reader = _open(path)
-    try:
-        md = {key: f.contents() for key, f in reader.fields.items()}
-    except Exception as exc:
-        raise GGUFError(f"{path}: corrupt metadata: {exc}") from exc
+    md, tensor_list = _open(path)
     arch = md.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
-    tensors = {t.name: t for t in reader.tensors}
-    bad = sorted({f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if t.tensor_type not in SUPPORTED_TYPES})
+    tensors = {t.name: t for t in tensor_list}
+    bad = sorted({f"{t.name} ({t.tensor_type.name})" for t in tensor_list if t.tensor_type not in SUPPORTED_TYPES})
     if bad:
         supported = ", ".join(sorted(q.name for q in SUPPORTED_TYPES))
         raise GGUFError(f"{path}: unsupported tensor types: {', '.join(bad[:5])}; supported: {supported}")
@@ -282,7 +277,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         config = ARCHITECTURES[arch].config(_Meta(arch, md, tensors))
     except (KeyError, TypeError, ValueError) as exc:
         raise GGUFError(f"{path}: incomplete {arch} metadata: {exc!r}") from exc
-    return GGUFCheckpoint(path, arch, config, md.get("tokenizer.chat_template"), reader, md)
+    return GGUFCheckpoint(path, arch, config, md.get("tokenizer.chat_template"), tensor_list, md)
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
