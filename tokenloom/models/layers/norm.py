@@ -1,24 +1,36 @@
-"""RMSNorm in the two conventions checkpoints use."""
+"""RMSNorm in the two conventions checkpoints use, on torch's fused kernel."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32. `offset=1.0` is Gemma's `x * (1 + weight)` convention."""
+    """RMSNorm normalised in float32, as transformers does.
+
+    `offset=0` (Llama): `weight * normalised.to(dtype)`, the product in the activation dtype.
+    `offset=1` (Gemma): `normalised * (1 + weight)` in float32, then cast.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
         self.eps = eps
         self.offset = offset
+        self._scale: tuple[int, int, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
-            return (xf * (self.offset + self.weight.float())).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+            return F.rms_norm(x.float(), x.shape[-1:], self._float_scale(), self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
+
+    def _float_scale(self) -> torch.Tensor:
+        """`offset + weight` in float32, rebuilt only when the weight changes (e.g. on load)."""
+        w = self.weight
+        key = (w.data_ptr(), w._version)
+        if self._scale is None or self._scale[:2] != key:
+            self._scale = (*key, self.offset + w.detach().float())
+        return self._scale[2]

@@ -34,9 +34,8 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row of activations: (int8 [M, K], float32 scales [M, 1])."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
-    return torch.round(xf / scale).to(torch.int8), scale
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min_(1e-8).div_(127.0)
+    return torch.round(x / scale).to(torch.int8), scale
 
 
 class Int8Linear(ShardedOutput, nn.Module):
@@ -59,7 +58,7 @@ class Int8Linear(ShardedOutput, nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self._int_mm:
             xq, x_scale = quantize_rows(rows)
-            out = torch._int_mm(xq, self.qweight_t).float().mul_(x_scale).mul_(self.scale)
+            out = torch._int_mm(xq, self.qweight_t).mul(self.scale).mul_(x_scale)  # int32 * f32 -> f32
         else:
             out = rows.float() @ (self.qweight_t.float() * self.scale)
         out = out.to(x.dtype)

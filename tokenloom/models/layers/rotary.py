@@ -62,24 +62,29 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.inv_freq = inverse_frequencies(params, rotary_dim)
         self.max_positions = max_positions
-        self._cos: torch.Tensor | None = None
-        self._sin: torch.Tensor | None = None
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos is None or self._cos.device != device:
+    def _tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._cache:
             positions = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")
             freqs = torch.outer(positions, self.inv_freq)
-            self._cos, self._sin = freqs.cos().to(device), freqs.sin().to(device)
-        return self._cos, self._sin
+            # [cos | cos] and [-sin | sin], so rotating is x * cos + swap_halves(x) * sin.
+            cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)
+            sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+            self._cache[key] = (cos.to(device, dtype), sin.to(device, dtype))
+        return self._cache[key]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Rotate q [tokens, heads, dim] and k [tokens, kv_heads, dim] by their positions."""
-        cos, sin = self._tables(positions.device)
+        """Rotate q [tokens, heads, dim] and k [tokens, kv_heads, dim] by their positions.
+
+        Computed in the activations' dtype with tables cast to it, as transformers does."""
+        cos, sin = self._tables(positions.device, q.dtype)
         cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)
