@@ -104,9 +104,9 @@ class ModelRunner:
             offset += n
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slots)).to(self.device),
-            prefills=spans, num_prefill_tokens=sum(s.length for s in spans))
+            prefills=spans, num_prefill_tokens=sum(s.length for s in spans), block_size=bs)
         if decode_rows:
-            meta.decode_slots, meta.decode_lens = self._decode_tables(decode_rows)
+            meta.decode_block_table, meta.decode_lens = self._decode_tables(decode_rows)
         return _Batch(torch.tensor(ids, dtype=torch.long, device=self.device),
                       torch.from_numpy(np.concatenate(positions)).to(self.device), meta,
                       sample_rows, torch.tensor(sample_index, dtype=torch.long, device=self.device), plp_rows)
@@ -119,9 +119,7 @@ class ModelRunner:
         for r, (blocks, length) in enumerate(rows):
             used = -(-length // bs)
             table[r, :used] = blocks[:used]
-        pos = np.arange(max_blocks * bs)
-        slots = table[:, pos // bs] * bs + pos % bs
-        return torch.from_numpy(slots).to(self.device), torch.from_numpy(lens).to(self.device)
+        return torch.from_numpy(table).to(self.device), torch.from_numpy(lens).to(self.device)
 
     def _prompt_logprob_positions(self, request: Request, start: int, n: int,
                                   offset: int) -> tuple[Request, torch.Tensor, torch.Tensor] | None:

@@ -6,7 +6,9 @@ at `slot_mapping`, then:
 - a prefill chunk with no earlier context attends to its own fresh keys (causal);
 - a chunk that continues earlier context (chunked prefill, prefix-cache hit, recompute) gathers its
   keys from the cache through its slot list;
-- all decode tokens run as one batched call over keys gathered through a padded slot table.
+- all decode tokens run as one call: on CPU a native kernel that reads each sequence's keys and
+  values in place through its block table; elsewhere batched matmuls over keys gathered through a
+  padded slot table.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenloom.models.layers.kernels import paged_attention_kernels
 
 
 @dataclass(slots=True)
@@ -35,9 +39,20 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     prefills: list[PrefillSpan]
     num_prefill_tokens: int
-    decode_slots: torch.Tensor | None = None  # [num_decodes, max_len], padded with slot 0
+    decode_block_table: torch.Tensor | None = None  # [num_decodes, max_blocks] int64, padded with block 0
     decode_lens: torch.Tensor | None = None  # [num_decodes] keys per decode row, the new one included
+    block_size: int = 16
+    _decode_slots: torch.Tensor | None = None
     _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def decode_slots(self) -> torch.Tensor:
+        """[num_decodes, max_blocks * block_size] cache slot of every key position (torch-ops path)."""
+        if self._decode_slots is None:
+            bs, table = self.block_size, self.decode_block_table
+            pos = torch.arange(table.shape[1] * bs, device=table.device)
+            self._decode_slots = table[:, pos // bs] * bs + pos % bs
+        return self._decode_slots
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[num_decodes, 1, 1, max_len] bool: which gathered keys each decode query may see (broadcasts
@@ -89,8 +104,15 @@ class PagedAttention(nn.Module):
             end = span.start + span.length
             out[span.start:end] = self._prefill(q[span.start:end], k[span.start:end], v[span.start:end],
                                                 span, k_flat, v_flat)
-        if meta.decode_slots is not None:
-            out[meta.num_prefill_tokens:] = self._decode(q[meta.num_prefill_tokens:], meta, k_flat, v_flat)
+        if meta.decode_block_table is not None:
+            q_decode = q[meta.num_prefill_tokens:]
+            kernels = paged_attention_kernels() if q.device.type == "cpu" else None
+            if kernels is not None:
+                out[meta.num_prefill_tokens:] = kernels.paged_decode_attention(
+                    q_decode, self.kv_cache[0], self.kv_cache[1], meta.decode_block_table, meta.decode_lens,
+                    self.scale, self.sliding_window or 0)
+            else:
+                out[meta.num_prefill_tokens:] = self._decode(q_decode, meta, k_flat, v_flat)
         return out.view(q.shape[0], -1)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan,

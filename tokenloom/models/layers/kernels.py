@@ -1,0 +1,62 @@
+"""Native CPU kernels (csrc/), compiled with the machine's C++ compiler on first use and cached.
+
+The build is keyed by the source, the flags and the torch version, so a changed kernel or a new torch
+rebuilds it; later processes import the cached library directly (milliseconds, no compiler). Where no
+compiler is available, or `TOKENLOOM_KERNELS=0` is set, callers get None and use their torch-ops path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live (`TOKENLOOM_CACHE`, default ~/.cache/tokenloom)."""
+    root = os.environ.get("TOKENLOOM_CACHE") or Path.home() / ".cache" / "tokenloom"
+    return Path(root) / "kernels"
+
+
+@cache
+def paged_attention_kernels() -> ModuleType | None:
+    """The compiled paged-attention module, or None where it is disabled or cannot be built."""
+    if os.environ.get("TOKENLOOM_KERNELS", "1") == "0":
+        return None
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode())
+    name = f"tokenloom_paged_attention_{key.hexdigest()[:12]}"
+    build_dir = cache_dir() / name
+    try:
+        built = next(build_dir.glob(f"{name}*.so"), None)
+        if built is not None:
+            return _import(name, built)
+        from torch.utils.cpp_extension import load
+
+        build_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("compiling the paged-attention CPU kernel (once, ~20 s) into %s", build_dir)
+        return load(name, [str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=str(build_dir))
+    except Exception as exc:  # no compiler, unsupported flags, ...: the torch-ops path still works
+        logger.warning("paged-attention CPU kernel unavailable (%s: %s); using the torch-ops path",
+                       type(exc).__name__, exc)
+        return None
+
+
+def _import(name: str, path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
