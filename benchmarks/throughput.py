@@ -217,16 +217,18 @@ def decode_bytes(model: torch.nn.Module) -> int:
     """Bytes of matrices one single-row decode step reads: every linear layer and the LM head in the
     format the step uses (embedding lookups read one row and are left out)."""
     from tokenloom.models.layers.linear import TiedLMHead
-    from tokenloom.models.layers.quantized import Int8Linear, Int8LMHead
+    from tokenloom.models.layers.quantized import Int4Linear, Int8Linear, QuantizedLMHead
 
     def nbytes(*tensors: torch.Tensor | None) -> int:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     total = 0
     for m in model.modules():
-        if isinstance(m, Int8Linear):
+        if isinstance(m, Int4Linear):
+            total += nbytes(m.qweight4, m.scales_zeros, m.bias)
+        elif isinstance(m, Int8Linear):
             total += nbytes(m.qweight_t, m.scale, m.bias)
-        elif isinstance(m, Int8LMHead):
+        elif isinstance(m, QuantizedLMHead):
             total += nbytes(m.qweight, m.scale)
         elif isinstance(m, (torch.nn.Linear, TiedLMHead)) and not _inside_int8_head(model, m):
             total += nbytes(m.weight, getattr(m, "bias", None))
@@ -234,10 +236,10 @@ def decode_bytes(model: torch.nn.Module) -> int:
 
 
 def _inside_int8_head(model: torch.nn.Module, module: torch.nn.Module) -> bool:
-    from tokenloom.models.layers.quantized import Int8LMHead
+    from tokenloom.models.layers.quantized import QuantizedLMHead
 
     head = getattr(model, "lm_head", None)
-    return isinstance(head, Int8LMHead) and head.dense is module
+    return isinstance(head, QuantizedLMHead) and head.dense is module
 
 
 # ---------------------------------------------------------------- report
@@ -294,7 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--workloads", default="fixed,mixed,single")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies request counts and lengths")
-    p.add_argument("--quantization", default="none", help="tokenloom's weight format (none, int8)")
+    p.add_argument("--quantization", default="none", help="tokenloom's weight format (none, int8, int4)")
     p.add_argument("--skip-hf", action="store_true", help="run tokenloom only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (use physical cores)")

@@ -55,12 +55,16 @@ def test_batch_invariance_on_the_real_model(ours):
     assert together == alone * 4
 
 
-def test_int8_quantization_keeps_the_real_models_perplexity(ours):
+@pytest.mark.parametrize("method,max_nll_increase,min_agreement", [("int8", 0.03, 0.8), ("int4", 0.25, 0.7)])
+def test_quantization_keeps_the_real_models_perplexity(ours, method, max_nll_increase, min_agreement):
+    """Scored 4 tokens per step, so the decode kernels (weight-only head, int4 layers) are the ones used.
+    Measured on 2026-11-25: perplexity +0.8% with int8, +20% with int4 (the file's weights are mostly 5-bit)."""
     text = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg developed "
             "a system of movable metal type in Mainz. His press made books cheaper to produce, and within a few "
             "decades printing shops had opened in most major European cities.")
     params = SamplingParams(max_tokens=1, prompt_logprobs=1)
-    int8 = LLM("gemma-3-270m", dtype="float32", kv_cache_gib=0.25, quantization="int8")
+    quantized = LLM("gemma-3-270m", dtype="float32", kv_cache_gib=0.25, quantization=method,
+                    max_num_batched_tokens=4)
 
     def score(llm: LLM) -> tuple[float, list[int]]:
         out = llm.generate([text], params, use_tqdm=False)[0]
@@ -68,7 +72,7 @@ def test_int8_quantization_keeps_the_real_models_perplexity(ours):
         nll = -sum(row[t].logprob for row, t in zip(rows, ids[1:])) / len(rows)
         return nll, [min(row, key=lambda t: row[t].rank) for row in rows]
 
-    (nll_float, top_float), (nll_int8, top_int8) = score(ours), score(int8)
-    assert abs(nll_int8 - nll_float) < 0.03, (nll_float, nll_int8)  # perplexity within 3%
-    assert sum(a == b for a, b in zip(top_float, top_int8)) / len(top_float) >= 0.8
-    assert int8.engine.loaded.weight_bytes < ours.engine.loaded.weight_bytes
+    (nll_float, top_float), (nll_quant, top_quant) = score(ours), score(quantized)
+    assert nll_quant - nll_float < max_nll_increase, (nll_float, nll_quant)
+    assert sum(a == b for a, b in zip(top_float, top_quant)) / len(top_float) >= min_agreement
+    assert quantized.engine.loaded.weight_bytes < ours.engine.loaded.weight_bytes
