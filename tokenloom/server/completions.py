@@ -143,8 +143,10 @@ def _add_logprobs(into: CompletionLogprobs, token_ids: list[int], positions: lis
         else:
             into.tokens.append(token_text(lp, token_id))
             into.token_logprobs.append(lp[token_id].logprob)
-            ranked = sorted(lp.values(), key=lambda e: e.rank)
-            into.top_logprobs.append({e.decoded_token or "": e.logprob for e in ranked})
+            top: dict[str, float] = {}
+            for e in sorted(lp.values(), key=lambda e: e.rank):
+                top.setdefault(e.decoded_token or "", e.logprob)  # tokens that decode alike keep the likeliest
+            into.top_logprobs.append(top)
         into.text_offset.append(offset)
         offset += len(into.tokens[-1])
     return offset

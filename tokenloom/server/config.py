@@ -25,8 +25,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ServerConfigError(f"port must be in [0, 65535]; got {self.port}")
-        if self.max_waiting < 0:
-            raise ServerConfigError(f"max_waiting must be >= 0; got {self.max_waiting}")
+        if self.max_waiting < 1:
+            raise ServerConfigError(f"max_waiting must be >= 1; got {self.max_waiting}")
         if self.max_body_bytes < 1:
             raise ServerConfigError(f"max_body_bytes must be >= 1; got {self.max_body_bytes}")
         if self.drain_timeout < 0:
