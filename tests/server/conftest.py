@@ -84,15 +84,18 @@ def tiny_path(tiny_models) -> str:
 
 
 @pytest.fixture(scope="session")
-def _servers(tiny_path, tmp_path_factory):
-    """All session servers, launched together."""
+def _servers(request, tiny_path, tmp_path_factory):
+    """The session servers the selected tests use, launched together."""
     logs = tmp_path_factory.mktemp("server-logs")
-    servers = {
-        "tiny": launch(tiny_path, TINY_FLAGS, logs, "tiny"),
-        "restricted": launch(tiny_path, [*TINY_FLAGS, "--api-key", "sekrit", "--max-waiting", "1",
-                                         "--max-num-seqs", "1", "--max-body-bytes", "65536"], logs, "restricted"),
-        "gemma": launch("gemma-3-270m", GEMMA_FLAGS, logs, "gemma"),
+    wanted = {name for item in request.session.items for name in item.fixturenames}
+    specs = {
+        "tiny": (tiny_path, TINY_FLAGS),
+        "restricted": (tiny_path, [*TINY_FLAGS, "--api-key", "sekrit", "--max-waiting", "1", "--max-num-seqs", "1",
+                                   "--max-body-bytes", "65536"]),
+        "gemma": ("gemma-3-270m", GEMMA_FLAGS),
     }
+    servers = {name: launch(model, flags, logs, name) for name, (model, flags) in specs.items()
+               if f"{name}_server" in wanted}
     yield servers
     for server in servers.values():
         server.stop()
