@@ -1,6 +1,5 @@
-"""OpenAI-compatible HTTP server over the async engine (FastAPI + uvicorn)."""
+"""OpenAI-compatible HTTP server over the async engine (FastAPI + uvicorn).
 
-from tokenloom.server.app import build_app, run_server
-from tokenloom.server.config import ServerConfig
-
-__all__ = ["ServerConfig", "build_app", "run_server"]
+`tokenloom.server.app.build_app(engine, config)` makes the app; `run_server` serves it. Nothing is
+imported here, so that `tokenloom.server.config` stays cheap for the CLI.
+"""
