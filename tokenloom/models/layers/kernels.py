@@ -12,6 +12,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import platform
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -35,7 +36,8 @@ def paged_attention_kernels() -> ModuleType | None:
     """The compiled paged-attention module, or None where it is disabled or cannot be built."""
     if os.environ.get("TOKENLOOM_KERNELS", "1") == "0":
         return None
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode())
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode()
+                         + _cpu_identity().encode())
     name = f"tokenloom_paged_attention_{key.hexdigest()[:12]}"
     build_dir = cache_dir() / name
     try:
@@ -52,6 +54,17 @@ def paged_attention_kernels() -> ModuleType | None:
         logger.warning("paged-attention CPU kernel unavailable (%s: %s); using the torch-ops path",
                        type(exc).__name__, exc)
         return None
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and instruction-set flags: -march=native code must not run on another CPU
+    (a cache directory can be shared between machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    wanted = ("model name", "flags")
+    return "\n".join(sorted({line for line in lines if line.startswith(wanted)}))
 
 
 def _import(name: str, path: Path) -> ModuleType:
