@@ -204,8 +204,11 @@ def gemm_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 def physical_limits(llm: LLM, dtype: torch.dtype, bandwidth_gbs: float) -> dict[str, float]:
     """Decode <= bandwidth / weight bytes read per token; batched <= GEMM FLOP/s / (2 x parameters)."""
+    from tokenloom.models.layers.quantized import Int8Linear
+
     model = llm.engine.loaded.model
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = sum(p.numel() for p in model.parameters()) + sum(
+        m.qweight_t.numel() for m in model.modules() if isinstance(m, Int8Linear))  # quantized layers hold buffers
     weight_bytes = decode_bytes(model)
     flops = gemm_flops(dtype)
     return {"parameters": num_params, "weight_bytes": weight_bytes, "bandwidth_gbs": bandwidth_gbs,
