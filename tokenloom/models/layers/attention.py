@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenloom.models.layers.kernels import paged_attention_kernels
+from tokenloom.models.layers.kernels import cpu_kernels
 
 
 @dataclass(slots=True)
@@ -106,7 +106,7 @@ class PagedAttention(nn.Module):
                                                 span, k_flat, v_flat)
         if meta.decode_block_table is not None:
             q_decode = q[meta.num_prefill_tokens:]
-            kernels = paged_attention_kernels() if q.device.type == "cpu" else None
+            kernels = cpu_kernels() if q.device.type == "cpu" else None
             if kernels is not None:
                 out[meta.num_prefill_tokens:] = kernels.paged_decode_attention(
                     q_decode, self.kv_cache[0], self.kv_cache[1], meta.decode_block_table, meta.decode_lens,

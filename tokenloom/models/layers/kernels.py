@@ -21,7 +21,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.cpp", "rms_norm.cpp", "ops.cpp")]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
@@ -32,13 +32,14 @@ def cache_dir() -> Path:
 
 
 @cache
-def paged_attention_kernels() -> ModuleType | None:
-    """The compiled paged-attention module, or None where it is disabled or cannot be built."""
+def cpu_kernels() -> ModuleType | None:
+    """The compiled kernel module (`paged_decode_attention`, `rms_norm`), or None where it is disabled
+    or cannot be built."""
     if os.environ.get("TOKENLOOM_KERNELS", "1") == "0":
         return None
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode()
-                         + _cpu_identity().encode())
-    name = f"tokenloom_paged_attention_{key.hexdigest()[:12]}"
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_CFLAGS).encode()
+                         + torch.__version__.encode() + _cpu_identity().encode())
+    name = f"tokenloom_cpu_kernels_{key.hexdigest()[:12]}"
     build_dir = cache_dir() / name
     try:
         built = next(build_dir.glob(f"{name}*.so"), None)
@@ -47,11 +48,11 @@ def paged_attention_kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         build_dir.mkdir(parents=True, exist_ok=True)
-        logger.info("compiling the paged-attention CPU kernel (once, ~20 s) into %s", build_dir)
-        return load(name, [str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+        logger.info("compiling the CPU kernels (once, ~30 s) into %s", build_dir)
+        return load(name, [str(p) for p in _SOURCES], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                     build_directory=str(build_dir))
     except Exception as exc:  # no compiler, unsupported flags, ...: the torch-ops path still works
-        logger.warning("paged-attention CPU kernel unavailable (%s: %s); using the torch-ops path",
+        logger.warning("CPU kernels unavailable (%s: %s); using the torch-ops paths",
                        type(exc).__name__, exc)
         return None
 

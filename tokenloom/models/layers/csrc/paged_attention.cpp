@@ -4,7 +4,8 @@
 // history into a padded tensor each step (a copy the size of the cache in use, per layer); this kernel
 // walks each sequence's block table instead and reads every cached key and value exactly once.
 // Work is split over (sequence, kv head); the query heads of one group share each key/value row read.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -81,18 +82,18 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
 
 // q [rows, heads, dim]; caches [blocks, block_size, kv_heads, dim]; block_table [rows, max_blocks] int64;
 // lens [rows] int64 (keys per row, the new one included); window <= 0: no sliding window.
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_table, torch::Tensor lens, double scale, int64_t window) {
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_table,
+                                  at::Tensor lens, double scale, int64_t window) {
   TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "dtype mismatch");
-  TORCH_CHECK(block_table.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong, "int64 indices");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 indices");
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "head layout mismatch");
   q = q.contiguous();
   block_table = block_table.contiguous();
   lens = lens.contiguous();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                             block_table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
@@ -100,8 +101,4 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                             static_cast<float>(scale), window);
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)");
 }

@@ -1,4 +1,4 @@
-"""Decode attention: the native CPU kernel against the torch-ops path, on scattered block tables."""
+"""Native CPU kernels against their torch-ops paths: paged decode attention (scattered block tables), RMSNorm."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
-from tokenloom.models.layers.kernels import paged_attention_kernels
+from tokenloom.models.layers.kernels import cpu_kernels
 
-kernels = paged_attention_kernels()
+kernels = cpu_kernels()
 pytestmark = pytest.mark.skipif(kernels is None, reason="no C++ compiler: the kernel could not be built")
 
 
@@ -42,3 +42,23 @@ def test_kernel_rejects_mismatched_inputs():
         kernels.paged_decode_attention(q.bfloat16(), cache, cache, table, lens, 1.0, 0)
     with pytest.raises(RuntimeError, match="int64 indices"):
         kernels.paged_decode_attention(q, cache, cache, table.int(), lens, 1.0, 0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("shape", [(1, 640), (5, 3, 32), (300, 64)])
+def test_rms_norm_kernel_matches_the_torch_path(dtype, tol, offset, shape):
+    from tokenloom.models.layers.norm import RMSNorm
+
+    torch.manual_seed(len(shape))
+    norm = RMSNorm(shape[-1], 1e-6, offset=offset)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(shape[-1]) * 0.3)
+    norm = norm.to(dtype)
+    x = (torch.randn(*shape) * 4).to(dtype)
+    got = kernels.rms_norm(x, norm.weight, norm.eps, norm.offset)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got.float(), norm.reference(x).float(), atol=tol, rtol=tol)
+    strided = torch.randn(shape[0], 2 * shape[-1]).to(dtype)[:, shape[-1]:]  # a view, as after a split
+    torch.testing.assert_close(kernels.rms_norm(strided, norm.weight, norm.eps, norm.offset).float(),
+                               norm.reference(strided).float(), atol=tol, rtol=tol)
