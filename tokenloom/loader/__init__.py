@@ -54,20 +54,20 @@ def load_model(model_config: ModelConfig, device: torch.device) -> LoadedModel:
 
         ckpt = read_gguf(source.path)
         hf_config, saved_dtype = ckpt.config, None
-        weights = iter_gguf_weights(ckpt)
+        weights = lambda dtype: iter_gguf_weights(ckpt, dtype)
         default_tokenizer = lambda: gguf_tokenizer(ckpt)
     else:
         from tokenloom.loader.hf import checkpoint_dtype, iter_hf_weights, read_hf_config
 
         hf_config = read_hf_config(source.path)
         saved_dtype = checkpoint_dtype(hf_config)
-        weights = iter_hf_weights(source.path)
+        weights = lambda dtype: iter_hf_weights(source.path)
         default_tokenizer = lambda: hf_tokenizer(source.path)
     tokenizer = hf_tokenizer(Path(model_config.tokenizer)) if model_config.tokenizer else default_tokenizer()
     max_len = _max_model_len(hf_config, model_config.max_model_len)
     dtype = model_config.torch_dtype(saved_dtype)
     model = build_model(hf_config, max_len, dtype, device)
-    model.load_weights(weights)
+    model.load_weights(weights(_parameter_dtype(model)))
     quantize_model(model, model_config.quantization)
     return LoadedModel(model, tokenizer, hf_config, source.name, source.path, dtype, device, max_len,
                        time.perf_counter() - start)
@@ -80,6 +80,13 @@ def build_model(hf_config: Any, max_model_len: int, dtype: torch.dtype, device: 
         model = model_class(hf_config, max_positions=max_model_len)
     model = model.to(dtype=dtype).to_empty(device=device)
     return model.eval().requires_grad_(False)
+
+
+def _parameter_dtype(model: nn.Module) -> torch.dtype:
+    """The one floating dtype of the model's parameters, which loaders may produce directly; float32
+    where they differ (each tensor is then rounded by the copy into its own parameter)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def _max_model_len(hf_config: Any, requested: int | None) -> int:

@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 import torch
 
+from tokenloom.loader.dequant import dequantize
 from tokenloom.loader.gguf_file import GGUFFormatError, GGUFTensor, read_gguf_file
 
 if TYPE_CHECKING:
@@ -213,16 +214,20 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _tensor(t: GGUFTensor) -> torch.Tensor:
+def _tensor(t: GGUFTensor, dtype: torch.dtype) -> torch.Tensor:
     if t.tensor_type in (Q.F32, Q.F16):
         return torch.from_numpy(np.array(t.data))
     if t.tensor_type == Q.BF16:  # numpy has no bfloat16: raw bytes reinterpreted
         return torch.from_numpy(np.array(t.data)).view(torch.bfloat16)
-    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+    return dequantize(t.data, t.tensor_type, t.shape, dtype)
 
 
-def iter_gguf_weights(ckpt: GGUFCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, tensor) in HF layout; float32, or F16/BF16 where the file stores those."""
+def iter_gguf_weights(ckpt: GGUFCheckpoint, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, tensor) in HF layout.
+
+    Quantized tensors come out in `dtype` (their float32 values rounded once, as copying them into a
+    parameter of that dtype would); F32/F16/BF16 tensors keep the file's dtype.
+    """
     spec, cfg = ARCHITECTURES[ckpt.architecture], ckpt.config
     for t in ckpt.tensors:
         if t.name in _SKIPPED:
@@ -233,8 +238,9 @@ def iter_gguf_weights(ckpt: GGUFCheckpoint) -> Iterator[tuple[str, torch.Tensor]
         hf_name, base = named
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        w = _tensor(t)
-        if spec.norm_shift and base.endswith("norm"):
+        shifted = spec.norm_shift and base.endswith("norm")
+        w = _tensor(t, torch.float32 if shifted else dtype)  # the shift is float32 arithmetic, rounded after
+        if shifted:
             w = w.float() - spec.norm_shift
         if spec.permute_qk and base in ("attn_q", "attn_k"):
             w = _unpermute(w, cfg.num_attention_heads if base == "attn_q" else cfg.num_key_value_heads)

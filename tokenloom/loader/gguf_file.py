@@ -31,14 +31,14 @@ class GGUFFormatError(ValueError):
 
 @dataclass(slots=True)
 class GGUFTensor:
-    """One tensor's directory entry and its data (a read-only view into the mapped file)."""
+    """One tensor's directory entry and its data (a view into the mapped file)."""
 
     name: str
     tensor_type: gguf.GGMLQuantizationType
     shape: tuple[int, ...]  # torch order (GGUF lists dimensions innermost first)
     n_bytes: int
     data_offset: int  # absolute, in bytes
-    data: np.ndarray
+    data: np.ndarray  # a view into the copy-on-write mapping: writes never reach the file
 
 
 class _Cursor:
@@ -79,7 +79,7 @@ class _Cursor:
 
 def read_gguf_file(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
     """(metadata, tensors) of a GGUF file; the tensor data stays memory-mapped."""
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, the file never changes
     cur = _Cursor(memoryview(mapped))
     if bytes(cur.take(4)) != b"GGUF":
         raise GGUFFormatError("bad magic")
