@@ -8,8 +8,11 @@ Gemma 3 are written without the permutation. Shapes come out in torch order (GGU
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import struct
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +23,14 @@ import numpy as np
 import torch
 
 from tokenloom.loader.dequant import dequantize
-from tokenloom.loader.gguf_file import GGUFFormatError, GGUFTensor, read_gguf_file
+from tokenloom.loader.gguf_file import GGUFContents, GGUFFormatError, GGUFTensor, read_gguf_file
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
     from tokenloom.loader.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
@@ -48,6 +53,7 @@ class GGUFCheckpoint:
     chat_template: str | None
     tensors: list[GGUFTensor] = field(repr=False)
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+    metadata_sha256: str = ""  # of the file's header and metadata; keys what is derived from them
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -251,7 +257,7 @@ def iter_gguf_weights(ckpt: GGUFCheckpoint, dtype: torch.dtype = torch.float32) 
 
 # --- reading --------------------------------------------------------------------------------------
 
-def _open(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
+def _open(path: Path) -> GGUFContents:
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
     size = path.stat().st_size
@@ -268,7 +274,7 @@ def _open(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
     """Parse a GGUF file's metadata into an HF config; weights stay in the file until iterated."""
     path = Path(path)
-    md, tensor_list = _open(path)
+    md, tensor_list, metadata_sha256 = _open(path)
     arch = md.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
@@ -283,7 +289,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         config = ARCHITECTURES[arch].config(_Meta(arch, md, tensors))
     except (KeyError, TypeError, ValueError) as exc:
         raise GGUFError(f"{path}: incomplete {arch} metadata: {exc!r}") from exc
-    return GGUFCheckpoint(path, arch, config, md.get("tokenizer.chat_template"), tensor_list, md)
+    return GGUFCheckpoint(path, arch, config, md.get("tokenizer.chat_template"), tensor_list, md, metadata_sha256)
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
@@ -293,12 +299,42 @@ _SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "un
 
 
 def gguf_tokenizer(ckpt: GGUFCheckpoint) -> Tokenizer:
-    """The file's tokenizer, built from the metadata already parsed (as transformers' GGUF path builds it)."""
+    """The file's tokenizer, as transformers' GGUF path builds it from the metadata already parsed.
+
+    The conversion is slow for large vocabularies, so its result is cached on disk (see
+    `tokenloom.loader.cache`) and later loads read it back; an unreadable entry is rebuilt.
+    """
     from transformers import TokenizersBackend
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
 
+    from tokenloom.loader import cache
     from tokenloom.loader.tokenizer import FALLBACK_CHAT_TEMPLATES, Tokenizer
+
+    hf_class = TOKENIZER_MAPPING.get(type(ckpt.config), TokenizersBackend)
+    identity = cache.tokenizer_identity(ckpt.path, ckpt.metadata_sha256,
+                                        f"{hf_class.__module__}.{hf_class.__qualname__}")
+    hf = None
+    if found := cache.find_tokenizer(identity):
+        try:
+            hf = _from_file(hf_class, *found)
+        except Exception as exc:  # a damaged entry must not stop the load: build it again
+            logger.warning("rebuilding the cached tokenizer %s: %s: %s", found[0], type(exc).__name__, exc)
+    if hf is None:
+        hf = _convert_and_load(ckpt, hf_class, identity)
+    extra_eos = []
+    if ckpt.architecture.startswith("gemma"):
+        end_of_turn = hf.backend_tokenizer.token_to_id("<end_of_turn>")
+        extra_eos = [end_of_turn] if end_of_turn is not None else []
+    template = ckpt.chat_template or FALLBACK_CHAT_TEMPLATES.get(ckpt.architecture)
+    return Tokenizer(hf, chat_template=template, extra_eos_token_ids=extra_eos)
+
+
+def _convert_and_load(ckpt: GGUFCheckpoint, hf_class: type, identity: dict[str, Any]) -> Any:
+    """Convert the vocabulary, store it in the cache (or a temporary folder where the cache is not
+    writable) and load it from there: one way to construct it, whether cached or not."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    from tokenloom.loader import cache
 
     md = ckpt.metadata
     tok, tok_config = ({name: md[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in md}
@@ -314,11 +350,29 @@ def gguf_tokenizer(ckpt: GGUFCheckpoint) -> Tokenizer:
         backend, extra = convert_gguf_tokenizer(ckpt.architecture, tok)
     except ValueError as exc:
         raise GGUFError(f"{ckpt.path}: {exc}") from exc
-    hf_class = TOKENIZER_MAPPING.get(type(ckpt.config), TokenizersBackend)
-    hf = hf_class(tokenizer_object=backend, **tok_config, **extra)
-    extra_eos = []
-    if ckpt.architecture.startswith("gemma"):
-        end_of_turn = hf.backend_tokenizer.token_to_id("<end_of_turn>")
-        extra_eos = [end_of_turn] if end_of_turn is not None else []
-    template = ckpt.chat_template or FALLBACK_CHAT_TEMPLATES.get(ckpt.architecture)
-    return Tokenizer(hf, chat_template=template, extra_eos_token_ids=extra_eos)
+    kwargs = {**tok_config, **extra}
+    try:
+        meta = {"kwargs": kwargs, "model_vocab_size": backend.get_vocab_size(with_added_tokens=False)}
+        json.dumps(meta)
+    except (TypeError, ValueError):  # options that do not survive JSON: no cache, the slow in-memory way
+        return hf_class(tokenizer_object=backend, **kwargs)
+    backend_json = backend.to_str()
+    try:
+        return _from_file(hf_class, *cache.store_tokenizer(identity, backend_json, meta))
+    except OSError as exc:
+        logger.warning("cannot cache the tokenizer under %s (%s)", cache.cache_root(), exc)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.json").write_text(backend_json, encoding="utf-8")
+        return _from_file(hf_class, Path(tmp) / "tokenizer.json", meta)
+
+
+def _from_file(hf_class: type, path: Path, meta: dict[str, Any]) -> Any:
+    """The HF tokenizer over a saved backend; the same result as passing the backend object, without
+    the deep copy of it that transformers makes then."""
+    if not path.is_file():  # transformers would quietly fall back to a near-empty vocabulary
+        raise FileNotFoundError(path)
+    hf = hf_class(tokenizer_file=str(path), **meta["kwargs"])
+    if hf.backend_tokenizer.get_vocab_size(with_added_tokens=False) != meta["model_vocab_size"]:
+        raise ValueError(f"{path} holds {hf.backend_tokenizer.get_vocab_size(with_added_tokens=False)} tokens, "
+                         f"not {meta['model_vocab_size']}")
+    return hf

@@ -9,10 +9,12 @@ package; the bytes of a quantized tensor are exposed as `uint8 [..., row bytes]`
 
 from __future__ import annotations
 
+import hashlib
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
@@ -21,6 +23,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 _TYPED = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
           gguf.GGMLQuantizationType.F64: np.float64}
 
@@ -44,22 +47,39 @@ class GGUFTensor:
 class _Cursor:
     """Sequential little-endian reads over a buffer, failing with a position on a short read."""
 
-    def __init__(self, buf: memoryview) -> None:
-        self.buf, self.pos = buf, 0
+    def __init__(self, buf: mmap.mmap) -> None:
+        self.buf, self.pos, self.size = buf, 0, len(buf)
 
-    def take(self, n: int) -> memoryview:
+    def take(self, n: int) -> bytes:
         end = self.pos + n
-        if n < 0 or end > len(self.buf):
-            raise GGUFFormatError(f"needs {n} bytes at offset {self.pos}, but the file has {len(self.buf)}")
-        view = self.buf[self.pos:end]
+        if n < 0 or end > self.size:
+            raise GGUFFormatError(f"needs {n} bytes at offset {self.pos}, but the file has {self.size}")
+        data = self.buf[self.pos:end]
         self.pos = end
-        return view
+        return data
 
     def scalar(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
-        return bytes(self.take(self.scalar("<Q"))).decode("utf-8", errors="replace")
+        return self.take(self.scalar("<Q")).decode("utf-8", errors="replace")
+
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row: one tight loop, as vocabularies hold hundreds of thousands."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        out = []
+        append = out.append
+        for _ in range(count):
+            if pos + 8 > size:
+                break
+            (n,) = unpack(buf, pos)
+            pos += 8
+            append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        if pos > size or len(out) < count:
+            raise GGUFFormatError(f"a list of {count} strings runs past the end of the file ({size} bytes)")
+        self.pos = pos
+        return out
 
     def value(self, kind: int) -> Any:
         if kind == _STRING:
@@ -67,7 +87,7 @@ class _Cursor:
         if kind == _ARRAY:
             item, count = self.scalar("<I"), self.scalar("<Q")
             if item == _STRING:
-                return [self.string() for _ in range(count)]
+                return self.strings(count)
             if item in _NUMPY:
                 dtype = np.dtype(_NUMPY[item])
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
@@ -77,11 +97,27 @@ class _Cursor:
         return self.scalar(_SCALARS[kind])
 
 
-def read_gguf_file(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
-    """(metadata, tensors) of a GGUF file; the tensor data stays memory-mapped."""
+class GGUFContents(NamedTuple):
+    """A parsed GGUF file."""
+
+    metadata: dict[str, Any]
+    tensors: list[GGUFTensor]
+    metadata_sha256: str  # of the header and metadata bytes: what anything derived from the metadata depends on
+
+
+def read_gguf_file(path: Path) -> GGUFContents:
+    """The metadata and tensors of a GGUF file; the tensor data stays memory-mapped."""
     mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, the file never changes
-    cur = _Cursor(memoryview(mapped))
-    if bytes(cur.take(4)) != b"GGUF":
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as header:
+        metadata, digest, directory, end = _read_header(_Cursor(header))
+    alignment = int(metadata.get("general.alignment", 32))
+    data_start = -(-end // alignment) * alignment
+    return GGUFContents(metadata, [_tensor(mapped, data_start, *entry) for entry in directory], digest)
+
+
+def _read_header(cur: _Cursor) -> tuple[dict[str, Any], str, list[tuple[str, tuple[int, ...], int, int]], int]:
+    """(metadata, sha256 of the bytes up to its end, tensor directory, where the directory ends)."""
+    if cur.take(4) != b"GGUF":
         raise GGUFFormatError("bad magic")
     version = cur.scalar("<I")
     if version not in (2, 3):
@@ -91,14 +127,13 @@ def read_gguf_file(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
     for _ in range(n_kv):
         key = cur.string()
         metadata[key] = cur.value(cur.scalar("<I"))
+    digest = hashlib.sha256(cur.buf[:cur.pos]).hexdigest()
     directory = []
     for _ in range(n_tensors):
         name = cur.string()
         dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
         directory.append((name, tuple(reversed(dims)), cur.scalar("<I"), cur.scalar("<Q")))
-    alignment = int(metadata.get("general.alignment", 32))
-    data_start = -(-cur.pos // alignment) * alignment
-    return metadata, [_tensor(mapped, data_start, *entry) for entry in directory]
+    return metadata, digest, directory, cur.pos
 
 
 def _tensor(mapped: np.memmap, data_start: int, name: str, shape: tuple[int, ...], raw_type: int,

