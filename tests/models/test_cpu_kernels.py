@@ -1,4 +1,5 @@
-"""Native CPU kernels against their torch-ops paths: paged decode attention (scattered block tables), RMSNorm."""
+"""Native CPU kernels against their torch-ops paths: paged decode attention (scattered block tables), RMSNorm,
+the fused residual/norm and q/k/v kernels, and whole models with the kernels off."""
 
 from __future__ import annotations
 
@@ -62,3 +63,87 @@ def test_rms_norm_kernel_matches_the_torch_path(dtype, tol, offset, shape):
     strided = torch.randn(shape[0], 2 * shape[-1]).to(dtype)[:, shape[-1]:]  # a view, as after a split
     torch.testing.assert_close(kernels.rms_norm(strided, norm.weight, norm.eps, norm.offset).float(),
                                norm.reference(strided).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("normed_update", [False, True])
+def test_add_rms_norm_kernel_matches_the_torch_path(dtype, tol, offset, normed_update):
+    from tokenloom.models.layers.norm import RMSNorm
+
+    torch.manual_seed(11)
+    norms = [RMSNorm(64, 1e-6, offset=offset) for _ in range(2)]
+    with torch.no_grad():
+        for n in norms:
+            n.weight.add_(torch.randn(64) * 0.3)
+    update_norm, norm = (n.to(dtype) for n in norms)
+    residual, update = (torch.randn(5, 64) * 3).to(dtype), torch.randn(5, 64).to(dtype)
+    got_residual, got_normed = kernels.add_rms_norm(residual, update, update_norm.weight if normed_update else None,
+                                                    norm.weight, 1e-6, offset)
+    want_residual = residual + (update_norm.reference(update) if normed_update else update)
+    torch.testing.assert_close(got_residual.float(), want_residual.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got_normed.float(), norm.reference(want_residual).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,qk_norm,offset", [(4, 1, True, 1.0), (4, 2, False, 0.0), (2, 2, True, 0.0)])
+def test_qkv_rope_cache_kernel_matches_the_torch_path(dtype, tol, heads, kv_heads, qk_norm, offset):
+    from tokenloom.models.layers.norm import RMSNorm
+    from tokenloom.models.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(heads + kv_heads)
+    dim, tokens, block_size = 32, 6, 4
+    rotary = RotaryEmbedding(dim, 64, {"rope_type": "default", "rope_theta": 10000.0})
+    norms = [RMSNorm(dim, 1e-6, offset=offset) for _ in range(2)] if qk_norm else [None, None]
+    for n in norms:
+        if n is not None:
+            with torch.no_grad():
+                n.weight.add_(torch.randn(dim) * 0.3)
+    q_norm, k_norm = (n.to(dtype) if n is not None else None for n in norms)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
+    positions = torch.tensor([0, 1, 2, 7, 30, 63])
+    slots = torch.tensor([3, 0, 9, 14, 1, 5])
+    caches = [torch.zeros(4, block_size, kv_heads, dim, dtype=dtype) for _ in range(2)]
+    attn = PagedAttention(heads, kv_heads, dim, dim ** -0.5)
+    attn.kv_cache = tuple(caches)
+    meta = AttentionMetadata(slots, [], 0)
+    q, k, v, cached = attn.project(qkv, positions, meta, rotary, q_norm, k_norm)
+    assert cached
+    with torch.no_grad():
+        wq, wk, wv = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        wq, wk = wq.reshape(tokens, heads, dim), wk.reshape(tokens, kv_heads, dim)
+        if qk_norm:
+            wq, wk = q_norm.reference(wq), k_norm.reference(wk)
+        wq, wk = rotary(positions, wq, wk)
+    for got, want in ((q, wq), (k, wk), (v, wv.reshape(tokens, kv_heads, dim))):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(caches[0].view(-1, kv_heads, dim)[slots], k, atol=0, rtol=0)
+    torch.testing.assert_close(caches[1].view(-1, kv_heads, dim)[slots], v, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="slot 16 out of range"):
+        attn.project(qkv, positions, AttentionMetadata(torch.tensor([0, 1, 2, 3, 4, 16]), [], 0), rotary,
+                     q_norm, k_norm)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "mistral"])
+def test_models_give_the_same_output_without_the_kernels(arch, tiny_models, monkeypatch):
+    """The torch-ops paths (other devices, no compiler) against the kernels, through the whole engine."""
+    from tokenloom import SamplingParams
+    from tokenloom.llm import LLM
+    from tokenloom.models.layers import attention, norm, quantized
+
+    prompts = [[5, 17, 42, 99, 7, 3, 25], [11, 12, 13], list(range(3, 40))]
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, prompt_logprobs=0)
+
+    def run() -> list:
+        llm = LLM(str(tiny_models[arch]), dtype="float32", kv_cache_gib=0.01, max_num_batched_tokens=16)
+        return llm.generate(prompts, params, use_tqdm=False)
+
+    fused = run()
+    for module in (attention, norm, quantized):
+        monkeypatch.setattr(module, "cpu_kernels", lambda: None)
+    plain = run()
+    for a, b in zip(fused, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        got = [lp[t].logprob for lp, t in zip(a.prompt_logprobs[1:], a.prompt_token_ids[1:])]
+        want = [lp[t].logprob for lp, t in zip(b.prompt_logprobs[1:], b.prompt_token_ids[1:])]
+        assert got == pytest.approx(want, abs=1e-4)

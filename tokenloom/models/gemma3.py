@@ -11,7 +11,7 @@ from torch import nn
 
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
 from tokenloom.models.layers.linear import MergedLinear, TiedLMHead
-from tokenloom.models.layers.norm import RMSNorm
+from tokenloom.models.layers.norm import RMSNorm, add_rms_norm
 from tokenloom.models.layers.rotary import RotaryEmbedding, rope_parameters
 from tokenloom.models.llama import GatedMLP, head_dim_of
 from tokenloom.models.loading import load_named_weights
@@ -47,11 +47,8 @@ class Gemma3Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """x [tokens, hidden] → [tokens, hidden]."""
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), meta))
+        q, k, v, cached = self.attn.project(self.qkv_proj(x), positions, meta, self.rotary, self.q_norm, self.k_norm)
+        return self.o_proj(self.attn(q, k, v, meta, kv_cached=cached))
 
 
 def _gemma_rope(config: Any, layer_type: str) -> dict[str, Any]:
@@ -77,10 +74,13 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(h, eps, offset=1.0)
         self.post_feedforward_layernorm = RMSNorm(h, eps, offset=1.0)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One transformer block."""
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, meta))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """One transformer block: residual stream x and its normalised input h → the new residual stream
+        and `next_norm` of it (the next block's input)."""
+        x, h = add_rms_norm(x, self.self_attn(h, positions, meta), self.post_attention_layernorm,
+                            self.pre_feedforward_layernorm)
+        return add_rms_norm(x, self.mlp(h), self.post_feedforward_layernorm, next_norm)
 
 
 class Gemma3ForCausalLM(nn.Module):
@@ -104,9 +104,12 @@ class Gemma3ForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         # HF rounds the scale to the activation dtype before multiplying; so do we, for parity.
         x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, positions, meta)
-        return self.model.norm(x)
+        layers = self.model.layers
+        h = layers[0].input_layernorm(x)
+        for i, layer in enumerate(layers):
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x, h = layer(x, h, positions, meta, next_norm)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states of the sampled positions → float32 logits."""

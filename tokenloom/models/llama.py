@@ -16,7 +16,7 @@ from torch import nn
 
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
 from tokenloom.models.layers.linear import MergedLinear, TiedLMHead
-from tokenloom.models.layers.norm import RMSNorm
+from tokenloom.models.layers.norm import RMSNorm, add_rms_norm
 from tokenloom.models.layers.rotary import RotaryEmbedding, rope_parameters
 from tokenloom.models.loading import load_named_weights
 
@@ -59,14 +59,9 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """x [tokens, hidden] → [tokens, hidden]."""
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        q_norm, k_norm = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
+        q, k, v, cached = self.attn.project(self.qkv_proj(x), positions, meta, self.rotary, q_norm, k_norm)
+        return self.o_proj(self.attn(q, k, v, meta, kv_cached=cached))
 
 
 class GatedMLP(nn.Module):
@@ -96,10 +91,12 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One transformer block."""
-        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """One transformer block: residual stream x and its normalised input h → the new residual stream
+        and `next_norm` of it (the next block's input)."""
+        x, h = add_rms_norm(x, self.self_attn(h, positions, meta), None, self.post_attention_layernorm)
+        return add_rms_norm(x, self.mlp(h), None, next_norm)
 
 
 class LlamaModel(nn.Module):
@@ -117,9 +114,11 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Packed token ids → final hidden states."""
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, positions, meta)
-        return self.norm(x)
+        h = self.layers[0].input_layernorm(x)
+        for i, layer in enumerate(self.layers):
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            x, h = layer(x, h, positions, meta, next_norm)
+        return h
 
 
 class LlamaForCausalLM(nn.Module):

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.models.layers.kernels import cpu_kernels
+from tokenloom.models.layers.norm import RMSNorm
+from tokenloom.models.layers.rotary import RotaryEmbedding
 
 
 @dataclass(slots=True)
@@ -93,12 +95,43 @@ class PagedAttention(nn.Module):
         self.sliding_window = sliding_window
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] → [tokens, heads * dim]."""
+    def project(self, qkv: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rotary: RotaryEmbedding,
+                q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """A fused q|k|v projection's output [tokens, (heads + 2 kv_heads) * dim] → q, k, v per head, with
+        the optional q/k norms and RoPE applied; on CPU one kernel call that also writes k and v into the
+        cache (the returned flag says so; pass it to `forward` as `kv_cached`)."""
+        kernels = cpu_kernels() if qkv.device.type == "cpu" else None
+        norms_fusable = q_norm is None or (
+            k_norm is not None and (q_norm.eps, q_norm.offset) == (k_norm.eps, k_norm.offset))
+        if kernels is not None and norms_fusable and rotary.rotary_dim == self.head_dim:
+            cos, sin = rotary.tables(qkv.device, qkv.dtype)
+            eps, offset = (q_norm.eps, q_norm.offset) if q_norm is not None else (0.0, 0.0)
+            out = kernels.qkv_rope_cache(
+                qkv, positions, cos, sin, None if q_norm is None else q_norm.weight,
+                None if k_norm is None else k_norm.weight, eps, offset, self.kv_cache[0], self.kv_cache[1],
+                meta.slot_mapping, self.num_heads, self.num_kv_heads)
+            q, k, v = out.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+            return q, k, v, True
+        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                             self.num_kv_heads * self.head_dim], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        q, k = rotary(positions, q, k)
+        return q, k, v, False
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                kv_cached: bool = False) -> torch.Tensor:
+        """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] → [tokens, heads * dim]; k and v are written
+        into the cache at the step's slots unless `kv_cached` says they already are."""
         k_flat = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)
         v_flat = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
+        if not kv_cached:
+            k_flat.index_copy_(0, meta.slot_mapping, k)
+            v_flat.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         for span in meta.prefills:
             end = span.start + span.length

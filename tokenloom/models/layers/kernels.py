@@ -21,7 +21,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.cpp", "rms_norm.cpp", "ops.cpp")]
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / name for name in ("paged_attention.cpp", "rms_norm.cpp", "fused.cpp", "q4_linear.cpp", "ops.cpp")]
+_HEADERS = [_CSRC / "norm_row.h"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
@@ -33,11 +35,11 @@ def cache_dir() -> Path:
 
 @cache
 def cpu_kernels() -> ModuleType | None:
-    """The compiled kernel module (`paged_decode_attention`, `rms_norm`), or None where it is disabled
+    """The compiled kernel module (`paged_decode_attention`, `rms_norm`, `q4_linear`), or None where it is disabled
     or cannot be built."""
     if os.environ.get("TOKENLOOM_KERNELS", "1") == "0":
         return None
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_CFLAGS).encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + " ".join(_CFLAGS).encode()
                          + torch.__version__.encode() + _cpu_identity().encode())
     name = f"tokenloom_cpu_kernels_{key.hexdigest()[:12]}"
     build_dir = cache_dir() / name

@@ -43,3 +43,16 @@ class RMSNorm(nn.Module):
         if self._scale is None or self._scale[:2] != key:
             self._scale = (*key, self.offset + w.detach().float())
         return self._scale[2]
+
+
+def add_rms_norm(residual: torch.Tensor, update: torch.Tensor, update_norm: RMSNorm | None,
+                 norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """`residual + update_norm(update)` (or `+ update`) and `norm` of that sum: the residual step between
+    two blocks, one kernel call on CPU where both norms share eps and convention."""
+    kernels = cpu_kernels() if residual.device.type == "cpu" else None
+    same_kind = update_norm is None or (update_norm.eps, update_norm.offset) == (norm.eps, norm.offset)
+    if kernels is not None and same_kind:
+        weight = None if update_norm is None else update_norm.weight
+        return tuple(kernels.add_rms_norm(residual, update, weight, norm.weight, norm.eps, norm.offset))
+    residual = residual + (update if update_norm is None else update_norm(update))
+    return residual, norm(residual)

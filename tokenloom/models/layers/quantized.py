@@ -9,24 +9,28 @@ Applied from outside the model code, after the weights are loaded (`quantize_mod
   bound by reading the vocab-sized matrix), and the dense matrix for larger batches, where torch's
   weight-only kernel is slower than a bf16 GEMM. A tied head's dense matrix is the embedding table,
   which stays for lookups anyway.
-`int4` adds group-wise int4 weights (groups of 32 along the input, a scale and a zero each) used for
-steps of a few rows, where decode is bound by the bytes of weights read: the layers keep their int8
-copy for larger batches, and the LM head its dense matrix.
+`int4` adds group-wise int4 weights (groups of 32 along the input, an fp16 scale and minimum each:
+4.5 bits a weight) used for steps of up to 8 rows, where decode is bound by the bytes of weights read;
+they run on a native kernel (csrc/q4_linear.cpp, int4 x int8 on AVX-512 VNNI). The layers keep their
+int8 copy for larger batches, and the LM head its dense matrix.
 On devices without the CPU int8 kernels the layers fall back to dequantized matmuls (same results,
 no speed-up).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
+from tokenloom.models.layers.kernels import cpu_kernels
 from tokenloom.models.layers.linear import MergedLinear, ShardedOutput
 
 # Up to this many rows the weight-only kernels run; they scale linearly in rows, so larger steps use
 # the int8 GEMM (layers) or the dense matrix (LM head).
 _WEIGHT_ONLY_MAX_ROWS = 4
-INT4_GROUP_SIZE = 32
+_INT4_MAX_ROWS = 8  # the native int4 kernel takes up to 8 rows
 _W8A8_CHUNK_ROWS = 512
 
 
@@ -44,30 +48,106 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale).to(torch.int8), scale
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 in groups along the input: (packed for torch's CPU kernel, bf16 scales and zeros
-    [K / group, N, 2]); the weight is (q - 8) * scale + zero."""
-    w = weight.detach().float()
-    groups = w.reshape(-1, group_size)
+# Input index (within a chunk of 64) held by each vector position of the packed int4 layout: 32-bit
+# lanes alternate between the chunk's two groups (see csrc/q4_linear.cpp).
+_Q4_ORDER = torch.tensor([32 * ((b // 4) % 2) + 4 * (b // 8) + b % 4 for b in range(64)])
+_Q4_INVERSE = torch.argsort(_Q4_ORDER)
+Q4_CHUNK = 64
+_Q4_PACK_ROWS = 8192  # rows quantized at a time (bounds the float temporaries for a 262k-row LM head)
+
+
+def _fit_int4_groups(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes 0..15, fp16-exact scales and minimums for float32 groups [G, 32], weight ~= code * d + m.
+
+    Tries a few clipped ranges per group; for each, the codes fix a least-squares (d, m), and the
+    candidate with the smallest squared error wins (as llama.cpp's quantizers refine min/max)."""
     low, high = groups.amin(dim=1, keepdim=True), groups.amax(dim=1, keepdim=True)
-    scale = (high - low).clamp_min(1e-6) / 15
-    q = ((groups - low) / scale).round_().clamp_(0, 15).to(torch.int32).reshape(w.shape)
-    zero = low + 8 * scale
-    n = w.shape[0]
-    scales_zeros = torch.cat([scale.reshape(n, -1, 1), zero.reshape(n, -1, 1)], dim=2).transpose(0, 1)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return packed, scales_zeros.contiguous().to(torch.bfloat16)
+    span = high - low
+    best = None
+    for clip_low, clip_high in ((0.0, 0.0), (0.0, 0.05), (0.05, 0.0), (0.05, 0.05), (0.1, 0.1)):
+        lo, hi = low + clip_low * span, high - clip_high * span
+        codes = ((groups - lo) / ((hi - lo) / 15).clamp_min(1e-10)).round_().clamp_(0, 15)
+        d, m = _least_squares(codes, groups)
+        d, m = d.half().float(), m.half().float()
+        err = (codes * d + m - groups).square_().sum(dim=1, keepdim=True)
+        if best is None:
+            best = [codes, d, m, err]
+        else:
+            better = err < best[3]
+            for i, value in enumerate((codes, d, m, err)):
+                best[i] = torch.where(better, value, best[i])
+    codes, d, m, _ = best
+    # Recompute the codes against the rounded scale and minimum actually stored.
+    codes = ((groups - m) / d.clamp_min(1e-10)).round_().clamp_(0, 15)
+    return codes.to(torch.uint8), d.squeeze(1).half(), m.squeeze(1).half()
 
 
-def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ dequantized int4 weight.T → [M, N] in x's dtype."""
-    group_size = x.shape[-1] // scales_zeros.shape[0]
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_zeros.to(x.dtype))
+def _least_squares(codes: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, (d, m) minimising sum((codes * d + m - w)^2); a constant row keeps d = 0."""
+    n = codes.shape[1]
+    sc, sw = codes.sum(dim=1, keepdim=True), w.sum(dim=1, keepdim=True)
+    scc, scw = (codes * codes).sum(dim=1, keepdim=True), (codes * w).sum(dim=1, keepdim=True)
+    det = n * scc - sc * sc
+    d = torch.where(det > 0, (n * scw - sc * sw) / det.clamp_min(1e-10), torch.zeros_like(det))
+    return d, (sw - d * sc) / n
+
+
+class Int4Weight(NamedTuple):
+    """A [N, K] weight in the native kernel's int4 layout (K % 64 == 0; weight ~= code * d + m):
+    codes uint8 [N, K / 2] (per chunk of 64 inputs, 32 bytes of nibbles in vector order), d float16
+    [N, K / 64, 2] (the scales of each chunk's two groups of 32), m float16 [N, K / 32] (the minimums)."""
+
+    codes: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
+
+
+def pack_int4(weight: torch.Tensor) -> Int4Weight:
+    """Quantize a [N, K] float weight (K % 64 == 0) to group-wise int4 in the native kernel's layout
+    (natively where the kernels are built, else with torch ops: the same fit, ~40x slower)."""
+    kernels = cpu_kernels()
+    if kernels is not None and weight.device.type == "cpu":
+        return Int4Weight(*kernels.q4_pack(weight.detach()))
+    n, k = weight.shape
+    chunks = k // Q4_CHUNK
+    codes = torch.empty(n, k // 2, dtype=torch.uint8)
+    d = torch.empty(n, chunks, 2, dtype=torch.float16)
+    m = torch.empty(n, k // 32, dtype=torch.float16)
+    for start in range(0, n, _Q4_PACK_ROWS):
+        w = weight[start:start + _Q4_PACK_ROWS].detach().float()
+        rows = w.shape[0]
+        q, scale, low = _fit_int4_groups(w.reshape(-1, 32))
+        q = q.view(rows, chunks, Q4_CHUNK)[..., _Q4_ORDER]
+        codes[start:start + rows] = (q[..., :32] | (q[..., 32:] << 4)).reshape(rows, k // 2)
+        d[start:start + rows] = scale.view(rows, chunks, 2)
+        m[start:start + rows] = low.view(rows, k // 32)
+    return Int4Weight(codes, d, m)
+
+
+def unpack_int4(weight: Int4Weight) -> torch.Tensor:
+    """The float32 [N, K] matrix that an `Int4Weight` stands for."""
+    n, chunks = weight.d.shape[0], weight.d.shape[1]
+    packed = weight.codes.view(n, chunks, 32)
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=2)[..., _Q4_INVERSE].float()  # natural order per chunk
+    groups = q.view(n, chunks * 2, 32) * weight.d.float().view(n, -1, 1) + weight.m.float().view(n, -1, 1)
+    return groups.view(n, chunks * Q4_CHUNK)
+
+
+def int4_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M <= 8, K] @ the int4 weight.T (+ bias) → [M, N] in x's dtype: the native kernel (activations
+    quantized to int8 per group of 32) where it is vectorised, else a dequantized matmul."""
+    kernels = cpu_kernels()
+    if kernels is not None and kernels.q4_linear_native():
+        return kernels.q4_linear(x, weight.codes, weight.d, weight.m, bias)
+    out = x.float() @ unpack_int4(weight).t()
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
 
 
 def _int4_supported(weight: torch.Tensor) -> bool:
-    # torch's packing wants whole groups along the input and outputs in multiples of 16.
-    return weight.device.type == "cpu" and weight.shape[1] % INT4_GROUP_SIZE == 0 and weight.shape[0] % 16 == 0
+    # The packed layout works in chunks of 64 inputs.
+    return weight.device.type == "cpu" and weight.shape[1] % Q4_CHUNK == 0
 
 
 class Int8Linear(ShardedOutput, nn.Module):
@@ -116,18 +196,17 @@ class Int4Linear(Int8Linear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
                  shard_offsets: dict[str, tuple[int, int]] | None = None) -> None:
         super().__init__(weight, bias, shard_offsets)
-        packed, scales_zeros = quantize_int4(weight)
-        self.register_buffer("qweight4", packed)
-        self.register_buffer("scales_zeros", scales_zeros)
+        packed = pack_int4(weight)
+        self.register_buffer("codes", packed.codes)
+        self.register_buffer("d", packed.d)
+        self.register_buffer("m", packed.m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] → [..., N] in x's dtype."""
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > _WEIGHT_ONLY_MAX_ROWS:
+        if rows.shape[0] > _INT4_MAX_ROWS:
             return super().forward(x)
-        out = int4_matmul(rows, self.qweight4, self.scales_zeros)
-        if self.bias is not None:
-            out += self.bias
+        out = int4_matmul(rows, Int4Weight(self.codes, self.d, self.m), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -141,9 +220,10 @@ class QuantizedLMHead(nn.Module):
         super().__init__()
         self.dense, self.bits = dense, bits
         if bits == 4:
-            packed, scales_zeros = quantize_int4(dense.weight)
-            self.register_buffer("qweight", packed)
-            self.register_buffer("scale", scales_zeros)
+            packed = pack_int4(dense.weight)
+            self.register_buffer("codes", packed.codes)
+            self.register_buffer("d", packed.d)
+            self.register_buffer("m", packed.m)
         else:
             q, scale = quantize_per_channel(dense.weight)
             self.register_buffer("qweight", q)
@@ -152,10 +232,10 @@ class QuantizedLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [M, K] → logits [M, vocab] in hidden's dtype."""
-        if hidden.shape[0] > _WEIGHT_ONLY_MAX_ROWS or not self._kernel:
+        if self.bits == 4 and hidden.shape[0] <= _INT4_MAX_ROWS and self._kernel:
+            return int4_matmul(hidden, Int4Weight(self.codes, self.d, self.m))
+        if self.bits == 4 or hidden.shape[0] > _WEIGHT_ONLY_MAX_ROWS or not self._kernel:
             return self.dense(hidden)
-        if self.bits == 4:
-            return int4_matmul(hidden, self.qweight, self.scale)
         return torch.ops.aten._weight_int8pack_mm(hidden, self.qweight, self.scale.to(hidden.dtype))
 
 

@@ -60,11 +60,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, rotary_dim: int, max_positions: int, params: dict[str, Any]) -> None:
         super().__init__()
+        self.rotary_dim = rotary_dim
         self.inv_freq = inverse_frequencies(params, rotary_dim)
         self.max_positions = max_positions
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[max_positions, dim] tables [cos | cos] and [-sin | sin] in `dtype`, built once per device and dtype."""
         key = (device, dtype)
         if key not in self._cache:
             positions = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")
@@ -79,7 +81,7 @@ class RotaryEmbedding(nn.Module):
         """Rotate q [tokens, heads, dim] and k [tokens, kv_heads, dim] by their positions.
 
         Computed in the activations' dtype with tables cast to it, as transformers does."""
-        cos, sin = self._tables(positions.device, q.dtype)
+        cos, sin = self.tables(positions.device, q.dtype)
         cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -1,15 +1,14 @@
 // RMSNorm in one pass per row, in the two conventions checkpoints use (see models/layers/norm.py).
 //
-// Per row: r = 1 / sqrt(mean(x^2) + eps), in float32. offset != 0 (Gemma): out = x * r * (offset + w),
-// rounded once. offset == 0 (Llama): out = w * round(x * r), the product in the activation dtype, as
-// transformers computes it. torch's CPU rms_norm runs as five or six separate ops (each a pass over the
+// The row formula is in norm_row.h. torch's CPU rms_norm runs as five or six separate ops (each a pass over the
 // data and a dispatch); at decode, with one 640-wide row, the dispatches cost more than the arithmetic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
+
+#include "norm_row.h"
 
 namespace {
 
@@ -17,26 +16,7 @@ template <typename T, typename W>
 void rms_norm_kernel(const T* x, const W* w, T* out, int64_t rows, int64_t dim, float eps, float offset) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * dim;
-      T* o = out + r * dim;
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < dim; ++i) {
-        const float v = static_cast<float>(xr[i]);
-        sum += v * v;
-      }
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
-      if (offset != 0.f) {
-        for (int64_t i = 0; i < dim; ++i)
-          o[i] = static_cast<T>(static_cast<float>(xr[i]) * inv * (offset + static_cast<float>(w[i])));
-      } else {
-        for (int64_t i = 0; i < dim; ++i) {
-          const T normed = static_cast<T>(static_cast<float>(xr[i]) * inv);
-          o[i] = static_cast<T>(static_cast<float>(w[i]) * static_cast<float>(normed));
-        }
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) tokenloom::rms_norm_row(x + r * dim, w, out + r * dim, dim, eps, offset);
   });
 }
 

@@ -1,0 +1,33 @@
+// One row of RMSNorm, shared by the kernels that normalise (rms_norm.cpp, fused.cpp).
+//
+// r = 1 / sqrt(mean(x^2) + eps), in float32. offset != 0 (Gemma): out = x * r * (offset + w), rounded
+// once. offset == 0 (Llama): out = w * round(x * r), the product in the activation dtype, as
+// transformers computes it.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace tokenloom {
+
+template <typename T, typename W>
+inline void rms_norm_row(const T* x, const W* w, T* o, int64_t dim, float eps, float offset) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < dim; ++i) {
+    const float v = static_cast<float>(x[i]);
+    sum += v * v;
+  }
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
+  if (offset != 0.f) {
+    for (int64_t i = 0; i < dim; ++i)
+      o[i] = static_cast<T>(static_cast<float>(x[i]) * inv * (offset + static_cast<float>(w[i])));
+  } else {
+    for (int64_t i = 0; i < dim; ++i) {
+      const T normed = static_cast<T>(static_cast<float>(x[i]) * inv);
+      o[i] = static_cast<T>(static_cast<float>(w[i]) * static_cast<float>(normed));
+    }
+  }
+}
+
+}  // namespace tokenloom
