@@ -55,13 +55,13 @@ def test_batch_invariance_on_the_real_model(ours):
     assert together == alone * 4
 
 
-@pytest.mark.parametrize("method,max_nll_increase,min_agreement", [("int8", 0.06, 0.8), ("int4", 0.32, 0.7)])
+@pytest.mark.parametrize("method,max_nll_increase,min_agreement", [("int8", 0.06, 0.8), ("int5", 0.12, 0.75), ("int4", 0.32, 0.7)])
 def test_quantization_keeps_the_real_models_perplexity(ours, method, max_nll_increase, min_agreement):
     """Scored 4 tokens per step, so the decode kernels (weight-only head, int4 layers) are the ones used.
     Measured on 2026-11-25: perplexity +1% to +4% with int8 (the per-token activation rounding makes it
     move by a few percent with float-level changes upstream, e.g. a kernel's summation order). int4 (native
     int4 x int8 kernel): mean NLL +0.27 (perplexity +31%), of which the layers' 4-bit weights cost 0.25 (the
-    file's layers are 5-bit Q5_0), the int4 LM head 0.07 and the int8 activations 0.02."""
+    file's layers are 5-bit Q5_0), the int4 LM head 0.07 and the int8 activations 0.02. int5: +0.075 (+8%)."""
     text = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg developed "
             "a system of movable metal type in Mainz. His press made books cheaper to produce, and within a few "
             "decades printing shops had opened in most major European cities.")

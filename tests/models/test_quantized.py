@@ -13,13 +13,13 @@ from tokenloom.models.layers import quantized
 from tokenloom.models.layers.kernels import cpu_kernels
 from tokenloom.models.layers.linear import MergedLinear
 from tokenloom.models.layers.quantized import (
-    Int4Linear,
+    GroupQuantLinear,
     Int8Linear,
     QuantizedLMHead,
-    int4_matmul,
-    pack_int4,
+    group_quant_matmul,
+    pack_group_quant,
     quantize_model,
-    unpack_int4,
+    unpack_group_quant,
 )
 
 
@@ -55,7 +55,7 @@ def test_merged_linear_keeps_its_shards_when_quantized():
     assert (q.shape[-1], k.shape[-1], v.shape[-1]) == (16, 8, 8)
 
 
-@pytest.mark.parametrize("bits,tol", [(8, 0.02), (4, 0.15)])
+@pytest.mark.parametrize("bits,tol", [(8, 0.02), (5, 0.06), (4, 0.15)])
 def test_lm_head_is_quantized_for_few_rows_and_dense_for_many(bits, tol):
     torch.manual_seed(2)
     dense = nn.Linear(64, 512, bias=False)
@@ -65,83 +65,96 @@ def test_lm_head_is_quantized_for_few_rows_and_dense_for_many(bits, tol):
     assert torch.equal(head(many), dense(many))
 
 
-def test_int4_weights_dequantize_to_within_half_a_step():
+@pytest.mark.parametrize("bits,max_error", [(4, 0.09), (5, 0.045)])
+def test_group_quant_weights_dequantize_to_within_half_a_step(bits, max_error):
     torch.manual_seed(3)
     w = torch.randn(16, 128)
-    packed = pack_int4(w)
-    deq = unpack_int4(packed)
+    packed = pack_group_quant(w, bits)
+    assert packed.bits == bits
+    deq = unpack_group_quant(packed)
     step = packed.d.float().reshape(16, -1).repeat_interleave(32, dim=1)  # [16, 128] scale of each weight
     # The fitted range may clip a group's extremes; everything else lies within half a step.
     inside = (deq - w).abs() <= step / 2 + 1e-3
     assert inside.float().mean() > 0.97
-    assert ((deq - w).norm() / w.norm()).item() < 0.09
+    assert ((deq - w).norm() / w.norm()).item() < max_error
 
 
-def test_int4_fit_is_no_worse_than_plain_min_max():
+@pytest.mark.parametrize("bits", [4, 5])
+def test_group_quant_fit_is_no_worse_than_plain_min_max(bits):
     torch.manual_seed(5)
     w = torch.randn(64, 256) * torch.rand(64, 1)
     groups = w.reshape(-1, 32)
     low, high = groups.amin(1, keepdim=True), groups.amax(1, keepdim=True)
-    scale = (high - low) / 15
-    plain = ((groups - low) / scale).round().clamp(0, 15) * scale + low
-    fitted = unpack_int4(pack_int4(w)).reshape(-1, 32)
+    levels = (1 << bits) - 1
+    scale = (high - low) / levels
+    plain = ((groups - low) / scale).round().clamp(0, levels) * scale + low
+    fitted = unpack_group_quant(pack_group_quant(w, bits)).reshape(-1, 32)
     assert (fitted - groups).square().sum() < (plain - groups).square().sum()
 
 
-def test_native_int4_packing_matches_the_torch_one(monkeypatch):
+@pytest.mark.parametrize("bits", [4, 5])
+def test_native_packing_matches_the_torch_one(bits, monkeypatch):
     kernels = cpu_kernels()
     if kernels is None:
         pytest.skip("no native kernels")
     torch.manual_seed(7)
     w = torch.randn(96, 320 // 64 * 64) * torch.rand(96, 1)
-    native = pack_int4(w)
+    native = pack_group_quant(w, bits)
     monkeypatch.setattr(quantized, "cpu_kernels", lambda: None)
-    reference = pack_int4(w)
+    reference = pack_group_quant(w, bits)
     # Same fit; float summation order may flip a near-tie between two candidate ranges here and there.
     assert (native.codes == reference.codes).float().mean() > 0.99
-    close = torch.isclose(unpack_int4(native), unpack_int4(reference), rtol=1e-2, atol=1e-3)
+    if bits == 5:
+        assert (native.high == reference.high).float().mean() > 0.98
+    close = torch.isclose(unpack_group_quant(native), unpack_group_quant(reference), rtol=1e-2, atol=1e-3)
     assert close.float().mean() > 0.98
-    err = [((unpack_int4(p) - w).norm() / w.norm()).item() for p in (native, reference)]
+    err = [((unpack_group_quant(p) - w).norm() / w.norm()).item() for p in (native, reference)]
     assert err[0] == pytest.approx(err[1], rel=0.01)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_kernel_matches_the_dequantized_product(rows, dtype):
+@pytest.mark.parametrize("bits", [4, 5])
+def test_group_quant_kernel_matches_the_dequantized_product(rows, dtype, bits):
     kernels = cpu_kernels()
     if kernels is None:
         pytest.skip("no native kernels")
     torch.manual_seed(6)
-    packed = pack_int4(torch.randn(80, 192) * 0.05)
+    packed = pack_group_quant(torch.randn(80, 192) * 0.05, bits)
     x, bias = torch.randn(rows, 192).to(dtype), torch.randn(80)
-    want = x.float() @ unpack_int4(packed).t() + bias
-    got = kernels.q4_linear(x, packed.codes, packed.d, packed.m, bias)
+    want = x.float() @ unpack_group_quant(packed).t() + bias
+    got = kernels.gq_linear(x, packed.codes, packed.d, packed.m, packed.high, bias)
     assert got.dtype == dtype and got.shape == (rows, 80)
     # The kernel quantizes activations to int8 per group of 32: a few per mille.
     assert _relative_error(got, want) < 0.01
-    assert torch.equal(int4_matmul(x, packed, bias), got)
+    assert torch.equal(group_quant_matmul(x, packed, bias), got)
     # Each row's result is independent of the other rows in the call.
-    alone = torch.cat([kernels.q4_linear(x[i:i + 1], packed.codes, packed.d, packed.m, bias) for i in range(rows)])
+    alone = torch.cat([kernels.gq_linear(x[i:i + 1], *packed, bias) for i in range(rows)])
     assert torch.equal(alone, got)
 
 
-def test_int4_kernel_rejects_bad_shapes():
+def test_group_quant_kernel_rejects_bad_shapes():
     kernels = cpu_kernels()
     if kernels is None:
         pytest.skip("no native kernels")
-    packed = pack_int4(torch.randn(16, 128))
+    packed = pack_group_quant(torch.randn(16, 128))
     with pytest.raises(RuntimeError, match="multiple of 64"):
-        kernels.q4_linear(torch.randn(1, 96), packed.codes, packed.d, packed.m)
+        kernels.gq_linear(torch.randn(1, 96), packed.codes, packed.d, packed.m)
     with pytest.raises(RuntimeError, match="rows <= 8"):
-        kernels.q4_linear(torch.randn(9, 128), packed.codes, packed.d, packed.m)
+        kernels.gq_linear(torch.randn(9, 128), packed.codes, packed.d, packed.m)
+    with pytest.raises(RuntimeError, match="high must be"):
+        kernels.gq_linear(torch.randn(1, 128), packed.codes, packed.d, packed.m, packed.codes)
+    with pytest.raises(ValueError, match="4 or 5 bits"):
+        pack_group_quant(torch.randn(16, 128), 3)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 9])
-def test_int4_linear_is_close_to_the_float_layer(rows):
+@pytest.mark.parametrize("bits", [4, 5])
+def test_group_quant_linear_is_close_to_the_float_layer(rows, bits):
     torch.manual_seed(4)
     dense = nn.Linear(128, 48, bias=True)
-    x = torch.randn(rows, 128)  # 9 rows: above the int4 kernel's limit, the int8 GEMM
-    assert _relative_error(Int4Linear(dense.weight, dense.bias)(x), dense(x)) < 0.15
+    x = torch.randn(rows, 128)  # 9 rows: above the kernel's limit, the int8 GEMM
+    assert _relative_error(GroupQuantLinear(dense.weight, dense.bias, bits=bits)(x), dense(x)) < 0.15
 
 
 class _Wrapper(nn.Module):
@@ -151,7 +164,7 @@ class _Wrapper(nn.Module):
         self.lm_head = nn.Linear(32, 10, bias=False)
 
 
-@pytest.mark.parametrize("method,tol", [("int8", 0.03), ("int4", 0.3)])
+@pytest.mark.parametrize("method,tol", [("int8", 0.03), ("int5", 0.15), ("int4", 0.3)])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2"])  # untied; tied; Gemma norms; Conv1D
 def test_quantized_model_logits_stay_close_to_float(arch, method, tol, tiny_models):
     prompts = [[5, 17, 42, 99, 7, 3, 250], [11, 12, 13]]
@@ -161,7 +174,8 @@ def test_quantized_model_logits_stay_close_to_float(arch, method, tol, tiny_mode
     assert quant.engine.loaded.weight_bytes < dense.engine.loaded.weight_bytes * 1.5
     layers = [m for m in quant.engine.loaded.model.modules() if isinstance(m, Int8Linear)]
     assert layers and isinstance(quant.engine.loaded.model.lm_head, QuantizedLMHead)
-    assert all(isinstance(m, Int4Linear) == (method == "int4") for m in layers)
+    assert all(isinstance(m, GroupQuantLinear) == (method != "int8" and m.in_features % 64 == 0) for m in layers)
+    assert method == "int8" or any(isinstance(m, GroupQuantLinear) for m in layers)
     for d, q in zip(dense.generate(prompts, params, use_tqdm=False), quant.generate(prompts, params, use_tqdm=False)):
         want = torch.tensor([lp[t].logprob for lp, t in zip(d.prompt_logprobs[1:], d.prompt_token_ids[1:])])
         got = torch.tensor([lp[t].logprob for lp, t in zip(q.prompt_logprobs[1:], q.prompt_token_ids[1:])])

@@ -22,7 +22,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / name for name in ("paged_attention.cpp", "rms_norm.cpp", "fused.cpp", "q4_linear.cpp", "ops.cpp")]
+_SOURCES = [_CSRC / name for name in ("paged_attention.cpp", "rms_norm.cpp", "fused.cpp", "group_quant.cpp", "ops.cpp")]
 _HEADERS = [_CSRC / "norm_row.h"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
@@ -35,7 +35,7 @@ def cache_dir() -> Path:
 
 @cache
 def cpu_kernels() -> ModuleType | None:
-    """The compiled kernel module (`paged_decode_attention`, `rms_norm`, `q4_linear`), or None where it is disabled
+    """The compiled kernel module (`paged_decode_attention`, `rms_norm`, `gq_linear`), or None where it is disabled
     or cannot be built."""
     if os.environ.get("TOKENLOOM_KERNELS", "1") == "0":
         return None

@@ -36,27 +36,39 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
                    T* out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
                    int64_t max_blocks, float scale, int64_t window) {
   const int64_t group = heads / kv_heads;
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * dim), acc(group * dim), row(dim), scores, maxes(group), sums(group);
+  // Few sequences (one-stream decode): split each group's query heads over the threads as well, so
+  // every core has work; each part re-reads the group's keys and values (from cache: they are small).
+  int64_t parts = 1;
+  const int64_t threads = at::get_num_threads();
+  if (rows > 0 && rows * kv_heads < threads)
+    for (int64_t p = std::min(group, threads / (rows * kv_heads)); p > 1; --p)
+      if (group % p == 0) {
+        parts = p;
+        break;
+      }
+  const int64_t sub = group / parts;
+  at::parallel_for(0, rows * kv_heads * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(sub * dim), acc(sub * dim), row(dim), scores, maxes(sub), sums(sub);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / kv_heads, h = task % kv_heads;
+      const int64_t r = task / (kv_heads * parts), h = (task / parts) % kv_heads, part = task % parts;
+      const int64_t first_head = h * group + part * sub;
       const int64_t len = lens[r];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t n = len - first;
-      to_float(q + (r * heads + h * group) * dim, qf.data(), group * dim);
-      scores.assign(group * n, 0.f);
+      to_float(q + (r * heads + first_head) * dim, qf.data(), sub * dim);
+      scores.assign(sub * n, 0.f);
       std::fill(maxes.begin(), maxes.end(), -INFINITY);
       const int64_t* blocks = table + r * max_blocks;
       for (int64_t p = first; p < len; ++p) {
         const int64_t slot = blocks[p / block_size] * block_size + p % block_size;
         to_float(k_cache + (slot * kv_heads + h) * dim, row.data(), dim);
-        for (int64_t g = 0; g < group; ++g) {
+        for (int64_t g = 0; g < sub; ++g) {
           const float s = dot(qf.data() + g * dim, row.data(), dim) * scale;
           scores[g * n + (p - first)] = s;
           maxes[g] = std::max(maxes[g], s);
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
+      for (int64_t g = 0; g < sub; ++g) {
         float total = 0.f;
         float* sg = scores.data() + g * n;
         for (int64_t i = 0; i < n; ++i) {
@@ -69,10 +81,10 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
       for (int64_t p = first; p < len; ++p) {
         const int64_t slot = blocks[p / block_size] * block_size + p % block_size;
         to_float(v_cache + (slot * kv_heads + h) * dim, row.data(), dim);
-        for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + (p - first)], row.data(), acc.data() + g * dim, dim);
+        for (int64_t g = 0; g < sub; ++g) axpy(scores[g * n + (p - first)], row.data(), acc.data() + g * dim, dim);
       }
-      T* o = out + (r * heads + h * group) * dim;
-      for (int64_t g = 0; g < group; ++g)
+      T* o = out + (r * heads + first_head) * dim;
+      for (int64_t g = 0; g < sub; ++g)
         for (int64_t i = 0; i < dim; ++i) o[g * dim + i] = static_cast<T>(acc[g * dim + i] * sums[g]);
     }
   });

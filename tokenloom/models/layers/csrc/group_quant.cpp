@@ -1,16 +1,18 @@
-// Int4-weight x int8-activation matrix product for steps of a few rows (decode), on AVX-512 VNNI.
+// Group-quantized (4- or 5-bit) weight x int8-activation matrix product for steps of a few rows
+// (decode), on AVX-512 VNNI.
 //
 // Single-stream decode reads every weight once per token, so it is bound by memory bandwidth: the
-// format has to be small (4.5 bits a weight here: 4-bit codes, an fp16 scale and minimum per group of
-// 32) and the arithmetic has to keep up with the bytes. Activations are quantized to int8 per group of
+// format has to be small (5 bits a weight for int4 here: 4-bit codes, an fp16 scale and minimum per group
+// of 32; 6 for int5) and the arithmetic has to keep up with the bytes. Activations are quantized to int8 per group of
 // 32 on the fly (as llama.cpp's Q4_1 x Q8_1), so 64 weights cost one `vpdpbusd`; the group scales are
 // applied in float per lane. torch's `_weight_int4pack_mm_for_cpu` widens every weight to float instead.
 //
-// Layout, built by models/layers/quantized.py::pack_q4 (weight ~= code * d + m, code in 0..15):
+// Layout, built by gq_pack (weight ~= code * d + m, code in 0..15, or 0..31 with 5 bits):
 //   codes  uint8 [N, K / 2]: per chunk of 64 inputs (two groups), 32 bytes; byte p holds the code of
 //          vector position p in its low nibble and of position p + 32 in its high nibble.
 //   d      fp16  [N, K / 64, 2]: per chunk the scales (d0, d1) of its two groups.
 //   m      fp16  [N, K / 32]: per group its minimum.
+//   high   uint8 [N, K / 8] (5 bits only): per chunk 64 bits, bit b the fifth bit of vector position b.
 // "Vector position" b holds input 32 * ((b / 4) % 2) + 4 * (b / 8) + b % 4 of the chunk: 32-bit lanes
 // alternate between the two groups, so one broadcast pair (d0, d1) scales all 16 lanes.
 #include <ATen/ATen.h>
@@ -25,7 +27,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
-#define TOKENLOOM_Q4_AVX512 1
+#define TOKENLOOM_GQ_AVX512 1
 #endif
 
 namespace {
@@ -80,7 +82,7 @@ inline float min_term(const c10::Half* m, const float* sums, int64_t groups) {
   return total;
 }
 
-#ifdef TOKENLOOM_Q4_AVX512
+#ifdef TOKENLOOM_GQ_AVX512
 inline __m512i load_codes(const uint8_t* p) {
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
   const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -96,14 +98,20 @@ inline __m512 load_scales(const c10::Half* d) {
 }
 
 // Two accumulators per row, alternating chunks, so consecutive FMAs do not wait on each other.
-template <int M>
-void dot_rows(const uint8_t* codes, const c10::Half* d, const c10::Half* m, const QuantizedRow* xs, int64_t chunks,
-              float* out) {
+template <int M, bool High>
+void dot_rows(const uint8_t* codes, const uint8_t* high, const c10::Half* d, const c10::Half* m,
+              const QuantizedRow* xs, int64_t chunks, float* out) {
   __m512 acc[M][2];
   for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
+  const __m512i sixteen = _mm512_set1_epi8(16);
   for (int64_t c = 0; c < chunks; ++c) {
-    const __m512i w = load_codes(codes + c * 32);
+    __m512i w = load_codes(codes + c * 32);
+    if constexpr (High) {
+      uint64_t bits;
+      std::memcpy(&bits, high + c * 8, 8);
+      w = _mm512_or_si512(w, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits), sixteen));
+    }
     const __m512 scales = load_scales(d + c * 2);
     for (int r = 0; r < M; ++r) {
       const __m512i dot = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(xs[r].q.data() + c * kChunk));
@@ -125,8 +133,8 @@ void dot_rows(const uint8_t* codes, const c10::Half* d, const c10::Half* m, cons
 #endif
 
 // Portable path: the same quantized arithmetic, one lane at a time.
-void dot_rows_scalar(const uint8_t* codes, const c10::Half* d, const c10::Half* m, const QuantizedRow* xs, int rows,
-                     int64_t chunks, float* out) {
+void dot_rows_scalar(const uint8_t* codes, const uint8_t* high, const c10::Half* d, const c10::Half* m,
+                     const QuantizedRow* xs, int rows, int64_t chunks, float* out) {
   for (int r = 0; r < rows; ++r) {
     const QuantizedRow& x = xs[r];
     float total = 0.f;
@@ -136,7 +144,8 @@ void dot_rows_scalar(const uint8_t* codes, const c10::Half* d, const c10::Half* 
         for (int j = 0; j < 4; ++j) {
           const int64_t b = 4 * lane + j;
           const uint8_t byte = codes[c * 32 + b % 32];
-          const int code = b < 32 ? (byte & 0x0F) : (byte >> 4);
+          int code = b < 32 ? (byte & 0x0F) : (byte >> 4);
+          if (high) code |= ((high[c * 8 + b / 8] >> (b % 8)) & 1) << 4;
           dot += code * x.q[c * kChunk + b];
         }
         total += static_cast<float>(dot) * static_cast<float>(d[c * 2 + lane % 2]) * x.scale[c * 16 + lane];
@@ -146,27 +155,32 @@ void dot_rows_scalar(const uint8_t* codes, const c10::Half* d, const c10::Half* 
   }
 }
 
-void dot_rows_any(const uint8_t* codes, const c10::Half* d, const c10::Half* m, const QuantizedRow* xs, int rows,
-                  int64_t chunks, float* out) {
-#ifdef TOKENLOOM_Q4_AVX512
+void dot_rows_any(const uint8_t* codes, const uint8_t* high, const c10::Half* d, const c10::Half* m,
+                  const QuantizedRow* xs, int rows, int64_t chunks, float* out) {
+#ifdef TOKENLOOM_GQ_AVX512
+#define TOKENLOOM_GQ_CASE(R)                                                         \
+  case R:                                                                            \
+    return high ? dot_rows<R, true>(codes, high, d, m, xs, chunks, out)              \
+                : dot_rows<R, false>(codes, high, d, m, xs, chunks, out);
   switch (rows) {
-    case 1: return dot_rows<1>(codes, d, m, xs, chunks, out);
-    case 2: return dot_rows<2>(codes, d, m, xs, chunks, out);
-    case 3: return dot_rows<3>(codes, d, m, xs, chunks, out);
-    case 4: return dot_rows<4>(codes, d, m, xs, chunks, out);
-    case 5: return dot_rows<5>(codes, d, m, xs, chunks, out);
-    case 6: return dot_rows<6>(codes, d, m, xs, chunks, out);
-    case 7: return dot_rows<7>(codes, d, m, xs, chunks, out);
-    case 8: return dot_rows<8>(codes, d, m, xs, chunks, out);
+    TOKENLOOM_GQ_CASE(1)
+    TOKENLOOM_GQ_CASE(2)
+    TOKENLOOM_GQ_CASE(3)
+    TOKENLOOM_GQ_CASE(4)
+    TOKENLOOM_GQ_CASE(5)
+    TOKENLOOM_GQ_CASE(6)
+    TOKENLOOM_GQ_CASE(7)
+    TOKENLOOM_GQ_CASE(8)
     default: break;
   }
+#undef TOKENLOOM_GQ_CASE
 #endif
-  dot_rows_scalar(codes, d, m, xs, rows, chunks, out);
+  dot_rows_scalar(codes, high, d, m, xs, rows, chunks, out);
 }
 
 template <typename T>
-void q4_linear_kernel(const T* x, const uint8_t* codes, const c10::Half* d, const c10::Half* m, const float* bias,
-                      T* out, int64_t rows, int64_t n, int64_t k) {
+void gq_linear_kernel(const T* x, const uint8_t* codes, const uint8_t* high, const c10::Half* d, const c10::Half* m,
+                      const float* bias, T* out, int64_t rows, int64_t n, int64_t k) {
   const int64_t chunks = k / kChunk;
   std::vector<QuantizedRow> xs(rows);
   for (int64_t m = 0; m < rows; ++m) quantize_row(x + m * k, k, xs[m]);
@@ -175,8 +189,8 @@ void q4_linear_kernel(const T* x, const uint8_t* codes, const c10::Half* d, cons
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     float result[kMaxRows];
     for (int64_t j = begin; j < end; ++j) {
-      dot_rows_any(codes + j * (k / 2), d + j * chunks * 2, m + j * chunks * 2, xs.data(), static_cast<int>(rows),
-                   chunks, result);
+      dot_rows_any(codes + j * (k / 2), high ? high + j * (k / 8) : nullptr, d + j * chunks * 2, m + j * chunks * 2,
+                   xs.data(), static_cast<int>(rows), chunks, result);
       const float b = bias ? bias[j] : 0.f;
       for (int64_t m = 0; m < rows; ++m) out[m * n + j] = static_cast<T>(result[m] + b);
     }
@@ -190,7 +204,7 @@ inline float round_half(float v) { return static_cast<float>(c10::Half(v)); }
 
 // Codes, scale and minimum of one group of 32 (weight ~= code * d + m, d and m exact in fp16): for each
 // clipped range the codes fix a least-squares (d, m); the candidate with the smallest error wins.
-void fit_group(const float* w, uint8_t* codes, float& d_out, float& m_out) {
+void fit_group(const float* w, float levels, uint8_t* codes, float& d_out, float& m_out) {
   float low = w[0], high = w[0];
   for (int i = 1; i < 32; ++i) {
     low = std::min(low, w[i]);
@@ -200,11 +214,11 @@ void fit_group(const float* w, uint8_t* codes, float& d_out, float& m_out) {
   float best_err = INFINITY, best_d = 0.f, best_m = low;
   for (const auto& clip : kClips) {
     const float lo = low + clip[0] * span, hi = high - clip[1] * span;
-    const float inv = hi > lo ? 15.f / (hi - lo) : 0.f;
+    const float inv = hi > lo ? levels / (hi - lo) : 0.f;
     float sc = 0.f, sw = 0.f, scc = 0.f, scw = 0.f;
     uint8_t q[32];
     for (int i = 0; i < 32; ++i) {
-      const float c = std::min(15.f, std::max(0.f, std::nearbyint((w[i] - lo) * inv)));
+      const float c = std::min(levels, std::max(0.f, std::nearbyint((w[i] - lo) * inv)));
       q[i] = static_cast<uint8_t>(c);
       sc += c;
       sw += w[i];
@@ -228,15 +242,15 @@ void fit_group(const float* w, uint8_t* codes, float& d_out, float& m_out) {
   // Codes against the scale and minimum actually stored.
   const float inv = best_d > 0.f ? 1.f / best_d : 0.f;
   for (int i = 0; i < 32; ++i)
-    codes[i] = static_cast<uint8_t>(std::min(15.f, std::max(0.f, std::nearbyint((w[i] - best_m) * inv))));
+    codes[i] = static_cast<uint8_t>(std::min(levels, std::max(0.f, std::nearbyint((w[i] - best_m) * inv))));
   d_out = best_d;
   m_out = best_m;
 }
 
 }  // namespace
 
-bool q4_linear_native() {
-#ifdef TOKENLOOM_Q4_AVX512
+bool gq_linear_native() {
+#ifdef TOKENLOOM_GQ_AVX512
   return true;
 #else
   return false;
@@ -244,48 +258,61 @@ bool q4_linear_native() {
 }
 
 // x [M, K] float32/bfloat16/float16 with M <= 8 and K % 64 == 0; codes uint8 [N, K / 2]; d float16
-// [N, K / 64, 2]; m float16 [N, K / 32]; bias [N] or None. Returns [M, N] in x's dtype.
-at::Tensor q4_linear(at::Tensor x, at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> bias) {
+// [N, K / 64, 2]; m float16 [N, K / 32]; high uint8 [N, K / 8] (5 bits) or None; bias [N] or None.
+// Returns [M, N] in x's dtype.
+at::Tensor gq_linear(at::Tensor x, at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high,
+                     c10::optional<at::Tensor> bias) {
   TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && d.device().is_cpu() && m.device().is_cpu(),
-              "q4_linear: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "q4_linear: x must be [rows <= 8, K]");
+              "gq_linear: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "gq_linear: x must be [rows <= 8, K]");
   const int64_t k = x.size(1), n = codes.size(0);
-  TORCH_CHECK(k % kChunk == 0, "q4_linear: K must be a multiple of 64, got ", k);
+  TORCH_CHECK(k % kChunk == 0, "gq_linear: K must be a multiple of 64, got ", k);
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.size(1) == k / 2,
-              "q4_linear: codes must be uint8 [N, K / 2]");
+              "gq_linear: codes must be uint8 [N, K / 2]");
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(0) == n && d.size(1) == k / kChunk &&
                   d.size(2) == 2,
-              "q4_linear: d must be float16 [N, K / 64, 2]");
+              "gq_linear: d must be float16 [N, K / 64, 2]");
   TORCH_CHECK(m.scalar_type() == at::kHalf && m.dim() == 2 && m.size(0) == n && m.size(1) == k / 32,
-              "q4_linear: m must be float16 [N, K / 32]");
+              "gq_linear: m must be float16 [N, K / 32]");
   codes = codes.contiguous();
   d = d.contiguous();
   m = m.contiguous();
+  at::Tensor h;
+  if (high.has_value() && high->defined()) {
+    h = high->contiguous();
+    TORCH_CHECK(h.scalar_type() == at::kByte && h.dim() == 2 && h.size(0) == n && h.size(1) == k / 8,
+                "gq_linear: high must be uint8 [N, K / 8]");
+  }
   x = x.contiguous();
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     b = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(b.numel() == n, "q4_linear: bias must have N elements");
+    TORCH_CHECK(b.numel() == n, "gq_linear: bias must have N elements");
   }
   auto out = at::empty({x.size(0), n}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "q4_linear", [&] {
-    q4_linear_kernel<scalar_t>(x.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(), d.data_ptr<c10::Half>(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gq_linear", [&] {
+    gq_linear_kernel<scalar_t>(x.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(),
+                               h.defined() ? h.data_ptr<uint8_t>() : nullptr, d.data_ptr<c10::Half>(),
                                m.data_ptr<c10::Half>(), b.defined() ? b.data_ptr<float>() : nullptr,
                                out.data_ptr<scalar_t>(), x.size(0), n, k);
   });
   return out;
 }
 
-// weight [N, K] float32 with K % 64 == 0 → (codes uint8 [N, K / 2], d float16 [N, K / 64, 2], m float16
-// [N, K / 32]) in the layout q4_linear reads. Rows are quantized in parallel.
-std::vector<at::Tensor> q4_pack(at::Tensor weight) {
-  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2, "q4_pack: a 2-D CPU weight");
+// weight [N, K] float with K % 64 == 0, bits 4 or 5 → (codes uint8 [N, K / 2], d float16 [N, K / 64, 2],
+// m float16 [N, K / 32][, high uint8 [N, K / 8] for 5 bits]) in the layout gq_linear reads.
+std::vector<at::Tensor> gq_pack(at::Tensor weight, int64_t bits) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2, "gq_pack: a 2-D CPU weight");
+  TORCH_CHECK(bits == 4 || bits == 5, "gq_pack: bits must be 4 or 5, got ", bits);
+  const float levels = bits == 5 ? 31.f : 15.f;
   const int64_t n = weight.size(0), k = weight.size(1);
-  TORCH_CHECK(k % kChunk == 0, "q4_pack: K must be a multiple of 64, got ", k);
+  TORCH_CHECK(k % kChunk == 0, "gq_pack: K must be a multiple of 64, got ", k);
   weight = weight.to(at::kFloat).contiguous();
   auto codes = at::empty({n, k / 2}, weight.options().dtype(at::kByte));
   auto d = at::empty({n, k / kChunk, 2}, weight.options().dtype(at::kHalf));
   auto m = at::empty({n, k / 32}, weight.options().dtype(at::kHalf));
+  auto high = bits == 5 ? at::zeros({n, k / 8}, weight.options().dtype(at::kByte)) : at::Tensor();
+  uint8_t* hp = bits == 5 ? high.data_ptr<uint8_t>() : nullptr;
   const float* w = weight.data_ptr<float>();
   uint8_t* c = codes.data_ptr<uint8_t>();
   c10::Half* dp = d.data_ptr<c10::Half>();
@@ -296,10 +323,13 @@ std::vector<at::Tensor> q4_pack(at::Tensor weight) {
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t chunk = 0; chunk < k / kChunk; ++chunk) {
         const int64_t base = row * k + chunk * kChunk;
-        for (int g = 0; g < 2; ++g) fit_group(w + base + 32 * g, natural + 32 * g, scale[g], low[g]);
+        for (int g = 0; g < 2; ++g) fit_group(w + base + 32 * g, levels, natural + 32 * g, scale[g], low[g]);
         uint8_t* out = c + base / 2;
         for (int64_t p = 0; p < 32; ++p)
-          out[p] = static_cast<uint8_t>(natural[chunk_input(p)] | (natural[chunk_input(p + 32)] << 4));
+          out[p] = static_cast<uint8_t>((natural[chunk_input(p)] & 0x0F) | ((natural[chunk_input(p + 32)] & 0x0F) << 4));
+        if (hp)
+          for (int64_t b = 0; b < kChunk; ++b)
+            hp[base / 8 + b / 8] |= static_cast<uint8_t>(((natural[chunk_input(b)] >> 4) & 1) << (b % 8));
         for (int g = 0; g < 2; ++g) {
           dp[(row * (k / kChunk) + chunk) * 2 + g] = c10::Half(scale[g]);
           mp[row * (k / 32) + chunk * 2 + g] = c10::Half(low[g]);
@@ -307,5 +337,6 @@ std::vector<at::Tensor> q4_pack(at::Tensor weight) {
       }
     }
   });
+  if (bits == 5) return {codes, d, m, high};
   return {codes, d, m};
 }
