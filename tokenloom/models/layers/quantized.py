@@ -152,16 +152,18 @@ def unpack_group_quant(weight: GroupQuantWeight) -> torch.Tensor:
     return groups.view(n, chunks * GQ_CHUNK)
 
 
-def group_quant_matmul(x: torch.Tensor, weight: GroupQuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M <= 8, K] @ the quantized weight.T (+ bias) → [M, N] in x's dtype: the native kernel
-    (activations quantized to int8 per group of 32) where it is vectorised, else a dequantized matmul."""
+def group_quant_matmul(x: torch.Tensor, weight: GroupQuantWeight, bias: torch.Tensor | None = None,
+                       float_out: bool = False) -> torch.Tensor:
+    """x [M <= 8, K] @ the quantized weight.T (+ bias) → [M, N] in x's dtype (float32 with `float_out`):
+    the native kernel (activations quantized to int8 per group of 32) where it is vectorised, else a
+    dequantized matmul."""
     kernels = cpu_kernels()
     if kernels is not None and kernels.gq_linear_native():
-        return kernels.gq_linear(x, weight.codes, weight.d, weight.m, weight.high, bias)
+        return kernels.gq_linear(x, weight.codes, weight.d, weight.m, weight.high, bias, float_out)
     out = x.float() @ unpack_group_quant(weight).t()
     if bias is not None:
         out += bias.float()
-    return out.to(x.dtype)
+    return out if float_out else out.to(x.dtype)
 
 
 def _group_quant_supported(weight: torch.Tensor) -> bool:
@@ -261,10 +263,12 @@ class QuantizedLMHead(nn.Module):
         self._kernel = dense.weight.device.type == "cpu"
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [M, K] → logits [M, vocab] in hidden's dtype."""
+        """hidden [M, K] → logits [M, vocab]: float32 from the group-quantized kernel (the logits are
+        wanted in float32), else hidden's dtype."""
         if self.bits != 8:
             if hidden.shape[0] <= _GQ_MAX_ROWS and self._kernel:
-                return group_quant_matmul(hidden, GroupQuantWeight(self.codes, self.d, self.m, self.high))
+                weight = GroupQuantWeight(self.codes, self.d, self.m, self.high)
+                return group_quant_matmul(hidden, weight, float_out=True)
             return self.dense(hidden)
         if hidden.shape[0] > _WEIGHT_ONLY_MAX_ROWS or not self._kernel:
             return self.dense(hidden)

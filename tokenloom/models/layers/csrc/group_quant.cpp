@@ -178,9 +178,9 @@ void dot_rows_any(const uint8_t* codes, const uint8_t* high, const c10::Half* d,
   dot_rows_scalar(codes, high, d, m, xs, rows, chunks, out);
 }
 
-template <typename T>
+template <typename T, typename O>
 void gq_linear_kernel(const T* x, const uint8_t* codes, const uint8_t* high, const c10::Half* d, const c10::Half* m,
-                      const float* bias, T* out, int64_t rows, int64_t n, int64_t k) {
+                      const float* bias, O* out, int64_t rows, int64_t n, int64_t k) {
   const int64_t chunks = k / kChunk;
   std::vector<QuantizedRow> xs(rows);
   for (int64_t m = 0; m < rows; ++m) quantize_row(x + m * k, k, xs[m]);
@@ -192,7 +192,7 @@ void gq_linear_kernel(const T* x, const uint8_t* codes, const uint8_t* high, con
       dot_rows_any(codes + j * (k / 2), high ? high + j * (k / 8) : nullptr, d + j * chunks * 2, m + j * chunks * 2,
                    xs.data(), static_cast<int>(rows), chunks, result);
       const float b = bias ? bias[j] : 0.f;
-      for (int64_t m = 0; m < rows; ++m) out[m * n + j] = static_cast<T>(result[m] + b);
+      for (int64_t m = 0; m < rows; ++m) out[m * n + j] = static_cast<O>(result[m] + b);
     }
   });
 }
@@ -259,9 +259,9 @@ bool gq_linear_native() {
 
 // x [M, K] float32/bfloat16/float16 with M <= 8 and K % 64 == 0; codes uint8 [N, K / 2]; d float16
 // [N, K / 64, 2]; m float16 [N, K / 32]; high uint8 [N, K / 8] (5 bits) or None; bias [N] or None.
-// Returns [M, N] in x's dtype.
+// Returns [M, N] in x's dtype, or in float32 with float_out (logits: no rounding, no conversion pass).
 at::Tensor gq_linear(at::Tensor x, at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high,
-                     c10::optional<at::Tensor> bias) {
+                     c10::optional<at::Tensor> bias, bool float_out) {
   TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && d.device().is_cpu() && m.device().is_cpu(),
               "gq_linear: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "gq_linear: x must be [rows <= 8, K]");
@@ -289,12 +289,17 @@ at::Tensor gq_linear(at::Tensor x, at::Tensor codes, at::Tensor d, at::Tensor m,
     b = bias->to(at::kFloat).contiguous();
     TORCH_CHECK(b.numel() == n, "gq_linear: bias must have N elements");
   }
-  auto out = at::empty({x.size(0), n}, x.options());
+  auto out = at::empty({x.size(0), n}, float_out ? x.options().dtype(at::kFloat) : x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gq_linear", [&] {
-    gq_linear_kernel<scalar_t>(x.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(),
-                               h.defined() ? h.data_ptr<uint8_t>() : nullptr, d.data_ptr<c10::Half>(),
-                               m.data_ptr<c10::Half>(), b.defined() ? b.data_ptr<float>() : nullptr,
-                               out.data_ptr<scalar_t>(), x.size(0), n, k);
+    const uint8_t* hp = h.defined() ? h.data_ptr<uint8_t>() : nullptr;
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    if (float_out)
+      gq_linear_kernel<scalar_t, float>(x.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(), hp, d.data_ptr<c10::Half>(),
+                                        m.data_ptr<c10::Half>(), bp, out.data_ptr<float>(), x.size(0), n, k);
+    else
+      gq_linear_kernel<scalar_t, scalar_t>(x.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(), hp,
+                                           d.data_ptr<c10::Half>(), m.data_ptr<c10::Half>(), bp,
+                                           out.data_ptr<scalar_t>(), x.size(0), n, k);
   });
   return out;
 }
