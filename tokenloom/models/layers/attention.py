@@ -127,6 +127,11 @@ class PagedAttention(nn.Module):
                 kv_cached: bool = False) -> torch.Tensor:
         """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] → [tokens, heads * dim]; k and v are written
         into the cache at the step's slots unless `kv_cached` says they already are."""
+        kernels = cpu_kernels() if q.device.type == "cpu" else None
+        if kv_cached and not meta.prefills and kernels is not None:  # a decode-only step: one call
+            return kernels.paged_decode_attention(q, self.kv_cache[0], self.kv_cache[1], meta.decode_block_table,
+                                                  meta.decode_lens, self.scale, self.sliding_window or 0
+                                                  ).view(q.shape[0], -1)
         k_flat = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)
         v_flat = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         if not kv_cached:
@@ -139,7 +144,6 @@ class PagedAttention(nn.Module):
                                                 span, k_flat, v_flat)
         if meta.decode_block_table is not None:
             q_decode = q[meta.num_prefill_tokens:]
-            kernels = cpu_kernels() if q.device.type == "cpu" else None
             if kernels is not None:
                 out[meta.num_prefill_tokens:] = kernels.paged_decode_attention(
                     q_decode, self.kv_cache[0], self.kv_cache[1], meta.decode_block_table, meta.decode_lens,
