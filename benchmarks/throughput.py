@@ -18,21 +18,18 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from common import MIN_TOKEN_ID, cpu_model, physical_limits, random_prompts, timed
 
 from tokenloom import SamplingParams
 from tokenloom.llm import LLM
 from tokenloom.loader.sources import resolve_model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-MIN_TOKEN_ID = 10  # below this are the special tokens (pad, bos, eos, unk, ...)
 NUM_COMPARED = 8  # fixed workload: how many requests' greedy outputs to compare between the two systems
 
 
@@ -65,29 +62,19 @@ def _scaled(n: int, scale: float) -> int:
     return max(1, round(n * scale))
 
 
-def _random_prompts(rng: np.random.Generator, lengths: list[int], vocab: int) -> list[list[int]]:
-    return [rng.integers(MIN_TOKEN_ID, vocab, size=n).tolist() for n in lengths]
-
-
 def make_workload(name: str, vocab: int, scale: float, seed: int) -> Workload:
     """Build one named workload; each gets its own seeded stream, so prompts never repeat across them."""
     rng = np.random.default_rng([seed, ["fixed", "mixed", "single"].index(name)])
     s = lambda n: _scaled(n, scale)
     if name == "fixed":
         n = s(64)
-        return Workload(name, _random_prompts(rng, [s(128)] * n, vocab), [s(128)] * n, n)
+        return Workload(name, random_prompts(rng, [s(128)] * n, vocab), [s(128)] * n, n)
     if name == "mixed":
         n = s(128)
         prompt_lens = rng.integers(s(16), s(512) + 1, size=n).tolist()
         output_lens = rng.integers(s(16), s(256) + 1, size=n).tolist()
-        return Workload(name, _random_prompts(rng, prompt_lens, vocab), output_lens, s(64))
-    return Workload(name, _random_prompts(rng, [s(128)], vocab), [s(128)], 1)
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start
+        return Workload(name, random_prompts(rng, prompt_lens, vocab), output_lens, s(64))
+    return Workload(name, random_prompts(rng, [s(128)], vocab), [s(128)], 1)
 
 
 # ---------------------------------------------------------------- tokenloom
@@ -102,11 +89,11 @@ def tokenloom_generate(llm: LLM, prompts: list[list[int]], output_lens: list[int
 
 def run_tokenloom(llm: LLM, wl: Workload, ttft_prompt: list[int] | None) -> Result:
     """The whole workload as one `generate` call (continuous batching), optionally then a TTFT probe."""
-    outputs, seconds = _timed(lambda: tokenloom_generate(llm, wl.prompts, wl.output_lens))
+    outputs, seconds = timed(lambda: tokenloom_generate(llm, wl.prompts, wl.output_lens))
     _check_lengths("tokenloom", wl, outputs)
     ttft = None
     if ttft_prompt is not None:  # a fresh prompt, so the prefix cache cannot help
-        ttft = _timed(lambda: tokenloom_generate(llm, [ttft_prompt], [1]))[1]
+        ttft = timed(lambda: tokenloom_generate(llm, [ttft_prompt], [1]))[1]
     return Result(sum(wl.output_lens), seconds, ttft, outputs)
 
 
@@ -162,11 +149,11 @@ def run_hf(hf: torch.nn.Module, wl: Workload, pad_id: int, ttft_prompt: list[int
         prompts = wl.prompts[start:start + wl.hf_batch]
         lens = wl.output_lens[start:start + wl.hf_batch]
         longest = max(lens)
-        batch, took = _timed(lambda p=prompts, k=longest: hf_generate(hf, p, k, pad_id))
+        batch, took = timed(lambda p=prompts, k=longest: hf_generate(hf, p, k, pad_id))
         outputs += [row[:k] for row, k in zip(batch, lens)]
         seconds += took
     _check_lengths("transformers", wl, outputs)
-    ttft = None if ttft_prompt is None else _timed(lambda: hf_generate(hf, [ttft_prompt], 1, pad_id))[1]
+    ttft = None if ttft_prompt is None else timed(lambda: hf_generate(hf, [ttft_prompt], 1, pad_id))[1]
     return Result(sum(wl.output_lens), seconds, ttft, outputs)
 
 
@@ -183,66 +170,9 @@ def machine_info(threads: int) -> dict[str, Any]:
     """CPU model, cores, library versions and the date, for the results table."""
     import transformers
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
             "loadavg_1min": os.getloadavg()[0]}
-
-
-def gemm_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """Measured FLOP/s of an n x n matmul in `dtype` (one warm-up, then `reps` timed)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    _, seconds = _timed(lambda: [torch.mm(a, b) for _ in range(reps)])
-    return 2 * n**3 * reps / seconds
-
-
-def physical_limits(llm: LLM, dtype: torch.dtype, bandwidth_gbs: float) -> dict[str, float]:
-    """Decode <= bandwidth / weight bytes read per token; batched <= GEMM FLOP/s / (2 x parameters)."""
-    from tokenloom.models.layers.quantized import Int8Linear
-
-    model = llm.engine.loaded.model
-    num_params = sum(p.numel() for p in model.parameters()) + sum(
-        m.qweight_t.numel() for m in model.modules() if isinstance(m, Int8Linear))  # quantized layers hold buffers
-    weight_bytes = decode_bytes(model)
-    flops = gemm_flops(dtype)
-    return {"parameters": num_params, "weight_bytes": weight_bytes, "bandwidth_gbs": bandwidth_gbs,
-            "gemm_gflops": flops / 1e9, "decode_tok_s_max": bandwidth_gbs * 1e9 / weight_bytes,
-            "batched_tok_s_max": flops / (2 * num_params)}
-
-
-def decode_bytes(model: torch.nn.Module) -> int:
-    """Bytes of matrices one single-row decode step reads: every linear layer and the LM head in the
-    format the step uses (embedding lookups read one row and are left out)."""
-    from tokenloom.models.layers.linear import TiedLMHead
-    from tokenloom.models.layers.quantized import Int4Linear, Int8Linear, QuantizedLMHead
-
-    def nbytes(*tensors: torch.Tensor | None) -> int:
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    total = 0
-    for m in model.modules():
-        if isinstance(m, Int4Linear):
-            total += nbytes(m.qweight4, m.scales_zeros, m.bias)
-        elif isinstance(m, Int8Linear):
-            total += nbytes(m.qweight_t, m.scale, m.bias)
-        elif isinstance(m, QuantizedLMHead):
-            total += nbytes(m.qweight, m.scale)
-        elif isinstance(m, (torch.nn.Linear, TiedLMHead)) and not _inside_int8_head(model, m):
-            total += nbytes(m.weight, getattr(m, "bias", None))
-    return total
-
-
-def _inside_int8_head(model: torch.nn.Module, module: torch.nn.Module) -> bool:
-    from tokenloom.models.layers.quantized import QuantizedLMHead
-
-    head = getattr(model, "lm_head", None)
-    return isinstance(head, QuantizedLMHead) and head.dense is module
 
 
 # ---------------------------------------------------------------- report
@@ -317,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _load_tokenloom(args: argparse.Namespace) -> LLM:
-    llm, seconds = _timed(lambda: LLM(args.model, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
+    llm, seconds = timed(lambda: LLM(args.model, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
                                       max_num_seqs=args.max_num_seqs, num_threads=args.threads,
                                       max_num_batched_tokens=args.max_num_batched_tokens,
                                       quantization=args.quantization))
@@ -327,7 +257,7 @@ def _load_tokenloom(args: argparse.Namespace) -> LLM:
 
 
 def _load_hf(args: argparse.Namespace) -> tuple[torch.nn.Module, int]:
-    hf, seconds = _timed(lambda: load_hf(args.model, DTYPES[args.dtype]))
+    hf, seconds = timed(lambda: load_hf(args.model, DTYPES[args.dtype]))
     print(f"transformers loaded {args.model} in {seconds:.1f} s", flush=True)
     pad_id = hf_pad_id(hf)
     hf_generate(hf, [[MIN_TOKEN_ID + i for i in range(8)], [MIN_TOKEN_ID + 1] * 6], 4, pad_id)  # warm-up
@@ -342,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     llm = _load_tokenloom(args)
     hf, pad_id = (None, 0) if args.skip_hf else _load_hf(args)
     vocab = llm.engine.vocab_size
-    ttft_prompt = _random_prompts(np.random.default_rng([args.seed, 99]), [_scaled(128, args.scale)], vocab)[0]
+    ttft_prompt = random_prompts(np.random.default_rng([args.seed, 99]), [_scaled(128, args.scale)], vocab)[0]
     rows = []
     for name in args.workloads:
         wl = make_workload(name, vocab, args.scale, args.seed)
