@@ -148,12 +148,3 @@ def test_models_give_the_same_output_without_the_kernels(arch, tiny_models, monk
         want = [lp[t].logprob for lp, t in zip(b.prompt_logprobs[1:], b.prompt_token_ids[1:])]
         assert got == pytest.approx(want, abs=1e-4)
 
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("gelu", [True, False])
-def test_act_mul_kernel_matches_the_torch_path(dtype, tol, gelu):
-    torch.manual_seed(12)
-    gate_up = (torch.randn(3, 2 * 96) * 3).to(dtype)
-    gate, up = gate_up.split([96, 96], dim=-1)
-    act = torch.nn.functional.gelu(gate, approximate="tanh") if gelu else torch.nn.functional.silu(gate)
-    torch.testing.assert_close(kernels.act_mul(gate_up, gelu).float(), (act * up).float(), atol=tol, rtol=tol)

@@ -15,13 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
-from tokenloom.models.layers.kernels import cpu_kernels
 from tokenloom.models.layers.linear import MergedLinear, TiedLMHead
 from tokenloom.models.layers.norm import RMSNorm, add_rms_norm
 from tokenloom.models.layers.rotary import RotaryEmbedding, rope_parameters
 from tokenloom.models.loading import load_named_weights
-
-_FUSED_ACT_MAX_ROWS = 16  # the fused activation kernel is single-threaded and scalar: decode rows only
 
 
 def head_dim_of(config: Any) -> int:
@@ -78,11 +75,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden] → [tokens, hidden]."""
-        gate_up = self.gate_up_proj(x)
-        kernels = cpu_kernels() if x.device.type == "cpu" and x.shape[0] <= _FUSED_ACT_MAX_ROWS else None
-        if kernels is not None:  # decode: one call instead of three ops
-            return self.down_proj(kernels.act_mul(gate_up, self.act == "gelu_tanh"))
-        gate, up = self.gate_up_proj.split(gate_up)
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
         gate = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
         return self.down_proj(gate * up)
 

@@ -5,14 +5,12 @@
 // does in 3 to 25, with the same rounding to the activation dtype at the same points:
 //   add_rms_norm     residual + norm(update) (or + update), then the next block's input norm;
 //   qkv_rope_cache   split q|k|v, q/k RMSNorm (optional), rotary embedding, and the write of the new
-//                    keys and values into the paged cache;
-//   act_mul          split gate|up, act(gate) * up (GELU-tanh or SiLU), for a few rows.
+//                    keys and values into the paged cache.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "norm_row.h"
@@ -79,21 +77,6 @@ void qkv_rope_cache_kernel(const T* qkv, const int64_t* positions, const T* cos,
       }
     }
   });
-}
-
-template <typename T>
-void act_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t width, bool gelu) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* gate = gate_up + r * 2 * width;
-    const T* up = gate + width;
-    T* o = out + r * width;
-    for (int64_t i = 0; i < width; ++i) {
-      const float x = static_cast<float>(gate[i]);
-      const float a = gelu ? 0.5f * x * (1.f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)))
-                           : x / (1.f + std::exp(-x));
-      o[i] = static_cast<T>(static_cast<float>(static_cast<T>(a)) * static_cast<float>(up[i]));
-    }
-  }
 }
 
 template <typename W>
@@ -176,16 +159,3 @@ at::Tensor qkv_rope_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, 
   return out;
 }
 
-// gate_up [rows, 2 * width] (gate then up) → act(gate) * up [rows, width], rounded to the dtype after the
-// activation and after the product, as the torch ops do. Single-threaded: it is meant for decode rows.
-at::Tensor act_mul(at::Tensor gate_up, bool gelu_tanh) {
-  TORCH_CHECK(gate_up.device().is_cpu() && gate_up.dim() == 2 && gate_up.size(1) % 2 == 0,
-              "act_mul: a CPU [rows, 2 * width] tensor");
-  gate_up = gate_up.contiguous();
-  const int64_t width = gate_up.size(1) / 2;
-  auto out = at::empty({gate_up.size(0), width}, gate_up.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "act_mul", [&] {
-    act_mul_kernel<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), gate_up.size(0), width, gelu_tanh);
-  });
-  return out;
-}

@@ -14,7 +14,6 @@ at::Tensor qkv_rope_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, 
                           double offset, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots, int64_t heads,
                           int64_t kv_heads);
 std::vector<at::Tensor> gq_pack(at::Tensor weight, int64_t bits);
-at::Tensor act_mul(at::Tensor gate_up, bool gelu_tanh);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
@@ -24,7 +23,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias") = py::none(), py::arg("float_out") = false);
   m.def("add_rms_norm", &add_rms_norm, "residual + (normed) update, then the next RMSNorm");
   m.def("qkv_rope_cache", &qkv_rope_cache, "q/k norm, RoPE and the KV cache write of a fused qkv projection");
-  m.def("act_mul", &act_mul, "act(gate) * up of a fused gate|up projection (GELU-tanh or SiLU)");
   m.def("gq_pack", &gq_pack, "quantize a float weight into gq_linear's 4- or 5-bit layout");
   m.def("gq_linear_native", &gq_linear_native, "whether gq_linear runs on AVX-512 VNNI (else a scalar loop)");
 }
