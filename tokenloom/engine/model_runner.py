@@ -7,7 +7,13 @@ asked for).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 import torch
@@ -19,6 +25,10 @@ from tokenloom.engine.scheduler import SchedulerOutput
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention, PrefillSpan
 from tokenloom.outputs import PositionLogprobs
 
+logger = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
 
 @dataclass(slots=True)
 class RunnerOutput:
@@ -27,6 +37,27 @@ class RunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+
+
+@cache
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to serve large blocks from its heap and keep freed memory for reuse.
+
+    By default every allocation above a few MiB is a fresh mmap, returned on free: a step's large
+    tensors (a batch's logits are 64 MiB at 64 rows) then fault in new zero pages every step, which
+    cost more than the arithmetic (measured: converting 64 x 262144 bf16 logits to float32 took 17 ms
+    with fresh pages, 2.2 ms with reused ones). The process keeps its peak heap instead of returning it,
+    as a server would with jemalloc or tcmalloc. `TOKENLOOM_MALLOC_TUNING=0` leaves malloc alone."""
+    if os.environ.get("TOKENLOOM_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
+    if not ok:
+        logger.debug("mallopt refused the tuning; malloc keeps its defaults")
+    return ok
 
 
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -49,6 +80,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
+        if device.type == "cpu":
+            keep_freed_memory()
         for attn in attention_layers(model):
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
             attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
