@@ -185,3 +185,16 @@ def test_quantized_model_logits_stay_close_to_float(arch, method, tol, tiny_mode
 def test_unknown_quantization_is_a_config_error():
     with pytest.raises(ConfigError, match="quantization must be one of"):
         LLM("gemma-3-270m", quantization="int3")
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+def test_group_quant_matmul_without_the_kernel_is_the_dequantized_product(bits, monkeypatch):
+    torch.manual_seed(8)
+    packed = pack_group_quant(torch.randn(48, 128) * 0.05, bits)
+    x, bias = torch.randn(3, 128).bfloat16(), torch.randn(48)
+    monkeypatch.setattr(quantized, "_native_gq_linear", lambda: None)
+    got = group_quant_matmul(x, packed, bias)
+    assert got.dtype == torch.bfloat16
+    want = x.float() @ unpack_group_quant(packed).t() + bias
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    assert group_quant_matmul(x, packed, float_out=True).dtype == torch.float32

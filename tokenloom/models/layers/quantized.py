@@ -19,6 +19,8 @@ no speed-up).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
 from typing import NamedTuple
 
 import torch
@@ -152,14 +154,21 @@ def unpack_group_quant(weight: GroupQuantWeight) -> torch.Tensor:
     return groups.view(n, chunks * GQ_CHUNK)
 
 
+@cache
+def _native_gq_linear() -> Callable[..., torch.Tensor] | None:
+    """The native kernel where it is built and vectorised (looked up once: it runs ~75 times a step)."""
+    kernels = cpu_kernels()
+    return kernels.gq_linear if kernels is not None and kernels.gq_linear_native() else None
+
+
 def group_quant_matmul(x: torch.Tensor, weight: GroupQuantWeight, bias: torch.Tensor | None = None,
                        float_out: bool = False) -> torch.Tensor:
     """x [M <= 8, K] @ the quantized weight.T (+ bias) → [M, N] in x's dtype (float32 with `float_out`):
     the native kernel (activations quantized to int8 per group of 32) where it is vectorised, else a
     dequantized matmul."""
-    kernels = cpu_kernels()
-    if kernels is not None and kernels.gq_linear_native():
-        return kernels.gq_linear(x, weight.codes, weight.d, weight.m, weight.high, bias, float_out)
+    native = _native_gq_linear()
+    if native is not None:
+        return native(x, weight.codes, weight.d, weight.m, weight.high, bias, float_out)
     out = x.float() @ unpack_group_quant(weight).t()
     if bias is not None:
         out += bias.float()
