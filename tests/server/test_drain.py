@@ -12,6 +12,7 @@ import httpx
 from tests.server.conftest import TINY_FLAGS, launch
 
 DRAIN_TIMEOUT = 2.0
+MAX_TOKENS = 480  # the tiny model's context is 512
 
 
 async def stream(http: httpx.AsyncClient, max_tokens: int, admitted: asyncio.Event) -> tuple[list[dict], float]:
@@ -29,14 +30,14 @@ async def stream(http: httpx.AsyncClient, max_tokens: int, admitted: asyncio.Eve
 
 
 def test_sigterm_drains_then_exits_cleanly(tiny_path, tmp_path):
-    # One sequence at a time: twelve long requests queue up far longer than the drain timeout.
+    # One sequence at a time: 32 long requests (15k tokens) queue up far longer than the drain timeout.
     server = launch(tiny_path, [*TINY_FLAGS, "--max-num-seqs", "1", "--drain-timeout", str(DRAIN_TIMEOUT)],
                     tmp_path, "drain").wait_ready()
     try:
         async def run() -> tuple[list, float]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-                admitted = [asyncio.Event() for _ in range(12)]
-                tasks = [asyncio.create_task(stream(http, 300, event)) for event in admitted]
+                admitted = [asyncio.Event() for _ in range(32)]
+                tasks = [asyncio.create_task(stream(http, MAX_TOKENS, event)) for event in admitted]
                 await asyncio.wait_for(asyncio.gather(*(e.wait() for e in admitted)), 30)
                 sigterm_at = time.monotonic()
                 server.proc.send_signal(signal.SIGTERM)
@@ -57,9 +58,10 @@ def test_sigterm_drains_then_exits_cleanly(tiny_path, tmp_path):
         aborted = [ev for ev, _ in results if "error" in ev[-2]]
         assert any(t > sigterm_at for _, t in completed), "a request in flight at SIGTERM should finish"
         for ev, _ in completed:
-            assert ev[-2]["usage"]["completion_tokens"] == 300 and ev[-3]["choices"][0]["finish_reason"] == "length"
+            assert ev[-2]["usage"]["completion_tokens"] == MAX_TOKENS
+            assert ev[-3]["choices"][0]["finish_reason"] == "length"
         assert aborted and all("shut" in ev[-2]["error"]["message"] for ev in aborted)
-        assert len(completed) + len(aborted) == 12
+        assert len(completed) + len(aborted) == 32
         log = server.log.read_text()
         assert "Traceback" not in log
     finally:
