@@ -25,14 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tokenloom.paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when what an entry holds, or how it is built, changes
-
-
-def cache_root() -> Path:
-    """tokenloom's cache folder: `TOKENLOOM_CACHE`, else ~/.cache/tokenloom."""
-    return Path(os.environ.get("TOKENLOOM_CACHE") or Path.home() / ".cache" / "tokenloom")
 
 
 def tokenizer_identity(path: Path, metadata_sha256: str, builder: str) -> dict[str, Any]:

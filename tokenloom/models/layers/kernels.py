@@ -19,6 +19,8 @@ from types import ModuleType
 
 import torch
 
+from tokenloom.paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
@@ -28,9 +30,9 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels live (`TOKENLOOM_CACHE`, default ~/.cache/tokenloom)."""
-    root = os.environ.get("TOKENLOOM_CACHE") or Path.home() / ".cache" / "tokenloom"
-    return Path(root) / "kernels"
+    """Where compiled kernels live: `kernels/` in tokenloom's cache (`TOKENLOOM_CACHE`, default
+    ~/.cache/tokenloom)."""
+    return cache_root() / "kernels"
 
 
 @cache
