@@ -2,8 +2,10 @@
 
 from tokenloom.config import EngineConfig
 from tokenloom.llm import LLM
+from tokenloom.manager import ModelManager, ModelSpec
 from tokenloom.outputs import CompletionOutput, RequestOutput
 from tokenloom.sampling_params import BeamSearchParams, SamplingParams
 
-__all__ = ["LLM", "EngineConfig", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "ModelManager", "ModelSpec", "EngineConfig", "SamplingParams", "BeamSearchParams", "RequestOutput",
+           "CompletionOutput"]
 __version__ = "0.1.0"

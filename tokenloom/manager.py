@@ -1,0 +1,291 @@
+"""ModelManager: the one owner of loaded models — load on demand, a memory budget with LRU eviction,
+keep-alive (idle unload), and loads that happen once however many callers ask at the same time.
+
+A model is known by name (an alias, or the name its reference resolves to) and is in one state:
+available (known, not in memory), loading, loaded, or failed (its error kept for `list()`). Callers
+use a model inside `with manager.use(name) as engine:`; a model in use is never unloaded. Memory is
+weights plus KV cache, measured after load; before a first load it is estimated from the source's
+files plus the KV cache budget (a quantized GGUF grows when dequantized, so the budget is enforced
+again once the real size is known).
+"""
+
+from __future__ import annotations
+
+import enum
+import gc
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenloom.config import EngineConfig
+from tokenloom.engine.llm_engine import LLMEngine
+
+DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default: five minutes
+
+
+class ModelState(str, enum.Enum):
+    """Where a model is in its life."""
+
+    AVAILABLE = "available"
+    LOADING = "loading"
+    LOADED = "loaded"
+    FAILED = "failed"
+
+
+class UnknownModelError(KeyError):
+    """A name that is neither registered nor resolvable; the message lists the known names."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ModelLoadError(RuntimeError):
+    """A model's load failed (the model is marked failed; others are untouched)."""
+
+
+class MemoryBudgetError(ModelLoadError):
+    """A model does not fit the memory budget even with every idle model unloaded."""
+
+
+@dataclass(slots=True)
+class ModelSpec:
+    """What to load under a name: the model reference and its engine options (dtype, kv_cache_gib, ...),
+    and how long it stays loaded when idle (seconds; 0: unload after the last request; -1: forever;
+    None: the manager's default)."""
+
+    name: str
+    source: str
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    keep_alive_s: float | None = None
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """One model as `list()` reports it."""
+
+    name: str
+    source: str
+    state: ModelState
+    bytes_used: int
+    last_used: float | None
+    in_flight: int
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Entry:
+    spec: ModelSpec
+    state: ModelState = ModelState.AVAILABLE
+    engine: LLMEngine | None = None
+    bytes_used: int = 0
+    measured_bytes: int | None = None  # from an earlier load: the best estimate for the next one
+    last_used: float | None = None
+    in_flight: int = 0
+    keep_alive_s: float | None = None  # set per request; overrides the spec until changed again
+    error: str | None = None
+    loaded: threading.Event = field(default_factory=threading.Event)
+
+
+def engine_bytes(engine: LLMEngine) -> int:
+    """Bytes a running engine holds: its weights and its KV cache tensors."""
+    kv = sum(t.numel() * t.element_size() for attn in _attention_caches(engine) for t in attn)
+    return engine.loaded.weight_bytes + kv
+
+
+def _attention_caches(engine: LLMEngine) -> list[tuple[Any, Any]]:
+    from tokenloom.engine.model_runner import attention_layers
+
+    return [a.kv_cache for a in attention_layers(engine.loaded.model) if a.kv_cache is not None]
+
+
+def estimate_bytes(spec: ModelSpec) -> int:
+    """Before a first load: the source's weight files plus the KV cache budget."""
+    from tokenloom.loader.sources import resolve_model
+
+    source = resolve_model(spec.source)
+    files = [source.path] if source.path.is_file() else [
+        p for pattern in ("*.safetensors", "*.bin", "*.gguf") for p in source.path.glob(pattern)]
+    config = EngineConfig.from_kwargs(model=spec.source, **spec.engine_options)
+    return sum(p.stat().st_size for p in files) + int(config.cache_config.kv_cache_gib * 2**30)
+
+
+class ModelManager:
+    """Loads, caches and unloads models by name within a memory budget (None: no limit) and a count
+    limit; thread-safe. `engine_factory` builds an engine from a spec (tests substitute it)."""
+
+    def __init__(self, specs: list[ModelSpec] | None = None, memory_budget_bytes: int | None = None,
+                 max_loaded_models: int | None = None, default_keep_alive_s: float = DEFAULT_KEEP_ALIVE_S,
+                 engine_factory: Callable[[ModelSpec], LLMEngine] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.memory_budget_bytes = memory_budget_bytes
+        self.max_loaded_models = max_loaded_models
+        self.default_keep_alive_s = default_keep_alive_s
+        self._factory = engine_factory or _build_engine
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        for spec in specs or []:
+            self.register(spec)
+
+    def register(self, spec: ModelSpec) -> None:
+        """Make a model available under `spec.name` (not loaded yet)."""
+        with self._lock:
+            if spec.name in self._entries:
+                raise ValueError(f"model name {spec.name!r} is already registered")
+            self._entries[spec.name] = _Entry(spec)
+
+    def names(self) -> list[str]:
+        """Every known model name, sorted."""
+        with self._lock:
+            return sorted(self._entries)
+
+    def load(self, ref: str, alias: str | None = None, **engine_options: Any) -> LLMEngine:
+        """Register `ref` under `alias` (or its own reference) if new, and load it."""
+        name = alias or ref
+        with self._lock:
+            known = name in self._entries
+        if not known:
+            self.register(ModelSpec(name, ref, dict(engine_options)))
+        return self.get(name)
+
+    def get(self, name: str) -> LLMEngine:
+        """The named model's engine, loading it first if needed (one load, however many callers)."""
+        entry = self._entry(name)
+        while True:
+            with self._lock:
+                if entry.state is ModelState.LOADED:
+                    entry.last_used = self._clock()
+                    return entry.engine
+                if entry.state is not ModelState.LOADING:  # available or failed: this caller loads it
+                    entry.state, entry.error = ModelState.LOADING, None
+                    entry.loaded.clear()
+                    break
+                waiter = entry.loaded
+            waiter.wait()
+            with self._lock:
+                if entry.state is ModelState.FAILED:
+                    raise ModelLoadError(f"model {name!r} failed to load: {entry.error}")
+        return self._load(entry)
+
+    @contextmanager
+    def use(self, name: str, keep_alive_s: float | None = None) -> Iterator[LLMEngine]:
+        """Hold the named model loaded while the block runs (requests in flight are never unloaded);
+        `keep_alive_s` sets how long it stays once idle, as Ollama's per-request keep_alive."""
+        entry = self._entry(name)
+        while True:
+            engine = self.get(name)
+            with self._lock:
+                if entry.engine is engine:  # not unloaded between get() and here
+                    entry.in_flight += 1
+                    if keep_alive_s is not None:
+                        entry.keep_alive_s = keep_alive_s
+                    break
+        try:
+            yield engine
+        finally:
+            with self._lock:
+                entry.in_flight -= 1
+                entry.last_used = self._clock()
+            if self._keep_alive(entry) == 0:
+                self.sweep()
+
+    def unload(self, name: str) -> bool:
+        """Unload the named model if it is loaded and idle; True if it was unloaded."""
+        entry = self._entry(name)
+        with self._lock:
+            return self._unload_locked(entry)
+
+    def sweep(self) -> list[str]:
+        """Unload every idle model whose keep-alive has run out; returns their names."""
+        now = self._clock()
+        done = []
+        with self._lock:
+            for name, entry in self._entries.items():
+                keep = self._keep_alive(entry)
+                if entry.state is ModelState.LOADED and entry.in_flight == 0 and keep >= 0 and \
+                        now - (entry.last_used or now) >= keep and self._unload_locked(entry):
+                    done.append(name)
+        return done
+
+    def list(self) -> list[ModelInfo]:
+        """Every known model with its state, bytes in use and last use."""
+        with self._lock:
+            return [ModelInfo(name, e.spec.source, e.state, e.bytes_used, e.last_used, e.in_flight, e.error)
+                    for name, e in sorted(self._entries.items())]
+
+    def bytes_in_use(self) -> int:
+        """Weights plus KV caches of every loaded model."""
+        with self._lock:
+            return sum(e.bytes_used for e in self._entries.values() if e.state is ModelState.LOADED)
+
+    # ---------------------------------------------------------------- internals
+
+    def _entry(self, name: str) -> _Entry:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                known = ", ".join(sorted(self._entries)) or "none"
+                raise UnknownModelError(f"model {name!r} is not available; available models: {known}")
+            return entry
+
+    def _keep_alive(self, entry: _Entry) -> float:
+        for value in (entry.keep_alive_s, entry.spec.keep_alive_s):
+            if value is not None:
+                return value
+        return self.default_keep_alive_s
+
+    def _load(self, entry: _Entry) -> LLMEngine:
+        try:
+            needed = entry.measured_bytes or estimate_bytes(entry.spec)
+            self._make_room(entry, needed)
+            engine = self._factory(entry.spec)
+            used = engine_bytes(engine)
+            with self._lock:
+                entry.engine, entry.bytes_used, entry.measured_bytes = engine, used, used
+                entry.state, entry.last_used = ModelState.LOADED, self._clock()
+            self._make_room(entry, 0)  # the estimate may have been low: enforce with the real size
+            return engine
+        except Exception as exc:
+            with self._lock:
+                entry.engine, entry.bytes_used = None, 0
+                entry.state, entry.error = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise ModelLoadError(f"model {entry.spec.name!r} failed to load: {type(exc).__name__}: {exc}") from exc
+        finally:
+            entry.loaded.set()
+
+    def _make_room(self, entry: _Entry, needed: int) -> None:
+        """Unload idle models, least recently used first, until `needed` more bytes (and one more model,
+        when `entry` is not loaded yet) fit; raise MemoryBudgetError when even that is not enough."""
+        with self._lock:
+            while True:
+                others = [e for e in self._entries.values() if e is not entry and e.state is ModelState.LOADED]
+                used = sum(e.bytes_used for e in others) + (entry.bytes_used if entry.engine else 0)
+                count = len(others) + 1
+                over_budget = self.memory_budget_bytes is not None and used + needed > self.memory_budget_bytes
+                over_count = self.max_loaded_models is not None and count > self.max_loaded_models
+                if not over_budget and not over_count:
+                    return
+                idle = sorted((e for e in others if e.in_flight == 0), key=lambda e: e.last_used or 0.0)
+                if not idle:
+                    raise MemoryBudgetError(
+                        f"model {entry.spec.name!r} needs {needed + entry.bytes_used} bytes; "
+                        f"{used - entry.bytes_used} are held by models with requests in flight and the budget "
+                        f"is {self.memory_budget_bytes} bytes" if over_budget else
+                        f"max_loaded_models={self.max_loaded_models} are loaded and busy")
+                self._unload_locked(idle[0])
+
+    def _unload_locked(self, entry: _Entry) -> bool:
+        if entry.state is not ModelState.LOADED or entry.in_flight:
+            return False
+        entry.engine, entry.bytes_used, entry.state = None, 0, ModelState.AVAILABLE
+        gc.collect()  # hand the weights and cache back now, not at some later collection
+        return True
+
+
+def _build_engine(spec: ModelSpec) -> LLMEngine:
+    return LLMEngine(EngineConfig.from_kwargs(model=spec.source, **spec.engine_options))
