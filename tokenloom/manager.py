@@ -53,13 +53,15 @@ class MemoryBudgetError(ModelLoadError):
 @dataclass(slots=True)
 class ModelSpec:
     """What to load under a name: the model reference and its engine options (dtype, kv_cache_gib, ...),
-    and how long it stays loaded when idle (seconds; 0: unload after the last request; -1: forever;
-    None: the manager's default)."""
+    how long it stays loaded when idle (seconds; 0: unload after the last request; -1: forever; None:
+    the manager's default), default sampling parameters for its requests and a chat template override."""
 
     name: str
     source: str
     engine_options: dict[str, Any] = field(default_factory=dict)
     keep_alive_s: float | None = None
+    default_sampling: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None
 
 
 @dataclass(slots=True)

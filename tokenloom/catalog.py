@@ -1,0 +1,143 @@
+"""Where the ModelManager's models come from: a folder of models (`--models-dir`) and a YAML catalog
+(`--models-config models.yaml`).
+
+A catalog lists models by name with their source and per-model options:
+
+    models:
+      - name: gemma                  # required: the name requests use
+        source: gemma-3-270m         # required: anything `resolve_model` accepts
+        dtype: bfloat16              # any engine option: dtype, quantization, kv_cache_gib, max_model_len, ...
+        kv_cache_gib: 0.5
+        keep_alive: 10m              # seconds, or 30s / 10m / 2h; 0 unloads at once; -1 never
+        sampling: {temperature: 0.7} # default sampling parameters for this model's requests
+        chat_template: "{{ ... }}"   # overrides the model's own
+
+A malformed catalog fails at start-up with the file, the line and the field named.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tokenloom.config import ConfigError, EngineConfig, option_names
+from tokenloom.manager import ModelSpec
+from tokenloom.sampling_params import SamplingParams
+
+_SPEC_FIELDS = {"name", "source", "keep_alive", "sampling", "chat_template"}
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class CatalogError(ValueError):
+    """A catalog or models folder that cannot be used; the message names the file, line and field."""
+
+
+def parse_keep_alive(value: Any) -> float:
+    """Seconds from a keep-alive value as Ollama takes it: a number of seconds or "30s" / "10m" / "2h";
+    0 unloads right after the last request, any negative value keeps the model loaded (-1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"keep_alive must be a duration, not {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ValueError(f"keep_alive must be seconds or a duration like 30s, 10m, 2h; got {value!r}")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    return -1.0 if seconds < 0 else seconds
+
+
+def specs_from_dir(folder: Path) -> list[ModelSpec]:
+    """Every HF model folder (config.json) and .gguf file under `folder`, named after the folder or the
+    file's stem; two models with one name are an error naming both paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CatalogError(f"--models-dir {folder}: not a directory")
+    found: dict[str, Path] = {}
+    candidates = []
+    for root, _, files in os.walk(folder, followlinks=True):  # models are often symlinked in
+        if "config.json" in files:
+            candidates.append(Path(root))
+        candidates += [Path(root) / f for f in files if f.endswith(".gguf")]
+    for path in sorted(candidates):
+        name = path.stem if path.is_file() else path.name
+        if name in found:
+            raise CatalogError(f"--models-dir {folder}: two models named {name!r}: {found[name]} and {path}")
+        found[name] = path
+    return [ModelSpec(name, str(path)) for name, path in found.items()]
+
+
+def specs_from_yaml(path: Path) -> list[ModelSpec]:
+    """The models a YAML catalog lists, every field checked (see the module docstring for the format)."""
+    path = Path(path)
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read the catalog ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise CatalogError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    models = _mapping_value(root, "models") if isinstance(root, yaml.MappingNode) else None
+    if not isinstance(models, yaml.SequenceNode):
+        line = root.start_mark.line + 1 if root is not None else 1
+        raise CatalogError(f"{path} line {line}: expected a top-level 'models:' list")
+    specs, seen = [], {}
+    for node in models.value:
+        spec = _spec(path, node)
+        if spec.name in seen:
+            raise CatalogError(f"{path} line {node.start_mark.line + 1}: field 'name': {spec.name!r} is already "
+                               f"used on line {seen[spec.name]}")
+        seen[spec.name] = node.start_mark.line + 1
+        specs.append(spec)
+    return specs
+
+
+def _mapping_value(node: yaml.MappingNode, key: str) -> yaml.Node | None:
+    return next((v for k, v in node.value if k.value == key), None)
+
+
+def _spec(path: Path, node: yaml.Node) -> ModelSpec:
+    line = node.start_mark.line + 1
+    if not isinstance(node, yaml.MappingNode):
+        raise CatalogError(f"{path} line {line}: each model must be a mapping with name and source")
+    data = yaml.safe_load(yaml.serialize(node))
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
+
+    def fail(field: str, message: str) -> CatalogError:
+        return CatalogError(f"{path} line {lines.get(field, line)}: field {field!r}: {message}")
+
+    for required in ("name", "source"):
+        if not isinstance(data.get(required), str) or not data[required].strip():
+            raise fail(required, "required, a non-empty string")
+    engine = {k: v for k, v in data.items() if k not in _SPEC_FIELDS}
+    for key in engine:
+        if key == "model" or key not in option_names():  # the model itself is `source`
+            raise fail(key, f"unknown option; known: {', '.join(sorted(_SPEC_FIELDS | set(option_names())))}")
+    for key, value in engine.items():
+        try:
+            EngineConfig.from_kwargs(model=data["source"], **{key: value}).validate()
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise fail(key, str(exc)) from exc
+    keep_alive = None
+    if "keep_alive" in data:
+        try:
+            keep_alive = parse_keep_alive(data["keep_alive"])
+        except ValueError as exc:
+            raise fail("keep_alive", str(exc)) from exc
+    sampling = data.get("sampling") or {}
+    if not isinstance(sampling, dict):
+        raise fail("sampling", "must be a mapping of sampling parameters")
+    try:
+        SamplingParams(**sampling)
+    except (TypeError, ValueError) as exc:
+        raise fail("sampling", str(exc)) from exc
+    template = data.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise fail("chat_template", "must be a string (a Jinja template)")
+    return ModelSpec(data["name"], data["source"], engine, keep_alive, dict(sampling), template)
