@@ -82,3 +82,23 @@ def test_a_models_folder_lists_hf_folders_and_gguf_files(tmp_path, tiny_models):
         specs_from_dir(root)
     with pytest.raises(CatalogError, match="not a directory"):
         specs_from_dir(tmp_path / "missing")
+
+
+def test_cli_models_list_and_show(tmp_path, tiny_models, capsys):
+    from tokenloom.cli import main
+
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(f"models:\n  - name: tiny\n    source: {tiny_models['llama']}\n"
+                       f"    chat_template: 'custom {{{{ messages }}}}'\n  - name: ghost\n    source: /nowhere\n")
+    assert main(["models", "list", "--models-config", str(catalog)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("tiny") and f"hf    {tiny_models['llama']}" in line for line in listed)
+    assert any(line.startswith("gemma-3-270m") and "gguf" in line for line in listed)
+    assert any(line.startswith("ghost") and "?" in line for line in listed)  # listed, marked unresolvable
+    assert main(["models", "show", "tiny", "--models-config", str(catalog)]) == 0
+    shown = capsys.readouterr().out
+    assert "architecture:   LlamaForCausalLM" in shown and "context length: " in shown
+    assert "parameters:     " in shown and " M" in shown and "float32" in shown
+    assert "chat template:\ncustom {{ messages }}" in shown
+    assert main(["models", "show", "nothing-here"]) == 2
+    assert "tokenloom: error:" in capsys.readouterr().err

@@ -141,3 +141,52 @@ def _spec(path: Path, node: yaml.Node) -> ModelSpec:
     if template is not None and not isinstance(template, str):
         raise fail("chat_template", "must be a string (a Jinja template)")
     return ModelSpec(data["name"], data["source"], engine, keep_alive, dict(sampling), template)
+
+
+def catalog_specs(models_dir: Path | None = None, models_config: Path | None = None) -> list[ModelSpec]:
+    """The models a server or CLI knows: the default alias, then a models folder, then a catalog file
+    (a later source replaces an earlier one's model of the same name)."""
+    from tokenloom.loader.sources import ALIASES
+
+    specs = {name: ModelSpec(name, name) for name in ALIASES}
+    for found in (specs_from_dir(models_dir) if models_dir else []) + (
+            specs_from_yaml(models_config) if models_config else []):
+        specs[found.name] = found
+    return list(specs.values())
+
+
+def describe_model(ref: str, chat_template: str | None = None) -> dict[str, Any]:
+    """What `tokenloom models show` prints, read from the model's files without loading its weights:
+    source, architecture, parameters, context length, weight format and chat template."""
+    import math
+    from collections import Counter
+
+    from tokenloom.loader.sources import resolve_model
+
+    source = resolve_model(ref)
+    if source.kind == "gguf":
+        from tokenloom.loader.gguf import gguf_tokenizer, read_gguf
+
+        ckpt = read_gguf(source.path)
+        config, tokenizer = ckpt.config, gguf_tokenizer(ckpt)
+        params = sum(math.prod(t.shape) for t in ckpt.tensors)
+        types = Counter(t.tensor_type.name for t in ckpt.tensors)
+        weights = "GGUF " + ", ".join(f"{name} x{n}" for name, n in types.most_common())
+    else:
+        from safetensors import safe_open
+
+        from tokenloom.loader.hf import checkpoint_dtype, hf_tokenizer, read_hf_config, weight_files
+
+        config, tokenizer = read_hf_config(source.path), hf_tokenizer(source.path)
+        params = 0
+        for file in weight_files(source.path):
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as f:
+                    params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - safe_open is not iterable
+        dtype = checkpoint_dtype(config)
+        weights = f"{str(dtype).removeprefix('torch.') if dtype else 'unknown dtype'} ({source.path.name})"
+    return {"name": ref, "source": str(source.path), "kind": source.kind,
+            "architecture": ", ".join(getattr(config, "architectures", None) or [config.model_type]),
+            "parameters": f"{params / 1e6:.1f} M" if params else "unknown (no safetensors headers)",
+            "context length": getattr(config, "max_position_embeddings", "unknown"),
+            "weights": weights, "chat template": chat_template or tokenizer.chat_template or "none"}

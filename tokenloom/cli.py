@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from tokenloom.config import (
@@ -152,6 +153,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """`tokenloom models list` / `tokenloom models show NAME`."""
+    from tokenloom.catalog import catalog_specs, describe_model
+
+    specs = {s.name: s for s in catalog_specs(args.models_dir, args.models_config)}
+    if args.action == "list":
+        from tokenloom.loader.sources import resolve_model
+
+        width = max(len(name) for name in specs)
+        for name, spec in specs.items():
+            try:
+                found = resolve_model(spec.source)
+                where = f"{found.kind:<4}  {found.path}"
+            except (OSError, ValueError) as exc:
+                where = f"?     {spec.source}: {str(exc).splitlines()[0]}"
+            print(f"{name:<{width}}  {where}")
+        return 0
+    spec = specs.get(args.name)
+    info = describe_model(spec.source if spec else args.name, spec.chat_template if spec else None)
+    template = info.pop("chat template")
+    for key, value in info.items():
+        print(f"{key + ':':<16}{value}")
+    print(f"chat template:\n{template}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `tokenloom` argument parser."""
     parser = argparse.ArgumentParser(prog="tokenloom", description="LLM inference and serving engine")
@@ -170,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_flags(serve)
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
+    models = sub.add_parser("models", help="list the models known here, or show one")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    models_sub.add_parser("list", help="every available model and where it comes from")
+    show = models_sub.add_parser("show", help="architecture, parameters, context length, weights, chat template")
+    show.add_argument("name", help="a model name from `models list`, or any model reference")
+    for p in (models, *models_sub.choices.values()):
+        p.add_argument("--models-dir", type=Path, default=None, help="a folder of HF model folders and .gguf files")
+        p.add_argument("--models-config", type=Path, default=None, help="a models.yaml catalog")
+    models.set_defaults(func=cmd_models)
     return parser
 
 
