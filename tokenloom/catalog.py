@@ -158,9 +158,9 @@ def catalog_specs(models_dir: Path | None = None, models_config: Path | None = N
 def describe_model(ref: str, chat_template: str | None = None) -> dict[str, Any]:
     """What `tokenloom models show` prints, read from the model's files without loading its weights:
     source, architecture, parameters, context length, weight format and chat template."""
-    import math
     from collections import Counter
 
+    from tokenloom.loader import count_parameters
     from tokenloom.loader.sources import resolve_model
 
     source = resolve_model(ref)
@@ -169,20 +169,14 @@ def describe_model(ref: str, chat_template: str | None = None) -> dict[str, Any]
 
         ckpt = read_gguf(source.path)
         config, tokenizer = ckpt.config, gguf_tokenizer(ckpt)
-        params = sum(math.prod(t.shape) for t in ckpt.tensors)
+        params = count_parameters(source)
         types = Counter(t.tensor_type.name for t in ckpt.tensors)
         weights = "GGUF " + ", ".join(f"{name} x{n}" for name, n in types.most_common())
     else:
-        from safetensors import safe_open
-
-        from tokenloom.loader.hf import checkpoint_dtype, hf_tokenizer, read_hf_config, weight_files
+        from tokenloom.loader.hf import checkpoint_dtype, hf_tokenizer, read_hf_config
 
         config, tokenizer = read_hf_config(source.path), hf_tokenizer(source.path)
-        params = 0
-        for file in weight_files(source.path):
-            if file.suffix == ".safetensors":
-                with safe_open(str(file), "pt") as f:
-                    params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - safe_open is not iterable
+        params = count_parameters(source)
         dtype = checkpoint_dtype(config)
         weights = f"{str(dtype).removeprefix('torch.') if dtype else 'unknown dtype'} ({source.path.name})"
     return {"name": ref, "source": str(source.path), "kind": source.kind,

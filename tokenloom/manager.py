@@ -4,9 +4,9 @@ keep-alive (idle unload), and loads that happen once however many callers ask at
 A model is known by name (an alias, or the name its reference resolves to) and is in one state:
 available (known, not in memory), loading, loaded, or failed (its error kept for `list()`). Callers
 use a model inside `with manager.use(name) as engine:`; a model in use is never unloaded. Memory is
-weights plus KV cache, measured after load; before a first load it is estimated from the source's
-files plus the KV cache budget (a quantized GGUF grows when dequantized, so the budget is enforced
-again once the real size is known).
+weights plus KV cache, measured after load; before a first load it is estimated from the tensor
+headers (parameters x bytes of the dtype it will run in) plus the KV cache budget, and the budget is
+enforced again once the real size is known.
 """
 
 from __future__ import annotations
@@ -104,14 +104,19 @@ def _attention_caches(engine: LLMEngine) -> list[tuple[Any, Any]]:
 
 
 def estimate_bytes(spec: ModelSpec) -> int:
-    """Before a first load: the source's weight files plus the KV cache budget."""
+    """Before a first load: parameters from the tensor headers times the bytes of the dtype the model
+    will run in, plus the KV cache budget (quantized formats come out smaller: an upper bound)."""
+    import torch
+
+    from tokenloom.loader import count_parameters
+    from tokenloom.loader.hf import checkpoint_dtype, read_hf_config
     from tokenloom.loader.sources import resolve_model
 
     source = resolve_model(spec.source)
-    files = [source.path] if source.path.is_file() else [
-        p for pattern in ("*.safetensors", "*.bin", "*.gguf") for p in source.path.glob(pattern)]
     config = EngineConfig.from_kwargs(model=spec.source, **spec.engine_options)
-    return sum(p.stat().st_size for p in files) + int(config.cache_config.kv_cache_gib * 2**30)
+    saved = checkpoint_dtype(read_hf_config(source.path)) if source.kind == "hf" else None
+    element = torch.tensor([], dtype=config.model_config.torch_dtype(saved)).element_size()
+    return count_parameters(source) * element + int(config.cache_config.kv_cache_gib * 2**30)
 
 
 class ModelManager:

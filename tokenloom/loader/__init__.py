@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from tokenloom.loader.hf import hf_tokenizer
 from tokenloom.loader.tokenizer import Tokenizer
 from tokenloom.models.layers.quantized import quantize_model
 from tokenloom.models.registry import model_class_for
+
+if TYPE_CHECKING:
+    from tokenloom.loader.sources import ModelSource
 
 
 @dataclass
@@ -43,6 +46,27 @@ class LoadedModel:
         """Bytes of parameters and quantized weight buffers in memory (shared tensors counted once)."""
         tensors = {t.data_ptr(): t for t in [*self.model.parameters(), *self.model.buffers()]}
         return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def count_parameters(source: ModelSource) -> int:
+    """Parameters stored in a model's files, from the tensor headers only (GGUF directory, safetensors
+    headers); 0 when only pytorch_model.bin holds them."""
+    import math
+
+    if source.kind == "gguf":
+        from tokenloom.loader.gguf_file import read_gguf_file
+
+        return sum(math.prod(t.shape) for t in read_gguf_file(source.path).tensors)
+    from safetensors import safe_open
+
+    from tokenloom.loader.hf import weight_files
+
+    total = 0
+    for file in weight_files(source.path):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), "pt") as f:
+                total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - not iterable
+    return total
 
 
 def load_model(model_config: ModelConfig, device: torch.device) -> LoadedModel:
