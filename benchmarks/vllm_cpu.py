@@ -41,12 +41,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
-from cpu_bench import CONC_OUTPUT_LEN, DECODE_STEPS, PREFILL_LEN, make_prompts  # numpy only, no torch
+from cpu_bench import CONC_OUTPUT_LEN, DECODE_STEPS, PREFILL_LEN, coldstart, make_prompts  # numpy only, no torch
 
 THREADS_DEFAULT = 2
 
@@ -70,30 +69,6 @@ def coldstart_code(kwargs: dict[str, Any]) -> str:
             f"llm = LLM(**{kwargs!r})\n"
             "out = llm.generate('Hello', SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)\n"
             "print('FIRST_TOKEN', out[0].outputs[0].token_ids[0], flush=True)\n")
-
-
-def coldstart(code: str, runs: int = 2, timeout_s: float = 600.0) -> list[float]:
-    """Seconds from spawning `python -c code` to its FIRST_TOKEN line, for each of `runs` fresh processes."""
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True)
-        assert proc.stdout is not None
-        seen = None
-        for line in proc.stdout:
-            if line.startswith("FIRST_TOKEN"):
-                seen = time.perf_counter() - start
-                break
-        try:
-            proc.stdout.read()
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if seen is None:
-            raise RuntimeError(f"cold start failed (exit status {proc.returncode})")
-        times.append(seen)
-    return times
 
 
 def measure(args: argparse.Namespace) -> tuple[dict[str, float], int]:

@@ -13,7 +13,7 @@ from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
 from tokenloom.models.layers.linear import MergedLinear, TiedLMHead
 from tokenloom.models.layers.norm import RMSNorm, add_rms_norm
 from tokenloom.models.layers.rotary import RotaryEmbedding, rope_parameters
-from tokenloom.models.llama import GatedMLP, head_dim_of
+from tokenloom.models.llama import GatedMLP, head_dim_of, run_decoder_layers
 from tokenloom.models.loading import load_named_weights
 
 
@@ -104,12 +104,7 @@ class Gemma3ForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         # HF rounds the scale to the activation dtype before multiplying; so do we, for parity.
         x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
-        layers = self.model.layers
-        h = layers[0].input_layernorm(x)
-        for i, layer in enumerate(layers):
-            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            x, h = layer(x, h, positions, meta, next_norm)
-        return h
+        return run_decoder_layers(self.model.layers, self.model.norm, x, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states of the sampled positions → float32 logits."""

@@ -26,6 +26,17 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def run_decoder_layers(layers: nn.ModuleList, final_norm: RMSNorm, x: torch.Tensor, positions: torch.Tensor,
+                       meta: AttentionMetadata) -> torch.Tensor:
+    """Pre-norm layers that hand each other (residual, normalised input), so that every residual add
+    fuses with the next norm: the last layer's output comes back through `final_norm`."""
+    h = layers[0].input_layernorm(x)
+    for i, layer in enumerate(layers):
+        next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else final_norm
+        x, h = layer(x, h, positions, meta, next_norm)
+    return h
+
+
 def sliding_window_of(config: Any, layer_idx: int) -> int | None:
     """The layer's sliding window, or None for full attention."""
     window = getattr(config, "sliding_window", None)
@@ -113,12 +124,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Packed token ids → final hidden states."""
-        x = self.embed_tokens(input_ids)
-        h = self.layers[0].input_layernorm(x)
-        for i, layer in enumerate(self.layers):
-            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            x, h = layer(x, h, positions, meta, next_norm)
-        return h
+        return run_decoder_layers(self.layers, self.norm, self.embed_tokens(input_ids), positions, meta)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -52,7 +52,7 @@ def cpu_kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         build_dir.mkdir(parents=True, exist_ok=True)
-        logger.info("compiling the CPU kernels (once, ~30 s) into %s", build_dir)
+        logger.info("compiling the CPU kernels (once, 30-60 s) into %s", build_dir)
         return load(name, [str(p) for p in _SOURCES], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                     build_directory=str(build_dir))
     except Exception as exc:  # no compiler, unsupported flags, ...: the torch-ops path still works
