@@ -188,3 +188,43 @@ def test_a_model_that_cannot_fit_is_not_loaded_at_all(specs):
     with pytest.raises(MemoryBudgetError):
         manager.get("gemma")
     assert factory.loads == {}  # refused on the estimate, before any weights were read
+
+
+class FakeEngine:
+    """Stands in for what a server's factory builds: records whether it was closed."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.name, self.closed = spec.name, False
+
+
+def test_acquire_release_and_the_close_hook(specs):
+    closed: list[str] = []
+
+    def close(engine: FakeEngine) -> None:
+        engine.closed = True
+        closed.append(engine.name)
+
+    manager = ModelManager(specs, max_loaded_models=1, engine_factory=FakeEngine, measure=lambda e: 100, close=close)
+    llama = manager.acquire("llama", keep_alive_s=30)
+    assert isinstance(llama, FakeEngine) and manager.loaded() == {"llama": llama}
+    with pytest.raises(ModelLoadError, match="max_loaded_models=1"):  # llama is held: nothing can make room
+        manager.get("gemma")
+    manager.release("llama")
+    with pytest.raises(RuntimeError, match="released more often than acquired"):
+        manager.release("llama")
+    gemma = manager.get("gemma")  # evicts the idle llama and closes it
+    assert closed == ["llama"] and llama.closed and not gemma.closed
+    info = {i.name: i for i in manager.list()}
+    assert info["llama"].keep_alive_s == 30 and info["llama"].num_loads == 1 and info["gemma"].bytes_used == 100
+    manager.acquire("gemma")
+    manager.close_all()  # at shutdown even a busy model goes
+    assert closed == ["llama", "gemma"] and manager.loaded() == {} and manager.bytes_in_use() == 0
+
+
+def test_a_load_found_over_budget_after_measuring_is_closed(specs):
+    closed: list[str] = []
+    manager = ModelManager(specs, memory_budget_bytes=10**9, engine_factory=FakeEngine, measure=lambda e: 10**10,
+                           close=lambda e: closed.append(e.name))
+    with pytest.raises(MemoryBudgetError):
+        manager.get("llama")
+    assert closed == ["llama"] and manager.list()[1].state is ModelState.FAILED

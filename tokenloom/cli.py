@@ -139,17 +139,28 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the OpenAI API until SIGTERM or Ctrl-C."""
-    from tokenloom.engine.async_engine import AsyncEngine
-    from tokenloom.server.app import run_server
+    """Serve the OpenAI API until SIGTERM or Ctrl-C: the command line's model (the default one unless a
+    models folder or catalog is given), loaded now, plus the catalogs' models on demand."""
+    from tokenloom.manager import ModelLoadError
+    from tokenloom.server.app import build_state, run_server, server_specs
     from tokenloom.server.config import ServerConfig
 
-    if args.model_ref is not None:
-        args.model = args.model_ref
     config = ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
     logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO),
                         format="%(levelname)s:     %(name)s: %(message)s")
-    run_server(AsyncEngine(_build_engine(args), max_waiting=config.max_waiting), config)
+    options = engine_kwargs(args)
+    flag_model = options.pop("model")
+    model = args.model_ref or flag_model
+    if args.model_ref is None and (config.models_dir or config.models_config) and model == DEFAULT_MODEL:
+        model = None  # a catalog serves its own models; the default one stays available on demand
+    state = build_state(config, server_specs(config, model, options), config.served_model_name or model)
+    if state.models.default_model is not None:
+        try:
+            state.manager.get(state.models.default_model)  # fail at start-up, not on the first request
+        except ModelLoadError as exc:
+            print(f"tokenloom: error: {exc}", file=sys.stderr)
+            return 1
+    run_server(state)
     return 0
 
 

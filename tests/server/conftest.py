@@ -67,13 +67,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(model: str, flags: list[str], log_dir: Path, name: str) -> Server:
-    """Start `tokenloom serve MODEL` in the background."""
+def launch(model: str | None, flags: list[str], log_dir: Path, name: str) -> Server:
+    """Start `tokenloom serve [MODEL]` in the background."""
     port = free_port()
     log = log_dir / f"{name}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "tokenloom.cli", "serve", model, "--port", str(port), *flags],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    positional = [model] if model is not None else []
+    proc = subprocess.Popen([sys.executable, "-m", "tokenloom.cli", "serve", *positional, "--port", str(port),
+                             *flags], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     return Server(proc, port, log)
 
 
@@ -83,8 +84,38 @@ def tiny_path(tiny_models) -> str:
     return str(tiny_models["gemma3"])
 
 
+MODEL_FLAGS = ["--dtype", "float32", "--kv-cache-gib", "0.05", "--num-threads", "1"]
+# Under this budget one tiny model (0.05 GiB of KV cache plus well under 1 MiB of weights) fits, two do not.
+ONE_MODEL_BUDGET_GIB = 0.075
+
+
 @pytest.fixture(scope="session")
-def _servers(request, tiny_path, tmp_path_factory):
+def models_dir(tiny_models, tmp_path_factory) -> Path:
+    """A --models-dir of four tiny models (symlinked folders) and a .gguf file that is not a GGUF."""
+    root = tmp_path_factory.mktemp("models")
+    for name, arch in (("llama", "llama"), ("gemma", "gemma3"), ("qwen", "qwen2"), ("mistral", "mistral")):
+        (root / name).symlink_to(tiny_models[arch], target_is_directory=True)
+    (root / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 20)
+    return root
+
+
+@pytest.fixture(scope="session")
+def budget_catalog(tiny_models, tmp_path_factory) -> Path:
+    """A models.yaml of two tiny models, one with default sampling and a chat template of its own."""
+    path = tmp_path_factory.mktemp("catalog") / "models.yaml"
+    path.write_text(f"""models:
+  - name: first
+    source: {tiny_models["llama"]}
+  - name: second
+    source: {tiny_models["gemma3"]}
+    sampling: {{max_tokens: 3, temperature: 0}}
+    chat_template: "{{% for m in messages %}}<{{{{ m['role'] }}}}>{{{{ m['content'] }}}}{{% endfor %}}"
+""")
+    return path
+
+
+@pytest.fixture(scope="session")
+def _servers(request, tiny_path, tmp_path_factory, models_dir, budget_catalog):
     """The session servers the selected tests use, launched together."""
     logs = tmp_path_factory.mktemp("server-logs")
     wanted = {name for item in request.session.items for name in item.fixturenames}
@@ -93,6 +124,9 @@ def _servers(request, tiny_path, tmp_path_factory):
         "restricted": (tiny_path, [*TINY_FLAGS, "--api-key", "sekrit", "--max-waiting", "1", "--max-num-seqs", "1",
                                    "--max-body-bytes", "65536"]),
         "gemma": ("gemma-3-270m", GEMMA_FLAGS),
+        "multi": (None, [*MODEL_FLAGS, "--models-dir", str(models_dir)]),
+        "budget": (None, [*MODEL_FLAGS, "--models-config", str(budget_catalog),
+                          "--memory-budget-gib", str(ONE_MODEL_BUDGET_GIB)]),
     }
     servers = {name: launch(model, flags, logs, name) for name, (model, flags) in specs.items()
                if f"{name}_server" in wanted}
@@ -111,6 +145,18 @@ def tiny_server(_servers) -> Server:
 def restricted_server(_servers) -> Server:
     """The tiny model behind an API key ('sekrit'), one running sequence, a waiting queue of one, 64 KiB bodies."""
     return _servers["restricted"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def multi_server(_servers) -> Server:
+    """Every model of `models_dir`, loaded on demand, no memory budget."""
+    return _servers["multi"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def budget_server(_servers) -> Server:
+    """The two models of `budget_catalog` under a memory budget that fits one."""
+    return _servers["budget"].wait_ready()
 
 
 @pytest.fixture(scope="session")

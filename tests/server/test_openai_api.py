@@ -225,7 +225,7 @@ def test_disconnecting_stream_aborts_and_frees_blocks(tiny_server):
         time.sleep(0.05)
     assert metric(text, "tokenloom:num_requests_running") == 0
     assert metric(text, "tokenloom:kv_cache_usage_perc") == 0
-    aborted = 'tokenloom:request_success_total{finished_reason="abort"}'
+    aborted = 'tokenloom:request_success_total{finished_reason="abort",model_name="tiny"}'
     assert metric(text, aborted) == metric(before, aborted) + 1
     generated = metric(text, "tokenloom:generation_tokens_total") - metric(before, "tokenloom:generation_tokens_total")
     assert 0 < generated < 480
@@ -233,7 +233,7 @@ def test_disconnecting_stream_aborts_and_frees_blocks(tiny_server):
 
 def test_disconnecting_non_streaming_client_aborts_its_request(tiny_server):
     url = tiny_server.url
-    aborted = 'tokenloom:request_success_total{finished_reason="abort"}'
+    aborted = 'tokenloom:request_success_total{finished_reason="abort",model_name="tiny"}'
     before = metric(httpx.get(f"{url}/metrics").text, aborted)
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 480, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):

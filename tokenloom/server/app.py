@@ -1,67 +1,131 @@
-"""The FastAPI app (one per call, each with its own metrics registry) and `run_server`, which serves it
-with uvicorn and drains on SIGTERM/SIGINT."""
+"""The server's state (a model manager whose models are async engines), the FastAPI app over it (one per
+call, each with its own metrics registry) and `run_server`, which serves it with uvicorn and drains on
+SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
 import tokenloom
-from tokenloom.engine.async_engine import AsyncEngine
-from tokenloom.server import chat, completions, misc
+from tokenloom.manager import ModelManager, ModelSpec
+from tokenloom.server import chat, completions, misc, models
 from tokenloom.server.config import ServerConfig
 from tokenloom.server.errors import install_error_handlers
 from tokenloom.server.metrics import ServerMetrics
 from tokenloom.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
+from tokenloom.server.served import ModelLeases, ServedModel, served_bytes, served_model_factory
 from tokenloom.server.serving import ServerState
-from tokenloom.server.tokenization import TokenizerPool
 
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
-    """An OpenAI-compatible app over `engine`."""
-    app = FastAPI(title="tokenloom", version=tokenloom.__version__)
-    name = config.served_model_name or engine.engine.config.model_config.model
-    app.state.tokenloom = ServerState(engine, TokenizerPool(engine.engine.tokenizer), config, ServerMetrics(engine),
-                                      name)
-    for module in (completions, chat, misc):
+SWEEP_INTERVAL_S = 1.0  # how often idle models are checked against their keep-alive
+
+
+def server_specs(config: ServerConfig, model: str | None, engine_options: dict[str, Any]) -> list[ModelSpec]:
+    """The models a server knows: those of `models_dir` and `models_config` (a later one replaces an
+    earlier one of the same name), each with the command line's engine options under its own, and `model`
+    (when given) under `served_model_name`, loaded at start and kept loaded (keep_alive -1)."""
+    from tokenloom.catalog import specs_from_dir, specs_from_yaml
+
+    found = (specs_from_dir(Path(config.models_dir)) if config.models_dir else []) + (
+        specs_from_yaml(Path(config.models_config)) if config.models_config else [])
+    specs = {s.name: s for s in found}
+    for spec in specs.values():
+        spec.engine_options = {**engine_options, **spec.engine_options}
+    if model is not None:
+        name = config.served_model_name or model
+        specs[name] = ModelSpec(name, model, dict(engine_options), keep_alive_s=-1.0)
+    return list(specs.values())
+
+
+def build_state(config: ServerConfig, specs: list[ModelSpec], default_model: str | None) -> ServerState:
+    """The server's model manager (each model an async engine, per-model metrics) and shared state."""
+    metrics: ServerMetrics | None = None
+
+    def on_load(served: ServedModel) -> None:
+        if metrics is not None:
+            metrics.attach(served)
+
+    budget = None if config.memory_budget_gib is None else int(config.memory_budget_gib * 2**30)
+    manager = ModelManager(specs, memory_budget_bytes=budget, max_loaded_models=config.max_loaded_models,
+                           default_keep_alive_s=config.keep_alive_s,
+                           engine_factory=served_model_factory(config.max_waiting, on_load),
+                           measure=served_bytes, close=ServedModel.close)
+    metrics = ServerMetrics(manager)
+    return ServerState(ModelLeases(manager, default_model), config, metrics)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    """An OpenAI-compatible app over the state's models; while it runs, idle models are swept."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(_sweep_forever(state.manager))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+
+    app = FastAPI(title="tokenloom", version=tokenloom.__version__, lifespan=lifespan)
+    app.state.tokenloom = state
+    for module in (completions, chat, models, misc):
         app.include_router(module.router)
     install_error_handlers(app)
     # Added last = outermost: an oversized body is refused before the key is even looked at.
-    if config.api_key is not None:
-        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    if state.config.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=state.config.api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.config.max_body_bytes)
     return app
+
+
+async def _sweep_forever(manager: ModelManager) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+        try:
+            unloaded = await loop.run_in_executor(None, manager.sweep)
+        except Exception:
+            logger.exception("sweeping idle models failed")
+            continue
+        for name in unloaded:
+            logger.info("unloaded %s: idle past its keep_alive", name)
 
 
 class _DrainingServer(uvicorn.Server):
     """uvicorn stops listening and waits for open responses on a signal; the engine must also stop taking
     requests and, after the drain timeout, abort those still running so their streams end cleanly."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, models: ModelLeases, drain_timeout: float) -> None:
         super().__init__(config)
-        self.engine, self.drain_timeout = engine, drain_timeout
+        self.models, self.drain_timeout = models, drain_timeout
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.engine.is_draining:
+        if not self.models.draining:
             logger.info("draining: no new requests; %d in flight get up to %.0fs to finish",
-                        self.engine.num_in_flight(), self.drain_timeout)
-            self.engine.begin_drain(self.drain_timeout)
+                        self.models.num_in_flight(), self.drain_timeout)
+            self.models.begin_drain(self.drain_timeout)
         super().handle_exit(sig, frame)
 
 
-def run_server(engine: AsyncEngine, config: ServerConfig) -> None:
-    """Serve until SIGINT or SIGTERM, then drain: in-flight requests finish (up to the drain timeout), and
-    the process returns normally instead of dying from the re-raised signal."""
-    app = build_app(engine, config)
+def run_server(state: ServerState) -> None:
+    """Serve until SIGINT or SIGTERM, then drain: in-flight requests finish (up to the drain timeout), every
+    model is unloaded, and the process returns normally instead of dying from the re-raised signal."""
+    config = state.config
+    app = build_app(state)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                timeout_graceful_shutdown=int(config.drain_timeout) + 5)
-    server = _DrainingServer(uv_config, engine, config.drain_timeout)
+    server = _DrainingServer(uv_config, state.models, config.drain_timeout)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean return.
     previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM,)}
     try:
@@ -69,7 +133,7 @@ def run_server(engine: AsyncEngine, config: ServerConfig) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        engine.shutdown()
+        state.manager.close_all()
 
 
 def _ignore(sig: int, frame: FrameType | None) -> None:

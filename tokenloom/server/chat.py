@@ -45,25 +45,27 @@ router = APIRouter()
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
     """Reply to a conversation."""
     state = state_of(request)
-    model = state.check_model(body.model)
     n = body.n or 1
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
-    max_tokens, param = body.max_tokens, "max_tokens"
-    if body.max_completion_tokens is not None:
-        max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
-    params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
-                             body.prompt_logprobs)
-    messages = [m.as_template_input() for m in body.messages]
-    prompt = await state.tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
-    state.check_length(len(prompt), max_tokens, param)
-    request_id = random_id("chatcmpl")
-    streams = await submit(state, request_id, [prompt], params)
-    outputs = merged(streams)
-    top = body.top_logprobs or 0
-    if body.stream:
-        return SSEResponse(_stream(outputs, request_id, model, n, len(prompt), top, body.include_usage))
-    return await unless_disconnected(request, _collect(outputs, request_id, model, n, len(prompt), top))
+    async with state.use_model(body) as lease:
+        served = lease.model
+        max_tokens, param = served.sampling_default(body, "max_tokens", body.max_tokens), "max_tokens"
+        if body.max_completion_tokens is not None:
+            max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+        params = sampling_params(body, served, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
+                                 body.prompt_logprobs)
+        messages = [m.as_template_input() for m in body.messages]
+        prompt = await served.tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
+        served.check_length(len(prompt), max_tokens, param)
+        request_id = random_id("chatcmpl")
+        streams = await submit(served, request_id, [prompt], params)
+        outputs = merged(streams)
+        top = body.top_logprobs or 0
+        if body.stream:
+            return SSEResponse(_stream(outputs, request_id, served.name, n, len(prompt), top, body.include_usage),
+                               on_close=lease.hand_over())
+        return await unless_disconnected(request, _collect(outputs, request_id, served.name, n, len(prompt), top))
 
 
 def chat_logprobs(c: CompletionOutput, top: int) -> ChatLogprobs | None:

@@ -19,8 +19,8 @@ from tokenloom.server.protocol import (
     Usage,
     random_id,
 )
+from tokenloom.server.served import ServedModel
 from tokenloom.server.serving import (
-    ServerState,
     SSEResponse,
     check_failure,
     merged,
@@ -58,28 +58,30 @@ class _Choice:
 async def create_completion(body: CompletionRequest, request: Request) -> Response | CompletionResponse:
     """Complete one or more prompts."""
     state = state_of(request)
-    model = state.check_model(body.model)
     n = body.n or 1
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
     if body.best_of is not None and body.best_of != n:
         raise APIError(400, f"best_of must equal n ({n}); other values are not supported", param="best_of",
                        code="unsupported_parameter")
-    echo_logprobs = bool(body.echo) and body.logprobs is not None
-    params = sampling_params(body, body.max_tokens, body.logprobs,
-                             body.logprobs if echo_logprobs else body.prompt_logprobs)
-    prompts = await _prepare(state, body, echo_logprobs)
-    for p in prompts:
-        state.check_length(len(p.token_ids), body.max_tokens, "max_tokens")
-    request_id = random_id("cmpl")
-    streams = await submit(state, request_id, [p.token_ids for p in prompts], params)
-    chunks = _chunks(body, prompts, merged(streams), n)
-    if body.stream:
-        return SSEResponse(_stream(chunks, request_id, model, body, prompts))
-    return await unless_disconnected(request, _collect(chunks, request_id, model, prompts, n))
+    async with state.use_model(body) as lease:
+        served = lease.model
+        echo_logprobs = bool(body.echo) and body.logprobs is not None
+        max_tokens = served.sampling_default(body, "max_tokens", body.max_tokens)
+        params = sampling_params(body, served, max_tokens, body.logprobs,
+                                 body.logprobs if echo_logprobs else body.prompt_logprobs)
+        prompts = await _prepare(served, body, echo_logprobs)
+        for p in prompts:
+            served.check_length(len(p.token_ids), max_tokens, "max_tokens")
+        request_id = random_id("cmpl")
+        streams = await submit(served, request_id, [p.token_ids for p in prompts], params)
+        chunks = _chunks(body, prompts, merged(streams), n)
+        if body.stream:
+            return SSEResponse(_stream(chunks, request_id, served.name, body, prompts), on_close=lease.hand_over())
+        return await unless_disconnected(request, _collect(chunks, request_id, served.name, prompts, n))
 
 
-async def _prepare(state: ServerState, body: CompletionRequest, echo_logprobs: bool) -> list[_Prompt]:
+async def _prepare(served: ServedModel, body: CompletionRequest, echo_logprobs: bool) -> list[_Prompt]:
     raw = body.prompt
     if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
         raw = [raw]
@@ -90,18 +92,18 @@ async def _prepare(state: ServerState, body: CompletionRequest, echo_logprobs: b
         if isinstance(item, str):
             if not item:
                 raise APIError(400, "prompt must not be an empty string", param="prompt", code="invalid_value")
-            prompt = _Prompt(await state.tokenizer.encode(item), item)
+            prompt = _Prompt(await served.tokenizer.encode(item), item)
         else:
             if not item:
                 raise APIError(400, "prompt token id lists must not be empty", param="prompt", code="invalid_value")
-            bad = [t for t in item if not 0 <= t < state.engine.vocab_size]
+            bad = [t for t in item if not 0 <= t < served.vocab_size]
             if bad:
-                raise APIError(400, f"prompt token ids must be in [0, {state.engine.vocab_size}); got {bad[:5]}",
+                raise APIError(400, f"prompt token ids must be in [0, {served.vocab_size}); got {bad[:5]}",
                                param="prompt", code="invalid_value")
-            text = await state.tokenizer.decode(item, skip_special_tokens=False) if body.echo else None
+            text = await served.tokenizer.decode(item, skip_special_tokens=False) if body.echo else None
             prompt = _Prompt(list(item), text)
         if echo_logprobs:
-            prompt.first_token_text = await state.tokenizer.decode(prompt.token_ids[:1], skip_special_tokens=False)
+            prompt.first_token_text = await served.tokenizer.decode(prompt.token_ids[:1], skip_special_tokens=False)
         prompts.append(prompt)
     return prompts
 

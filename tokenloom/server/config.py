@@ -11,7 +11,11 @@ class ServerConfigError(ValueError):
 
 @dataclass(slots=True)
 class ServerConfig:
-    """How the HTTP server listens, authenticates and protects itself."""
+    """How the HTTP server listens, authenticates and protects itself, and which models it serves: the
+    command line's model (loaded at start and kept loaded) plus, on demand, every model of `models_dir`
+    and `models_config`, within `memory_budget_gib` (weights plus KV cache) and `max_loaded_models`;
+    `keep_alive` (seconds or 30s / 10m / 2h; 0: unload after the last request; -1: never) is how long an
+    on-demand model stays loaded once idle, unless its catalog entry or a request says otherwise."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -21,6 +25,11 @@ class ServerConfig:
     max_body_bytes: int = 8 * 2**20
     drain_timeout: float = 30.0
     log_level: str = "info"
+    models_dir: str | None = None
+    models_config: str | None = None
+    memory_budget_gib: float | None = None
+    max_loaded_models: int | None = None
+    keep_alive: str = "5m"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -33,6 +42,21 @@ class ServerConfig:
             raise ServerConfigError(f"drain_timeout must be >= 0; got {self.drain_timeout}")
         if self.api_key == "":
             raise ServerConfigError("api_key must not be empty (omit it to disable authentication)")
+        if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
+            raise ServerConfigError(f"memory_budget_gib must be > 0; got {self.memory_budget_gib}")
+        if self.max_loaded_models is not None and self.max_loaded_models < 1:
+            raise ServerConfigError(f"max_loaded_models must be >= 1; got {self.max_loaded_models}")
+        try:
+            _ = self.keep_alive_s
+        except ValueError as exc:
+            raise ServerConfigError(f"keep_alive: {exc}") from exc
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ServerConfigError(f"log_level must be one of critical, error, warning, info, debug; "
                                     f"got {self.log_level!r}")
+
+    @property
+    def keep_alive_s(self) -> float:
+        """The default keep-alive of models loaded on demand, in seconds (-1: forever)."""
+        from tokenloom.catalog import parse_keep_alive
+
+        return parse_keep_alive(self.keep_alive)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenloom.engine.async_engine import EngineDeadError, RequestAbortedError, ServerBusyError
+from tokenloom.manager import MemoryBudgetError, ModelLoadError
 from tokenloom.sampling_params import SamplingParamsError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ def to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, ServerBusyError):
         return APIError(503, str(exc), code="server_busy")
+    if isinstance(exc, MemoryBudgetError):
+        return APIError(503, f"not enough memory for this model now: {exc}", param="model", code="insufficient_memory")
+    if isinstance(exc, ModelLoadError):
+        return APIError(500, str(exc), param="model", code="model_load_failed")
     if isinstance(exc, (EngineDeadError, RequestAbortedError)):
         return APIError(503, str(exc), code="service_unavailable")
     if isinstance(exc, SamplingParamsError):
@@ -80,7 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(APIError(exc.status_code, message or str(exc.detail), code=code))
 
     for kind in (APIError, ValueError, ServerBusyError, EngineDeadError, RequestAbortedError, jinja2.TemplateError,
-                 Exception):
+                 ModelLoadError, Exception):
         app.add_exception_handler(kind, known)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http)

@@ -1,4 +1,4 @@
-"""The small endpoints: /v1/models, /tokenize, /detokenize, /health, /version, /metrics."""
+"""The small endpoints: /tokenize, /detokenize, /health, /version, /metrics."""
 
 from __future__ import annotations
 
@@ -16,50 +16,42 @@ from tokenloom.server.serving import state_of
 router = APIRouter()
 
 
-@router.get("/v1/models")
-async def list_models(request: Request) -> dict[str, Any]:
-    """The one served model."""
-    state = state_of(request)
-    return {"object": "list", "data": [{
-        "id": state.model_name, "object": "model", "created": state.created, "owned_by": "tokenloom",
-        "root": state.engine.engine.config.model_config.model, "max_model_len": state.engine.max_model_len}]}
-
-
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     """Token ids of a prompt, or of messages rendered through the chat template."""
-    state = state_of(request)
-    state.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", param="prompt", code="invalid_value")
-    if body.messages is not None:
-        messages = [m.as_template_input() for m in body.messages]
-        tokens = await state.tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
-    else:
-        tokens = await state.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
-    return {"count": len(tokens), "max_model_len": state.engine.max_model_len, "tokens": tokens}
+    async with state_of(request).use_model(body) as lease:
+        tokenizer = lease.model.tokenizer
+        if body.messages is not None:
+            messages = [m.as_template_input() for m in body.messages]
+            tokens = await tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
+        else:
+            tokens = await tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": lease.model.max_model_len, "tokens": tokens}
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
     """Text of token ids."""
-    state = state_of(request)
-    state.check_model(body.model)
-    vocab = state.engine.vocab_size
-    bad = [t for t in body.tokens if not 0 <= t < vocab]
-    if bad:
-        raise APIError(400, f"tokens must be in [0, {vocab}); got {bad[:5]}", param="tokens", code="invalid_value")
-    return {"prompt": await state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+    async with state_of(request).use_model(body) as lease:
+        vocab = lease.model.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens must be in [0, {vocab}); got {bad[:5]}", param="tokens",
+                           code="invalid_value")
+        return {"prompt": await lease.model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    """200 while the engine runs; 503 once it stopped or while the server drains."""
-    engine = state_of(request).engine
-    if not engine.is_alive:
-        return JSONResponse({"status": "engine stopped"}, status_code=503)
-    if engine.is_draining:
+    """200 while every loaded model's engine runs; 503 once one stopped or while the server drains."""
+    state = state_of(request)
+    if state.models.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
+    stopped = [name for name, served in state.manager.loaded().items() if not served.engine.is_alive]
+    if stopped:
+        return JSONResponse({"status": f"engine stopped: {', '.join(stopped)}"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 

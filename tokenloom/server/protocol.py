@@ -53,6 +53,7 @@ class SamplingRequest(_Request):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    keep_alive: float | str | None = None  # Ollama's: how long the model stays loaded after this request
 
     @property
     def include_usage(self) -> bool:
@@ -246,3 +247,10 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class ModelActionRequest(_Request):
+    """POST /v1/models/load and /v1/models/unload."""
+
+    model: str
+    keep_alive: float | str | None = None

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -16,48 +16,48 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tokenloom.engine.async_engine import AsyncEngine, RequestStream
+from tokenloom.catalog import parse_keep_alive
+from tokenloom.engine.async_engine import RequestStream
+from tokenloom.manager import ModelManager
 from tokenloom.outputs import PositionLogprobs, RequestOutput
 from tokenloom.sampling_params import SamplingParams
 from tokenloom.server.config import ServerConfig
 from tokenloom.server.errors import APIError, error_body, to_api_error
 from tokenloom.server.metrics import ServerMetrics
 from tokenloom.server.protocol import SamplingRequest
-from tokenloom.server.tokenization import TokenizerPool
+from tokenloom.server.served import ModelLease, ModelLeases, ServedModel
 
 T = TypeVar("T")
 
 
 @dataclass(slots=True)
 class ServerState:
-    """What every route needs: the engine, its tokenizer, the options, the metrics and the served model's name."""
+    """What every route needs: the model leases (over the model manager), the options and the metrics."""
 
-    engine: AsyncEngine
-    tokenizer: TokenizerPool
+    models: ModelLeases
     config: ServerConfig
     metrics: ServerMetrics
-    model_name: str
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def check_model(self, model: str | None) -> str:
-        """The served model's name; 404 for any other model."""
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
-        return self.model_name
+    @property
+    def manager(self) -> ModelManager:
+        """The model manager behind the leases."""
+        return self.models.manager
 
-    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
-        """400 when the prompt, or the prompt plus max_tokens, does not fit the context."""
-        limit = self.engine.max_model_len
-        if num_prompt_tokens >= limit:
-            raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
-                                f"{num_prompt_tokens} tokens: at most {limit - 1} prompt tokens fit",
-                           param="prompt" if param == "max_tokens" else "messages", code="context_length_exceeded")
-        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
-            raise APIError(400, f"this model's maximum context length is {limit} tokens, but you requested "
-                                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
-                                f"{max_tokens} in {param}); reduce the prompt or {param}",
-                           param=param, code="context_length_exceeded")
+    def use_model(self, body: SamplingRequest | Any) -> AbstractAsyncContextManager[ModelLease]:
+        """A lease on the model a request names, with the request's keep_alive (400 if malformed)."""
+        return self.models.using(getattr(body, "model", None), keep_alive_of(body))
+
+
+def keep_alive_of(body: Any) -> float | None:
+    """The request's keep_alive in seconds (Ollama's forms: seconds, "10m", 0, -1), or None if absent."""
+    value = getattr(body, "keep_alive", None)
+    if value is None:
+        return None
+    try:
+        return parse_keep_alive(value)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="keep_alive", code="invalid_value") from exc
 
 
 def state_of(request: Request) -> ServerState:
@@ -65,10 +65,11 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.tokenloom
 
 
-def sampling_params(req: SamplingRequest, max_tokens: int | None, logprobs: int | None,
+def sampling_params(req: SamplingRequest, model: ServedModel, max_tokens: int | None, logprobs: int | None,
                     prompt_logprobs: int | None) -> SamplingParams:
-    """SamplingParams from a request; `None` fields take the engine's defaults (OpenAI's, where they differ)."""
-    given = {name: getattr(req, name) for name in (
+    """SamplingParams from a request; fields it leaves out take the model's defaults (a catalog's
+    `sampling:`), then the engine's (OpenAI's, where they differ)."""
+    given = {name: model.sampling_default(req, name, getattr(req, name)) for name in (
         "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
         "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "include_stop_str_in_output",
         "skip_special_tokens", "spaces_between_special_tokens")}
@@ -83,7 +84,7 @@ def sampling_params(req: SamplingRequest, max_tokens: int | None, logprobs: int 
                           output_kind="delta")
 
 
-async def submit(state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams
+async def submit(model: ServedModel, request_id: str, prompts: list[list[int]], params: SamplingParams
                  ) -> list[RequestStream]:
     """Queue one engine request per prompt; if one is refused, the others are dropped and the error raised."""
     arrival = time.monotonic()
@@ -91,7 +92,7 @@ async def submit(state: ServerState, request_id: str, prompts: list[list[int]], 
     try:
         for i, ids in enumerate(prompts):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            streams.append(await state.engine.add_request(rid, ids, params, arrival))
+            streams.append(await model.engine.add_request(rid, ids, params, arrival))
     except BaseException:
         for stream in streams:
             stream.abort()
@@ -185,14 +186,19 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[str]) -> None:
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         super().__init__(sse_events(events), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            try:
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            finally:
+                if self.on_close is not None:
+                    await self.on_close()
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

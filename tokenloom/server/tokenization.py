@@ -15,12 +15,19 @@ class TokenizerPool:
     """A private copy of the model's tokenizer behind one worker thread.
 
     The engine thread keeps decoding with its own tokenizer; HF fast tokenizers are not meant to be
-    used by two threads at once, and a single worker keeps this copy's calls in order.
+    used by two threads at once, and a single worker keeps this copy's calls in order. `chat_template`
+    overrides the model's own (a catalog's per-model template).
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, chat_template: str | None = None) -> None:
         self.tokenizer = copy.deepcopy(tokenizer)
+        if chat_template is not None:
+            self.tokenizer.chat_template = chat_template
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenloom-tokenizer")
+
+    def close(self) -> None:
+        """Stop the worker thread (calls already queued still run)."""
+        self._pool.shutdown(wait=False)
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a text."""

@@ -1,0 +1,74 @@
+"""The model endpoints: GET /v1/models (every model the server can serve, with its state), GET
+/v1/models/{model}, and the admin actions POST /v1/models/load and /v1/models/unload (behind the API
+key when one is set, as every non-open path)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from tokenloom.manager import ModelInfo, ModelState
+from tokenloom.server.errors import APIError
+from tokenloom.server.protocol import ModelActionRequest
+from tokenloom.server.serving import ServerState, keep_alive_of, state_of
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """Every model this server can serve, loaded or not."""
+    state = state_of(request)
+    return {"object": "list", "data": [model_card(state, info) for info in state.manager.list()]}
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+    """One model."""
+    state = state_of(request)
+    return _card_of(state, state.models.resolve(model))
+
+
+@router.post("/v1/models/load")
+async def load_model(body: ModelActionRequest, request: Request) -> dict[str, Any]:
+    """Load a model now (a no-op when it is loaded), optionally setting how long it stays once idle."""
+    state = state_of(request)
+    lease = await state.models.lease(body.model, keep_alive_of(body))
+    await lease.release()
+    return _card_of(state, body.model)
+
+
+@router.post("/v1/models/unload")
+async def unload_model(body: ModelActionRequest, request: Request) -> dict[str, Any]:
+    """Unload a model now; 409 while it has requests in flight."""
+    state = state_of(request)
+    name = state.models.resolve(body.model)
+    if not await asyncio.get_running_loop().run_in_executor(None, state.manager.unload, name):
+        info = _info(state, name)
+        if info.state is ModelState.LOADED:
+            raise APIError(409, f"model '{name}' has {info.in_flight} requests in flight; it unloads once they end "
+                                f"if its keep_alive allows", param="model", code="model_busy")
+    return _card_of(state, name)
+
+
+def model_card(state: ServerState, info: ModelInfo) -> dict[str, Any]:
+    """A model as /v1/models lists it: OpenAI's fields plus its state, memory, last use and keep-alive."""
+    served = state.manager.loaded().get(info.name) if info.state is ModelState.LOADED else None
+    last_used = None if info.last_used is None else round(time.time() - (time.monotonic() - info.last_used), 3)
+    return {"id": info.name, "object": "model", "created": served.created if served else state.created,
+            "owned_by": "tokenloom", "root": info.source,
+            "max_model_len": served.max_model_len if served else None,
+            "state": info.state.value, "bytes_used": info.bytes_used, "last_used": last_used,
+            "in_flight": info.in_flight, "loads": info.num_loads, "keep_alive": info.keep_alive_s,
+            "error": info.error}
+
+
+def _info(state: ServerState, name: str) -> ModelInfo:
+    return next(i for i in state.manager.list() if i.name == name)
+
+
+def _card_of(state: ServerState, name: str) -> dict[str, Any]:
+    return model_card(state, _info(state, state.models.resolve(name)))

@@ -1,0 +1,175 @@
+"""The models a server holds: each loaded model is a `ServedModel` (an async engine, a tokenizer pool and
+its defaults) owned by the `ModelManager`; requests lease one for as long as they run.
+
+A lease is what keeps a model loaded: the manager never unloads a model with a lease out, and a lease
+ends when its response ends (a streamed one when its last event is sent or the client goes away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from tokenloom.config import EngineConfig
+from tokenloom.engine.async_engine import AsyncEngine, ServerBusyError
+from tokenloom.engine.llm_engine import LLMEngine
+from tokenloom.manager import ModelManager, ModelSpec, UnknownModelError, engine_bytes
+from tokenloom.server.errors import APIError
+from tokenloom.server.tokenization import TokenizerPool
+
+
+@dataclass(slots=True)
+class ServedModel:
+    """One loaded model as the HTTP side sees it."""
+
+    name: str
+    engine: AsyncEngine
+    tokenizer: TokenizerPool
+    default_sampling: dict[str, Any] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def max_model_len(self) -> int:
+        """The context length."""
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        """The vocabulary size."""
+        return self.engine.vocab_size
+
+    def sampling_default(self, req: BaseModel, name: str, value: Any) -> Any:
+        """A request field's value, or this model's default for it when the request left it out."""
+        if name in req.model_fields_set and value is not None:
+            return value
+        return self.default_sampling.get(name, value)
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        """400 when the prompt, or the prompt plus max_tokens, does not fit the context."""
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
+                                f"{num_prompt_tokens} tokens: at most {limit - 1} prompt tokens fit",
+                           param="prompt" if param == "max_tokens" else "messages", code="context_length_exceeded")
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, but you requested "
+                                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+                                f"{max_tokens} in {param}); reduce the prompt or {param}",
+                           param=param, code="context_length_exceeded")
+
+    def close(self) -> None:
+        """Abort what is left and stop the engine thread (the manager calls this when it unloads the model)."""
+        self.engine.shutdown()
+        self.tokenizer.close()
+
+
+def served_model_factory(max_waiting: int, on_load: Callable[[ServedModel], None] | None = None
+                         ) -> Callable[[ModelSpec], ServedModel]:
+    """What the manager builds per model in a server: the engine, its background loop and a tokenizer pool
+    (with the spec's chat template override); `on_load` sees each new model (metrics attach there)."""
+
+    def build(spec: ModelSpec) -> ServedModel:
+        engine = LLMEngine(EngineConfig.from_kwargs(model=spec.source, **spec.engine_options))
+        served = ServedModel(spec.name, AsyncEngine(engine, max_waiting=max_waiting),
+                             TokenizerPool(engine.tokenizer, chat_template=spec.chat_template),
+                             dict(spec.default_sampling))
+        if on_load is not None:
+            on_load(served)
+        return served
+
+    return build
+
+
+def served_bytes(model: ServedModel) -> int:
+    """Weights plus KV cache of a served model."""
+    return engine_bytes(model.engine.engine)
+
+
+@dataclass(slots=True)
+class ModelLease:
+    """A request's hold on a loaded model; `release` ends it (once, however often it is called)."""
+
+    model: ServedModel
+    _release: Callable[[], None]
+    _released: bool = False
+    handed_over: bool = False
+
+    async def release(self) -> None:
+        """Give the model back (an unload it allows happens off the event loop)."""
+        if not self._released:
+            self._released = True
+            await asyncio.get_running_loop().run_in_executor(None, self._release)
+
+    def hand_over(self) -> Callable[[], Awaitable[None]]:
+        """Pass the lease to a streamed response: the `using` block no longer ends it; the returned
+        callable, run when the response closes, does."""
+        self.handed_over = True
+        return self.release
+
+
+class ModelLeases:
+    """Hands out leases on the manager's models to requests, refuses new ones while the server drains."""
+
+    def __init__(self, manager: ModelManager, default_model: str | None) -> None:
+        self.manager = manager
+        self.default_model = default_model
+        self.draining = False
+
+    def resolve(self, model: str | None) -> str:
+        """The name a request's `model` field refers to: 400 when it is missing and there is no default,
+        404 naming the available models when nobody knows it."""
+        names = self.manager.names()
+        if model is None:
+            if self.default_model is None:
+                raise APIError(400, f"this server serves several models: name one in 'model' "
+                                    f"(available: {', '.join(names)})", param="model", code="missing_model")
+            return self.default_model
+        if model not in names:
+            raise APIError(404, f"the model '{model}' does not exist; available models: {', '.join(names)}",
+                           param="model", code="model_not_found")
+        return model
+
+    async def lease(self, model: str | None, keep_alive_s: float | None = None) -> ModelLease:
+        """Lease the named model, loading it first if needed (off the event loop; one load however many
+        requests wait for it)."""
+        if self.draining:
+            raise ServerBusyError("the server is shutting down and takes no new requests")
+        name = self.resolve(model)
+        loop = asyncio.get_running_loop()
+        pending = loop.run_in_executor(None, self.manager.acquire, name, keep_alive_s)
+        try:
+            served = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            # The load goes on without us: give its hold back when it lands, or the model never unloads.
+            pending.add_done_callback(lambda f: f.cancelled() or f.exception() or
+                                      loop.run_in_executor(None, self.manager.release, name))
+            raise
+        except UnknownModelError as exc:  # unregistered between resolve() and here
+            raise APIError(404, str(exc), param="model", code="model_not_found") from exc
+        return ModelLease(served, lambda: self.manager.release(name))
+
+    @contextlib.asynccontextmanager
+    async def using(self, model: str | None, keep_alive_s: float | None = None) -> AsyncIterator[ModelLease]:
+        """A lease for the block, released at its end unless handed over to a streamed response."""
+        lease = await self.lease(model, keep_alive_s)
+        try:
+            yield lease
+        finally:
+            if not lease.handed_over:
+                await lease.release()
+
+    def begin_drain(self, timeout: float) -> None:
+        """Refuse new leases; every loaded model's requests get `timeout` seconds to finish."""
+        self.draining = True
+        for served in self.manager.loaded().values():
+            served.engine.begin_drain(timeout)
+
+    def num_in_flight(self) -> int:
+        """Requests in flight over every loaded model."""
+        return sum(served.engine.num_in_flight() for served in self.manager.loaded().values())
