@@ -172,6 +172,14 @@ def test_admin_load_and_unload(multi_server, restricted_server):
     r = httpx.post(f"{url}/v1/models/load", json={"model": "gemma", "keep_alive": "soon"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"
     assert httpx.get(f"{url}/v1/models/gemma").json()["id"] == "gemma"
+    # A model with a request in flight is not unloaded under it.
+    body = {"model": "gemma", "prompt": "Hello", "max_tokens": 500, "n": 16, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as stream:
+        lines = stream.iter_lines()  # kept: dropping the iterator closes the connection, aborting the request
+        assert next(lines).startswith("data: ")
+        r = httpx.post(f"{url}/v1/models/unload", json={"model": "gemma"})
+        assert r.status_code == 409 and "1 requests in flight" in r.json()["error"]["message"]
+    assert _wait_for_state(multi_server, "gemma", "loaded")["in_flight"] == 0
     # Admin actions sit behind the API key like every other non-open path.
     r = httpx.post(f"{restricted_server.url}/v1/models/unload", json={"model": "tiny"})
     assert r.status_code == 401
