@@ -1,4 +1,4 @@
-"""Command line: `tokenloom generate | chat | serve`.
+"""Command line: `tokenloom generate | chat | serve | models | eval`.
 
 Engine flags are generated from the config dataclasses (`--kv-cache-gib` ↔ `kv_cache_gib`), so the
 CLI, `LLM(...)` keyword arguments and `EngineConfig` stay one to one.
@@ -190,6 +190,28 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`tokenloom eval --perplexity -m MODEL --text FILE`: perplexity over a text with a sliding window."""
+    import json
+
+    from tokenloom.evaluation import perplexity
+    from tokenloom.llm import LLM
+
+    if not args.perplexity:
+        raise ValueError("say what to evaluate: --perplexity (with -m MODEL and --text FILE)")
+    if args.text is None:
+        raise ValueError("--perplexity needs --text FILE")
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--text {args.text}: {exc.strerror or exc}") from exc
+    result = perplexity(LLM(**engine_kwargs(args)), text, window=args.window, stride=args.stride)
+    print(json.dumps({"model": args.model, "text": str(args.text), "perplexity": round(result.perplexity, 4),
+                      "mean_nll": round(result.mean_nll, 6), "tokens_scored": result.num_tokens,
+                      "windows": result.num_windows}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `tokenloom` argument parser."""
     parser = argparse.ArgumentParser(prog="tokenloom", description="LLM inference and serving engine")
@@ -217,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--models-dir", type=Path, default=None, help="a folder of HF model folders and .gguf files")
         p.add_argument("--models-config", type=Path, default=None, help="a models.yaml catalog")
     models.set_defaults(func=cmd_models)
+    ev = sub.add_parser("eval", help="evaluate a model: perplexity over a text")
+    ev.add_argument("--perplexity", action="store_true", help="perplexity of --model over --text")
+    ev.add_argument("--text", type=Path, default=None, help="a UTF-8 text file")
+    ev.add_argument("--window", type=int, default=None, help="tokens per window (default: the context length)")
+    ev.add_argument("--stride", type=int, default=None, help="tokens between windows (default: half a window)")
+    add_engine_flags(ev)
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -80,3 +82,27 @@ def test_quantization_keeps_the_real_models_perplexity(ours, method, max_nll_inc
     assert nll_quant - nll_float < max_nll_increase, (nll_float, nll_quant)
     assert sum(a == b for a, b in zip(top_float, top_quant)) / len(top_float) >= min_agreement
     assert quantized.engine.loaded.weight_bytes < ours.engine.loaded.weight_bytes
+
+
+PERPLEXITY_TEXT = (
+    "The printing press, developed by Johannes Gutenberg around 1440, changed how knowledge spread across Europe. "
+    "Before it, books were copied by hand, which made them rare and expensive. Movable metal type let printers "
+    "produce hundreds of identical pages a day, and within fifty years millions of books were in circulation. "
+    "Literacy rose, scientific results could be checked by readers in distant cities, and the religious and "
+    "political debates of the following century were fought with pamphlets as much as with sermons. Historians "
+    "still argue about how much of the scientific revolution depended on cheap, accurate copies of texts.")
+
+
+def test_perplexity_matches_transformers(ours, reference):
+    from tokenloom.evaluation import perplexity, sliding_windows
+
+    ids = ours.get_tokenizer().encode(PERPLEXITY_TEXT)
+    got = perplexity(ours, PERPLEXITY_TEXT, window=64, stride=40)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for begin, end, first in sliding_windows(len(ids), 64, 40):
+            logp = torch.log_softmax(reference(torch.tensor([ids[begin:end]])).logits[0].float(), -1)
+            nll -= sum(logp[pos - begin - 1, ids[pos]].item() for pos in range(first, end))
+            count += end - first
+    assert got.num_tokens == count == len(ids) - 1 and got.num_windows > 2
+    assert got.perplexity == pytest.approx(math.exp(nll / count), rel=0.005)
