@@ -1,4 +1,4 @@
-"""Command line: `tokenloom generate | chat | serve | models | eval`.
+"""Command line: `tokenloom generate | chat | serve | models | eval | plugins`.
 
 Engine flags are generated from the config dataclasses (`--kv-cache-gib` ↔ `kv_cache_gib`), so the
 CLI, `LLM(...)` keyword arguments and `EngineConfig` stay one to one.
@@ -212,6 +212,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """`tokenloom plugins list`: every plugin found, what it adds, or why it was skipped."""
+    from tokenloom.plugins import registry
+
+    if not registry.plugins:
+        print("no plugins installed (entry-point group 'tokenloom.plugins'; or pass --plugin module.path)")
+    for info in registry.plugins.values():
+        print(f"{info.name}  ({info.source})")
+        if info.error:
+            print(f"  FAILED, skipped: {info.error}")
+        for kind, names in info.adds.items():
+            print(f"  {kind}: {', '.join(names)}")
+    print(f"logits processors available: {', '.join(sorted(registry.logits_processors))}")
+    return 0
+
+
+def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
+    """`--plugin module.path` (repeatable): load a local plugin besides the installed ones."""
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="a plugin module (with register(registry)) to load; repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `tokenloom` argument parser."""
     parser = argparse.ArgumentParser(prog="tokenloom", description="LLM inference and serving engine")
@@ -246,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--stride", type=int, default=None, help="tokens between windows (default: half a window)")
     add_engine_flags(ev)
     ev.set_defaults(func=cmd_eval)
+    plugins = sub.add_parser("plugins", help="the installed plugins and what each adds")
+    plugins.add_argument("action", choices=["list"])
+    plugins.set_defaults(func=cmd_plugins)
+    for p in (gen, chat, serve, ev, plugins):
+        add_plugin_flag(p)
     return parser
 
 
@@ -253,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; bad input is reported in one line, not a traceback."""
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "plugin"):
+            from tokenloom.plugins import load_plugins
+
+            load_plugins(args.plugin)
         return args.func(args)
     except KeyboardInterrupt:
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class SamplingParamsError(ValueError):
@@ -42,6 +43,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: str = field(default="final")
+    logits_processors: list[Any] | None = None
+    # The processors built from `logits_processors` (names resolved through the plugin registry).
+    processors: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +57,8 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        if self.logits_processors:
+            self.processors = _build_processors(self.logits_processors)
 
     def _validate(self) -> None:
         _check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1", self.n)
@@ -113,6 +119,16 @@ class BeamSearchParams:
     def __post_init__(self) -> None:
         _check(self.beam_width >= 1, "beam_width", "must be >= 1", self.beam_width)
         _check(self.max_tokens >= 1, "max_tokens", "must be >= 1", self.max_tokens)
+
+
+def _build_processors(specs: list[Any]) -> list[Any]:
+    from tokenloom.plugins import PluginError, registry
+
+    _check(isinstance(specs, list), "logits_processors", "must be a list of names or {name, args}", specs)
+    try:
+        return [registry.logits_processor(spec) for spec in specs]
+    except PluginError as exc:
+        raise SamplingParamsError(str(exc)) from exc
 
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:

@@ -244,3 +244,16 @@ def test_disconnecting_non_streaming_client_aborts_its_request(tiny_server):
             break
         time.sleep(0.05)
     assert metric(text, aborted) == before + 1 and metric(text, "tokenloom:num_requests_running") == 0
+
+
+def test_logits_processors_by_name_in_the_request(tiny_server, client, tiny_llm):
+    body = {"ignore_eos": True, "logits_processors": [{"name": "no_repeat_ngram", "args": {"size": 1}}]}
+    out = client.completions.create(model="tiny", prompt="Hello", max_tokens=12, temperature=0, extra_body=body)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                            logits_processors=[{"name": "no_repeat_ngram", "args": {"size": 1}}])
+    want = offline(tiny_llm, "generate", ["Hello"], params)[0].outputs[0]
+    assert out.choices[0].text == want.text and len(set(want.token_ids)) == len(want.token_ids)
+    r = httpx.post(f"{tiny_server.url}/v1/completions", json={"model": "tiny", "prompt": "Hi",
+                                                              "logits_processors": ["nope"]})
+    assert r.status_code == 400 and "unknown processor 'nope'" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "logits_processors"

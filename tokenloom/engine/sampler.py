@@ -1,13 +1,13 @@
 """Turn the logits of one step into next tokens: logit bias, min_tokens, penalties, top-k/p, min-p, seeds.
 
 Order and meaning follow vLLM v1. Non-argmax-invariant processing (logit bias, min_tokens masking,
-repetition/frequency/presence penalties) applies to every row, so greedy rows take the exact argmax of
-the processed logits. Sampled rows then get temperature, min-p, top-k and top-p (vLLM's order), and draw
-one uniform number each, inverted through the row's cumulative distribution (one cumsum and a
-searchsorted: an exponential race would need a random number per vocabulary entry, ten times the cost
-on CPU). A row with a seeded `request.generator` draws from it alone, so a seed gives the same tokens
-whatever else shares the batch. Logprobs always describe the raw model distribution (log_softmax of the
-unprocessed logits).
+repetition/frequency/presence penalties, then the request's logits processors from plugins) applies to
+every row, so greedy rows take the exact argmax of the processed logits. Sampled rows then get
+temperature, min-p, top-k and top-p (vLLM's order), and draw one uniform number each, inverted through
+the row's cumulative distribution (one cumsum and a searchsorted: an exponential race would need a
+random number per vocabulary entry, ten times the cost on CPU). A row with a seeded `request.generator`
+draws from it alone, so a seed gives the same tokens whatever else shares the batch. Logprobs always
+describe the raw model distribution (log_softmax of the unprocessed logits).
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ class Sampler:
         pen_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0
                     or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        proc_rows = [i for i, p in enumerate(params) if p.processors]
         # Copy only when we modify in place; an all-greedy plain batch is one argmax of the raw logits.
-        x = logits.to(torch.float32, copy=bool(bias_rows or min_rows or pen_rows or random_rows),
+        x = logits.to(torch.float32, copy=bool(bias_rows or min_rows or pen_rows or random_rows or proc_rows),
                       memory_format=torch.contiguous_format)
         if bias_rows:
             _apply_logit_bias(x, [requests[i] for i in bias_rows], bias_rows)
@@ -49,6 +50,8 @@ class Sampler:
             _mask_stop_tokens(x, [requests[i] for i in min_rows], min_rows)
         if pen_rows:
             apply_penalties(x, [requests[i] for i in pen_rows], pen_rows)
+        for i in proc_rows:
+            _apply_processors(x, i, requests[i])
 
         # greedy rows (and top_k=1) take the exact argmax of the processed logits
         token_ids = x.argmax(dim=-1).tolist() if len(random_rows) < len(params) else [0] * len(params)
@@ -66,6 +69,17 @@ class Sampler:
             for i, entry in zip(lp_rows, entries, strict=True):
                 logprobs[i] = entry
         return SamplerOutput(token_ids, logprobs)
+
+
+def _apply_processors(x: torch.Tensor, row: int, request: Request) -> None:
+    """Run a request's logits processors (plugins' decoding strategies) on its row, in order."""
+    out = x[row]
+    for processor in request.sampling_params.processors:
+        out = processor(request.prompt_token_ids, request.output_token_ids, out)
+        if not isinstance(out, torch.Tensor) or out.shape != x[row].shape:
+            raise TypeError(f"logits processor {processor!r} must return a tensor of shape {tuple(x[row].shape)}")
+    if out.data_ptr() != x[row].data_ptr():
+        x[row] = out
 
 
 def apply_penalties(x: torch.Tensor, requests: list[Request], rows: list[int]) -> None:

@@ -58,7 +58,7 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, (EngineDeadError, RequestAbortedError)):
         return APIError(503, str(exc), code="service_unavailable")
     if isinstance(exc, SamplingParamsError):
-        return APIError(400, str(exc), param=str(exc).split(" ", 1)[0], code="invalid_value")
+        return APIError(400, str(exc), param=str(exc).split(" ", 1)[0].rstrip(":"), code="invalid_value")
     if isinstance(exc, jinja2.TemplateError):
         return APIError(400, f"the chat template failed on these messages: {exc}", param="messages",
                         code="invalid_value")

@@ -54,6 +54,7 @@ class SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     keep_alive: float | str | None = None  # Ollama's: how long the model stays loaded after this request
+    logits_processors: list[str | dict[str, Any]] | None = None  # plugins' strategies, by name (and args)
 
     @property
     def include_usage(self) -> bool:

@@ -72,7 +72,7 @@ def sampling_params(req: SamplingRequest, model: ServedModel, max_tokens: int | 
     given = {name: model.sampling_default(req, name, getattr(req, name)) for name in (
         "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
         "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "include_stop_str_in_output",
-        "skip_special_tokens", "spaces_between_special_tokens")}
+        "skip_special_tokens", "spaces_between_special_tokens", "logits_processors")}
     kwargs = {k: v for k, v in given.items() if v is not None}
     if req.logit_bias:
         try:
