@@ -22,6 +22,7 @@ from torch import nn
 from tokenloom.models.layers.kernels import cpu_kernels
 from tokenloom.models.layers.norm import RMSNorm
 from tokenloom.models.layers.rotary import RotaryEmbedding
+from tokenloom.models.layers.seq2seq import CrossAttentionMetadata
 
 
 @dataclass(slots=True)
@@ -44,6 +45,7 @@ class AttentionMetadata:
     decode_block_table: torch.Tensor | None = None  # [num_decodes, max_blocks] int64, padded with block 0
     decode_lens: torch.Tensor | None = None  # [num_decodes] keys per decode row, the new one included
     block_size: int = 16
+    cross: CrossAttentionMetadata | None = None  # encoder–decoder models: each request's encoder keys/values
     _decode_slots: torch.Tensor | None = None
     _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
