@@ -120,7 +120,7 @@ class KVCacheManager:
         bs = self.block_size
         while (len(request.block_hashes) + 1) * bs <= num_tokens:
             i = len(request.block_hashes)
-            parent = request.block_hashes[-1] if i else None
+            parent = request.block_hashes[-1] if i else request.cache_salt
             tokens = tuple(request.token_slice(i * bs, (i + 1) * bs))
             request.block_hashes.append(hash_block(parent, tokens))
 

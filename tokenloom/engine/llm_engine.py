@@ -61,6 +61,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.loaded.dtype, device)
+        self.is_encoder_decoder = self.runner.encoder_cache is not None
         self.outputs = OutputProcessor(self.tokenizer)
         self.device = device
 
@@ -69,11 +70,13 @@ class LLMEngine:
         if request_id in self.outputs.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         token_ids = self.encode_prompt(prompt)
-        max_tokens = self.check_lengths(len(token_ids), params.max_tokens)
+        decoder_ids = self.decoder_prompt(token_ids)
+        max_tokens = self.check_lengths(len(decoder_ids), params.max_tokens)
         params.validate_vocab(self.vocab_size)
         parent = ParentState(request_id, prompt if isinstance(prompt, str) else None, token_ids)
-        children = [self._child(f"{i}_{request_id}" if params.n > 1 else request_id, token_ids, params, i,
-                                max_tokens) for i in range(params.n)]
+        encoder_ids = token_ids if self.is_encoder_decoder else None
+        children = [self._child(f"{i}_{request_id}" if params.n > 1 else request_id, decoder_ids, params, i,
+                                max_tokens, encoder_ids) for i in range(params.n)]
         self.outputs.add(parent, children)
         for child in children:
             self.scheduler.add(child)
@@ -93,6 +96,16 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
         return ids
 
+    def decoder_prompt(self, token_ids: list[int]) -> list[int]:
+        """The tokens the decoder starts from: the prompt itself, or, for an encoder–decoder model (whose
+        encoder reads the prompt), the decoder start token alone."""
+        if not self.is_encoder_decoder:
+            return token_ids
+        limit = self.loaded.max_model_len
+        if len(token_ids) > limit:
+            raise InvalidRequestError(f"prompt has {len(token_ids)} tokens, but the encoder takes at most {limit}")
+        return [self.loaded.model.decoder_start_token_id]
+
     def check_lengths(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
         """The request's effective max_tokens; rejects prompts that leave no room to generate."""
         room = self.max_model_len - num_prompt_tokens
@@ -102,13 +115,15 @@ class LLMEngine:
         return room if max_tokens is None else min(max_tokens, room)
 
     def _child(self, request_id: str, token_ids: list[int], params: SamplingParams, index: int,
-               max_tokens: int) -> Request:
+               max_tokens: int, encoder_ids: list[int] | None = None) -> Request:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
         child_params = dataclasses.replace(params, n=1) if params.n > 1 else params
         eos = frozenset(self.tokenizer.eos_token_ids)
-        return Request(request_id, list(token_ids), child_params, eos, max_tokens, generator=generator)
+        salt = None if encoder_ids is None else hash(tuple(encoder_ids))
+        return Request(request_id, list(token_ids), child_params, eos, max_tokens, generator=generator,
+                       encoder_token_ids=encoder_ids, cache_salt=salt)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Stop requests (by user request id) and free their blocks."""
@@ -118,6 +133,7 @@ class LLMEngine:
                 self.scheduler.finish(child.request, RequestStatus.FINISHED_ABORTED)
             if parent:
                 self.outputs.forget(parent)
+        self.runner.release(self.scheduler.take_released())
 
     def has_unfinished_requests(self) -> bool:
         """True while any request waits or runs."""
@@ -125,6 +141,12 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine iteration and return the outputs it produced."""
+        try:
+            return self._step()
+        finally:  # requests finished or preempted in this step no longer need their runner state
+            self.runner.release(self.scheduler.take_released())
+
+    def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched.requests:
             return []

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tokenloom.engine.encoder_cache import EncoderCache
 from tokenloom.engine.request import Request
 from tokenloom.engine.sampler import Sampler, prompt_logprobs
 from tokenloom.engine.scheduler import SchedulerOutput
@@ -86,6 +87,12 @@ class ModelRunner:
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
             attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
                              torch.zeros(shape, dtype=dtype, device=device))
+        self.encoder_cache = EncoderCache(model, device) if getattr(model, "is_encoder_decoder", False) else None
+
+    def release(self, request_ids: list[str]) -> None:
+        """Forget per-request state (encoder outputs) of requests that finished or were preempted."""
+        if self.encoder_cache is not None and request_ids:
+            self.encoder_cache.release(request_ids)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -108,7 +115,8 @@ class ModelRunner:
         return out
 
     def _prepare(self, sched: SchedulerOutput) -> _Batch:
-        """Pack the batch: multi-token chunks first, then single-token (decode) rows."""
+        """Pack the batch: multi-token chunks first, then single-token (decode) rows; an encoder–decoder
+        model's new requests are encoded here, for the cross-attention metadata."""
         order = sorted(range(len(sched.requests)), key=lambda i: sched.num_tokens[i] == 1)
         bs = self.block_size
         ids, positions, slots = [], [], []
@@ -140,6 +148,9 @@ class ModelRunner:
             prefills=spans, num_prefill_tokens=sum(s.length for s in spans), block_size=bs)
         if decode_rows:
             meta.decode_block_table, meta.decode_lens = self._decode_tables(decode_rows)
+        if self.encoder_cache is not None:
+            meta.cross = self.encoder_cache.prepare([sched.requests[i] for i in order],
+                                                    [sched.num_tokens[i] for i in order])
         return _Batch(torch.tensor(ids, dtype=torch.long, device=self.device),
                       torch.from_numpy(np.concatenate(positions)).to(self.device), meta,
                       sample_rows, torch.tensor(sample_index, dtype=torch.long, device=self.device), plp_rows)

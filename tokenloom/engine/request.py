@@ -56,6 +56,16 @@ class Request:
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    # Encoder–decoder models: the prompt is the encoder's input; `prompt_token_ids` is then the decoder's
+    # start ([decoder_start_token_id]). `cache_salt` seeds the prefix-cache hash chain (blocks computed
+    # against another encoder input must not match).
+    encoder_token_ids: list[int] | None = None
+    cache_salt: int | None = None
+
+    @property
+    def num_encoder_tokens(self) -> int:
+        """Length of the encoder input (0 for decoder-only models)."""
+        return len(self.encoder_token_ids) if self.encoder_token_ids is not None else 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,6 +5,10 @@ first), then to waiting ones (FCFS). A request is given `num_tokens - num_comput
 what is left of the budget, whichever is smaller. When the KV pool runs dry, the most recently
 admitted running request is preempted: its blocks are freed and it goes back to the front of the
 queue, to be recomputed later (its prefix may still be found in the cache).
+
+An encoder–decoder request's encoder runs in the step that admits it (again after a preemption), so
+its encoder tokens are charged to that step's budget too; they cannot be chunked, so a request whose
+encoder input does not fit what is left waits for the next step (or runs alone if it exceeds the budget).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.released: list[str] = []  # ids of requests freed (finished, aborted, preempted) since the last take
 
     def add(self, request: Request) -> None:
         """Queue a new request."""
@@ -84,6 +89,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        self.released.append(request.request_id)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
@@ -96,9 +102,10 @@ class Scheduler:
             cached = self.kv.find_cached_prefix(request)
             num_cached = len(cached) * self.kv.block_size
             n = request.num_tokens - num_cached
-            if n > budget and not self.config.enable_chunked_prefill:
+            enc = request.num_encoder_tokens
+            if (n + enc > budget and not self.config.enable_chunked_prefill) or (enc >= budget and out.requests):
                 break
-            n = min(n, budget)
+            n = max(1, min(n, budget - enc))
             if not self.kv.allocate(request, n, cached):
                 break
             self.waiting.popleft()
@@ -111,7 +118,7 @@ class Scheduler:
             self.running.append(request)
             out.requests.append(request)
             out.num_tokens.append(n)
-            budget -= n
+            budget -= n + enc
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance computed counts, append sampled tokens and finish requests that hit a token-level
@@ -155,3 +162,9 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         self.kv.free(request)
+        self.released.append(request.request_id)
+
+    def take_released(self) -> list[str]:
+        """Ids of the requests freed since the last call, whose per-request runner state can go."""
+        released, self.released = self.released, []
+        return released
