@@ -105,3 +105,97 @@ def hf_reference():
                                                                attn_implementation="eager").eval()
         return cache[path]
     return load
+
+
+def _train_seq2seq_tokenizer(path: Path, specials: list[str], template: str, bos: str | None) -> None:
+    """A tiny byte-level BPE with an encoder–decoder model's special tokens (ids in `specials` order) and
+    a post-processor that adds them as `template` says (T5: `$A </s>`; BART: `<s> $A </s>`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 16, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TRAIN_TEXT, trainer)
+    used = [s for s in specials if s in template.split()]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[
+        (s, specials.index(s)) for s in used])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(path)
+
+
+def _tiny_seq2seq_configs() -> dict:
+    from transformers import BartConfig, T5Config
+
+    t5 = dict(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+              relative_attention_num_buckets=16, relative_attention_max_distance=32, pad_token_id=0,
+              eos_token_id=1, decoder_start_token_id=0, n_positions=512)
+    return {
+        "t5": T5Config(**t5, feed_forward_proj="relu"),
+        # v1.1 / flan-t5: gated-GELU feed-forward and an untied head (no output rescale)
+        "t5_gated": T5Config(**t5, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+        "bart": BartConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=3,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                           decoder_ffn_dim=96, max_position_embeddings=256, scale_embedding=True,
+                           bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
+                           forced_eos_token_id=None),
+    }
+
+
+SEQ2SEQ_ARCHITECTURES = list(_tiny_seq2seq_configs())
+
+
+def _spread_weights(model: torch.nn.Module) -> None:
+    """Re-draw the weights wider than HF's init, under which a tiny random T5 or BART predicts its own input
+    token forever; this way greedy paths depend on the position and the encoder input."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                continue
+            if "shared" in name:
+                p.normal_(0.0, 0.5)
+            elif "embed_positions" in name or "relative_attention_bias" in name:
+                p.normal_(0.0, 2.0)
+            elif p.dim() == 2:  # wider still and fp32 rounding is amplified past 1e-4 by the output
+                p.normal_(0.0, 0.1)
+            else:  # BART's biases, zero at init
+                p.normal_(0.0, 0.05)
+        if hasattr(model, "final_logits_bias"):
+            model.final_logits_bias.normal_(0.0, 0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Folders with config.json, tokenizer and safetensors of tiny random T5 (relu; gated-gelu with an
+    untied head) and BART checkpoints."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSeq2SeqLM
+
+    root = tmp_path_factory.mktemp("tiny_seq2seq")
+    tokenizers = {"t5": root / "_t5_tokenizer", "bart": root / "_bart_tokenizer"}
+    _train_seq2seq_tokenizer(tokenizers["t5"], ["<pad>", "</s>", "<unk>"], "$A </s>", bos=None)
+    _train_seq2seq_tokenizer(tokenizers["bart"], ["<s>", "<pad>", "</s>", "<unk>"], "<s> $A </s>", bos="<s>")
+    paths = {}
+    for name, config in _tiny_seq2seq_configs().items():
+        torch.manual_seed(zlib.crc32(name.encode()) % 1000)
+        model = AutoModelForSeq2SeqLM.from_config(config, dtype=torch.float32)
+        _spread_weights(model)
+        _perturb_norms(model)
+        path = root / name
+        model.save_pretrained(path)
+        if name == "t5_gated":  # write the head as flan-t5 checkpoints have it: its own matrix, untied config
+            weights = load_file(path / "model.safetensors")
+            weights["lm_head.weight"] = torch.randn_like(weights["shared.weight"]) * 0.2
+            save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+            cfg = json.loads((path / "config.json").read_text())
+            cfg.pop("scale_decoder_outputs", None)
+            (path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+        for f in tokenizers["bart" if name == "bart" else "t5"].iterdir():
+            (path / f.name).write_bytes(f.read_bytes())
+        paths[name] = path
+    return paths
