@@ -10,7 +10,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tokenloom.config import EngineConfig
-from tokenloom.engine.llm_engine import InvalidRequestError, LLMEngine
+from tokenloom.engine.factory import create_engine
+from tokenloom.engine.llm_engine import InvalidRequestError
+from tokenloom.llm_encoder import EncoderTasks
 from tokenloom.outputs import RequestOutput
 from tokenloom.sampling_params import SamplingParams
 
@@ -18,17 +20,19 @@ Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
 
 
-class LLM:
+class LLM(EncoderTasks):
     """A model with its engine, for batch generation in one process.
 
     Keyword arguments are engine options (see `tokenloom.config`), e.g.
-    `LLM("gemma-3-270m", dtype="float32", kv_cache_gib=2, max_num_seqs=64)`.
+    `LLM("gemma-3-270m", dtype="float32", kv_cache_gib=2, max_num_seqs=64)`. Encoder-only models
+    (BERT, RoBERTa, DistilBERT, e.g. `LLM("all-minilm-l6-v2")`) run on the pooling engine and serve
+    `embed`, `classify`, `score` and the other methods of `EncoderTasks` instead of `generate`.
     """
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
         if model is not None:
             engine_options["model"] = model
-        self.engine = LLMEngine(EngineConfig.from_kwargs(**engine_options))
+        self.engine = create_engine(EngineConfig.from_kwargs(**engine_options))
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:
@@ -41,6 +45,7 @@ class LLM:
         """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}); outputs come
         back in input order. Every prompt is validated before any starts, so a bad one fails the
         call with its index named and no work is lost."""
+        self._require_generative("generate")
         prompts = _as_list(prompts)
         params = _broadcast(sampling_params, len(prompts))
         ids = [str(next(self._ids)) for _ in prompts]
@@ -57,6 +62,7 @@ class LLM:
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template."""
+        self._require_generative("chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         prompts = []
