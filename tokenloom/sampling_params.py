@@ -108,17 +108,25 @@ class SamplingParams:
 
 @dataclass(slots=True)
 class BeamSearchParams:
-    """Beam search: keep the `beam_width` best hypotheses by length-penalised log-probability."""
+    """Beam search: keep the `beam_width` best hypotheses by length-penalised log-probability
+    (sum of logprobs / generated_len ** length_penalty). `early_stopping` as in transformers: True stops
+    once beam_width hypotheses are finished; False stops when the best running beam, at its current
+    length, cannot beat the worst finished one; "never" judges that at max_tokens when
+    length_penalty > 0."""
 
     beam_width: int
     max_tokens: int
     length_penalty: float = 1.0
-    early_stopping: bool = False
+    early_stopping: bool | str = False
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.beam_width >= 1, "beam_width", "must be >= 1", self.beam_width)
-        _check(self.max_tokens >= 1, "max_tokens", "must be >= 1", self.max_tokens)
+        _check(isinstance(self.beam_width, int) and self.beam_width >= 1, "beam_width", "must be an integer >= 1",
+               self.beam_width)
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1",
+               self.max_tokens)
+        _check(self.early_stopping in (True, False, "never"), "early_stopping", "must be true, false or 'never'",
+               self.early_stopping)
 
 
 def _build_processors(specs: list[Any]) -> list[Any]:

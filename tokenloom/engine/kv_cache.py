@@ -138,9 +138,7 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.stats.queries += request.num_tokens
-        self.stats.hits += len(hits) * self.block_size
-        return hits
+        return hits  # counted in the stats by the scheduler, once, when the request is admitted
 
     def allocate(self, request: Request, num_new_tokens: int, cached: list[Block] = ()) -> bool:
         """Give `request` blocks for `num_new_tokens` more tokens (after `cached` prefix blocks).
