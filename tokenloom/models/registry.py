@@ -14,6 +14,8 @@ _MODELS: dict[str, str] = {
     "Qwen3ForCausalLM": "tokenloom.models.llama:LlamaForCausalLM",
     "Gemma3ForCausalLM": "tokenloom.models.gemma3:Gemma3ForCausalLM",
     "GPT2LMHeadModel": "tokenloom.models.gpt2:GPT2LMHeadModel",
+    "T5ForConditionalGeneration": "tokenloom.models.t5:T5ForConditionalGeneration",
+    "BartForConditionalGeneration": "tokenloom.models.bart:BartForConditionalGeneration",
 }
 # Encoder-only families × the heads their checkpoints carry (models/encoder_heads.py), e.g. BertForMaskedLM.
 _MODELS.update({f"{family}{task}": f"tokenloom.models.encoder_heads:Encoder{task}"
@@ -22,7 +24,8 @@ _MODELS.update({f"{family}{task}": f"tokenloom.models.encoder_heads:Encoder{task
                              "ForQuestionAnswering", "ForMaskedLM")})
 # For configs that name no architecture (e.g. built from GGUF metadata).
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                  "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+                  "t5": "T5ForConditionalGeneration", "bart": "BartForConditionalGeneration"}
 
 
 class UnsupportedModelError(ValueError):
