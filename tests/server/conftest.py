@@ -90,11 +90,13 @@ ONE_MODEL_BUDGET_GIB = 0.075
 
 
 @pytest.fixture(scope="session")
-def models_dir(tiny_models, tmp_path_factory) -> Path:
-    """A --models-dir of four tiny models (symlinked folders) and a .gguf file that is not a GGUF."""
+def models_dir(tiny_models, tiny_seq2seq_models, tmp_path_factory) -> Path:
+    """A --models-dir of four tiny decoders and a tiny BART (symlinked folders) and a .gguf file that is not
+    a GGUF."""
     root = tmp_path_factory.mktemp("models")
     for name, arch in (("llama", "llama"), ("gemma", "gemma3"), ("qwen", "qwen2"), ("mistral", "mistral")):
         (root / name).symlink_to(tiny_models[arch], target_is_directory=True)
+    (root / "bart").symlink_to(tiny_seq2seq_models["bart"], target_is_directory=True)
     (root / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 20)
     return root
 

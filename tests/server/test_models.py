@@ -15,12 +15,11 @@ import openai
 import pytest
 from safetensors import safe_open
 
-from tests.server.conftest import MODEL_FLAGS, offline
+from tests.server.conftest import offline
 from tests.server.test_openai_api import metric
 from tokenloom import SamplingParams
 
 PROMPTS = ["Hello world", "The quick brown fox", "Paged attention keeps", "Numbers 0123", "café naïve"]
-OPTIONS = dict(zip(MODEL_FLAGS[::2], MODEL_FLAGS[1::2]))
 
 
 def _client(server) -> openai.OpenAI:
@@ -136,7 +135,7 @@ def test_ten_concurrent_first_requests_cause_one_load(multi_server):
 def test_unknown_model_is_404_naming_the_available_ones(multi_server):
     with pytest.raises(openai.NotFoundError) as err:
         _client(multi_server).completions.create(model="nope", prompt="Hello", max_tokens=2)
-    assert "available models: broken, gemma, llama, mistral, qwen" in err.value.message
+    assert "available models: bart, broken, gemma, llama, mistral, qwen" in err.value.message
     r = httpx.post(f"{multi_server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400 and "name one in 'model'" in r.json()["error"]["message"]
 
@@ -183,3 +182,16 @@ def test_admin_load_and_unload(multi_server, restricted_server):
     # Admin actions sit behind the API key like every other non-open path.
     r = httpx.post(f"{restricted_server.url}/v1/models/unload", json={"model": "tiny"})
     assert r.status_code == 401
+
+
+def test_an_encoder_decoder_model_serves_like_a_decoder(multi_server, tiny_seq2seq_models):
+    from tokenloom.llm import LLM
+
+    llm = LLM(str(tiny_seq2seq_models["bart"]), dtype="float32", kv_cache_gib=0.05, num_threads=1)
+    prompts = ["Hello world", "The quick brown fox jumps"]
+    params = SamplingParams(temperature=0, max_tokens=10, repetition_penalty=2.0)
+    want = [o.outputs[0].text for o in offline(llm, "generate", prompts, params)]
+    client = _client(multi_server)
+    got = [client.completions.create(model="bart", prompt=p, max_tokens=10, temperature=0,
+                                     extra_body={"repetition_penalty": 2.0}).choices[0].text for p in prompts]
+    assert got == want

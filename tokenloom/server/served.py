@@ -51,7 +51,11 @@ class ServedModel:
         return self.default_sampling.get(name, value)
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
-        """400 when the prompt, or the prompt plus max_tokens, does not fit the context."""
+        """400 when the prompt, or the prompt plus max_tokens, does not fit the context. An encoder-decoder's
+        prompt is its encoder input: the engine checks it against the encoder's limit, and max_tokens
+        against the decoder's context."""
+        if getattr(self.engine.engine, "is_encoder_decoder", False):
+            return
         limit = self.max_model_len
         if num_prompt_tokens >= limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
