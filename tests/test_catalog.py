@@ -84,6 +84,16 @@ def test_a_models_folder_lists_hf_folders_and_gguf_files(tmp_path, tiny_models):
         specs_from_dir(tmp_path / "missing")
 
 
+def test_a_model_folders_own_subfolders_are_not_models(tmp_path):
+    from tests.encoder_models import minilm_path
+
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "minilm").symlink_to(minilm_path(), target_is_directory=True)  # has 1_Pooling/config.json
+    assert (minilm_path() / "1_Pooling" / "config.json").is_file()
+    assert [s.name for s in specs_from_dir(root)] == ["minilm"]
+
+
 def test_cli_models_list_and_show(tmp_path, tiny_models, capsys):
     from tokenloom.cli import main
 

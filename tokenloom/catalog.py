@@ -54,15 +54,17 @@ def parse_keep_alive(value: Any) -> float:
 
 def specs_from_dir(folder: Path) -> list[ModelSpec]:
     """Every HF model folder (config.json) and .gguf file under `folder`, named after the folder or the
-    file's stem; two models with one name are an error naming both paths."""
+    file's stem; two models with one name are an error naming both paths. A model folder's own subfolders
+    (sentence-transformers' 1_Pooling/config.json, ...) are part of it, not models."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CatalogError(f"--models-dir {folder}: not a directory")
     found: dict[str, Path] = {}
     candidates = []
-    for root, _, files in os.walk(folder, followlinks=True):  # models are often symlinked in
+    for root, dirs, files in os.walk(folder, followlinks=True):  # models are often symlinked in
         if "config.json" in files:
             candidates.append(Path(root))
+            dirs.clear()
         candidates += [Path(root) / f for f in files if f.endswith(".gguf")]
     for path in sorted(candidates):
         name = path.stem if path.is_file() else path.name

@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.encoder_models import minilm_path, tiny_encoder_path
+
 TINY_FLAGS = ["--dtype", "float32", "--kv-cache-gib", "0.05", "--served-model-name", "tiny", "--num-threads", "1"]
 GEMMA_FLAGS = ["--kv-cache-gib", "0.25", "--num-threads", "2"]
 
@@ -91,12 +93,15 @@ ONE_MODEL_BUDGET_GIB = 0.075
 
 @pytest.fixture(scope="session")
 def models_dir(tiny_models, tiny_seq2seq_models, tmp_path_factory) -> Path:
-    """A --models-dir of four tiny decoders and a tiny BART (symlinked folders) and a .gguf file that is not
-    a GGUF."""
+    """A --models-dir (symlinked folders) of four tiny decoders, a tiny BART, the real all-MiniLM-L6-v2 and a
+    tiny BERT classifier, and a .gguf file that is not a GGUF."""
     root = tmp_path_factory.mktemp("models")
     for name, arch in (("llama", "llama"), ("gemma", "gemma3"), ("qwen", "qwen2"), ("mistral", "mistral")):
         (root / name).symlink_to(tiny_models[arch], target_is_directory=True)
     (root / "bart").symlink_to(tiny_seq2seq_models["bart"], target_is_directory=True)
+    (root / "minilm").symlink_to(minilm_path(), target_is_directory=True)
+    (root / "classifier").symlink_to(tiny_encoder_path(tmp_path_factory, "bert-ForSequenceClassification"),
+                                     target_is_directory=True)
     (root / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 20)
     return root
 

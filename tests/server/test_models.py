@@ -135,7 +135,7 @@ def test_ten_concurrent_first_requests_cause_one_load(multi_server):
 def test_unknown_model_is_404_naming_the_available_ones(multi_server):
     with pytest.raises(openai.NotFoundError) as err:
         _client(multi_server).completions.create(model="nope", prompt="Hello", max_tokens=2)
-    assert "available models: bart, broken, gemma, llama, mistral, qwen" in err.value.message
+    assert "available models: bart, broken, classifier, gemma, llama, minilm, mistral, qwen" in err.value.message
     r = httpx.post(f"{multi_server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400 and "name one in 'model'" in r.json()["error"]["message"]
 

@@ -44,6 +44,11 @@ class AsyncPoolingEngine:
         self._thread = threading.Thread(target=self._run, name="tokenloom-pooling", daemon=True)
         self._thread.start()
 
+    @property
+    def is_alive(self) -> bool:
+        """True while the batching thread runs."""
+        return self._thread.is_alive() and not self._stopping
+
     def submit(self, inputs: list[EncoderInput], task: str,
                pooling: PoolingConfig | None = None) -> concurrent.futures.Future[list[PoolingResult]]:
         """Queue tokenized inputs; the future gives their results in input order (each may carry an

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 import tokenloom
 from tokenloom.manager import ModelManager, ModelSpec
-from tokenloom.server import chat, completions, misc, models
+from tokenloom.server import chat, completions, embeddings, misc, models
 from tokenloom.server.config import ServerConfig
 from tokenloom.server.errors import install_error_handlers
 from tokenloom.server.metrics import ServerMetrics
@@ -79,7 +79,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="tokenloom", version=tokenloom.__version__, lifespan=lifespan)
     app.state.tokenloom = state
-    for module in (completions, chat, models, misc):
+    for module in (completions, chat, embeddings, models, misc):
         app.include_router(module.router)
     install_error_handlers(app)
     # Added last = outermost: an oversized body is refused before the key is even looked at.

@@ -50,6 +50,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
     async with state.use_model(body) as lease:
         served = lease.model
+        served.generator()
         max_tokens, param = served.sampling_default(body, "max_tokens", body.max_tokens), "max_tokens"
         if body.max_completion_tokens is not None:
             max_tokens, param = body.max_completion_tokens, "max_completion_tokens"

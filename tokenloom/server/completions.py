@@ -66,6 +66,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                        code="unsupported_parameter")
     async with state.use_model(body) as lease:
         served = lease.model
+        served.generator()
         echo_logprobs = bool(body.echo) and body.logprobs is not None
         max_tokens = served.sampling_default(body, "max_tokens", body.max_tokens)
         params = sampling_params(body, served, max_tokens, body.logprobs,

@@ -47,6 +47,8 @@ class _ModelCollector(Collector):
                                                labels=label),
         }
         for name, served in self.manager.loaded().items():
+            if served.engine is None:  # an encoder model: no generation queue or KV cache
+                continue
             s = served.engine.stats()
             for key, value in (("running", s.num_running), ("waiting", s.num_waiting), ("usage", s.kv_cache_usage),
                                ("blocks", s.num_blocks), ("queries", s.prefix_cache_queries),
@@ -85,8 +87,9 @@ class ServerMetrics:
                              buckets=E2E_BUCKETS, registry=r)
 
     def attach(self, served: ServedModel) -> None:
-        """Record the requests of a newly loaded model."""
-        served.engine.listeners.append(functools.partial(self.observe, served.name))
+        """Record the requests of a newly loaded generative model."""
+        if served.engine is not None:
+            served.engine.listeners.append(functools.partial(self.observe, served.name))
 
     def observe(self, model_name: str, t: RequestTimings) -> None:
         """Record one finished (or aborted) request of a model."""

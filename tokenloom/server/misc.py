@@ -49,7 +49,7 @@ async def health(request: Request) -> Response:
     state = state_of(request)
     if state.models.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
-    stopped = [name for name, served in state.manager.loaded().items() if not served.engine.is_alive]
+    stopped = [name for name, served in state.manager.loaded().items() if not served.is_alive]
     if stopped:
         return JSONResponse({"status": f"engine stopped: {', '.join(stopped)}"}, status_code=503)
     return JSONResponse({"status": "ok"})

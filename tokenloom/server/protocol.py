@@ -255,3 +255,25 @@ class ModelActionRequest(_Request):
 
     model: str
     keep_alive: float | str | None = None
+
+
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings (OpenAI's shape; `truncate` cuts over-long inputs instead of refusing them)."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate: bool = False
+    keep_alive: float | str | None = None
+
+
+class ClassifyRequest(_Request):
+    """POST /classify: label probabilities for one text or several."""
+
+    model: str | None = None
+    input: str | list[str]
+    user: str | None = None
+    truncate: bool = False
+    keep_alive: float | str | None = None

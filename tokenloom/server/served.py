@@ -18,7 +18,10 @@ from pydantic import BaseModel
 
 from tokenloom.config import EngineConfig
 from tokenloom.engine.async_engine import AsyncEngine, ServerBusyError
+from tokenloom.engine.async_pooling import AsyncPoolingEngine
+from tokenloom.engine.factory import create_engine, supported_tasks
 from tokenloom.engine.llm_engine import LLMEngine
+from tokenloom.engine.pooling_engine import PoolingEngine
 from tokenloom.manager import ModelManager, ModelSpec, UnknownModelError, engine_bytes
 from tokenloom.server.errors import APIError
 from tokenloom.server.tokenization import TokenizerPool
@@ -26,23 +29,56 @@ from tokenloom.server.tokenization import TokenizerPool
 
 @dataclass(slots=True)
 class ServedModel:
-    """One loaded model as the HTTP side sees it."""
+    """One loaded model as the HTTP side sees it: a generative model runs on an `AsyncEngine`, an
+    encoder-only one on an `AsyncPoolingEngine` (exactly one of the two is set)."""
 
     name: str
-    engine: AsyncEngine
+    engine: AsyncEngine | None
     tokenizer: TokenizerPool
     default_sampling: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
+    pooling: AsyncPoolingEngine | None = None
+
+    @property
+    def inner(self) -> LLMEngine | PoolingEngine:
+        """The synchronous engine behind the async front."""
+        return self.engine.engine if self.engine is not None else self.pooling.engine
 
     @property
     def max_model_len(self) -> int:
-        """The context length."""
-        return self.engine.max_model_len
+        """The context length (the longest input, for an encoder)."""
+        return self.inner.max_model_len
 
     @property
     def vocab_size(self) -> int:
         """The vocabulary size."""
-        return self.engine.vocab_size
+        return self.inner.vocab_size
+
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        """generate and chat, or what the encoder's head allows (embed, classify, score, ...)."""
+        return supported_tasks(self.inner)
+
+    @property
+    def is_alive(self) -> bool:
+        """True while the background engine thread runs."""
+        return self.engine.is_alive if self.engine is not None else self.pooling.is_alive
+
+    def generator(self) -> AsyncEngine:
+        """The async engine of a generative model; 400 naming what an encoder model supports instead."""
+        if self.engine is None:
+            raise APIError(400, f"model '{self.name}' is an encoder-only model: it supports "
+                                f"{', '.join(self.supported_tasks)} (POST /v1/embeddings, /classify), not text "
+                                f"generation", param="model", code="unsupported_task")
+        return self.engine
+
+    def encoder(self, task: str) -> AsyncPoolingEngine:
+        """The pooling engine of an encoder model that can do `task`; 400 naming what the model supports."""
+        if self.pooling is None or task not in self.supported_tasks:
+            what = "a generative model" if self.pooling is None else "an encoder-only model"
+            raise APIError(400, f"model '{self.name}' is {what}: it supports {', '.join(self.supported_tasks)}, "
+                                f"not {task}", param="model", code="unsupported_task")
+        return self.pooling
 
     def sampling_default(self, req: BaseModel, name: str, value: Any) -> Any:
         """A request field's value, or this model's default for it when the request left it out."""
@@ -54,7 +90,7 @@ class ServedModel:
         """400 when the prompt, or the prompt plus max_tokens, does not fit the context. An encoder-decoder's
         prompt is its encoder input: the engine checks it against the encoder's limit, and max_tokens
         against the decoder's context."""
-        if getattr(self.engine.engine, "is_encoder_decoder", False):
+        if getattr(self.inner, "is_encoder_decoder", False):
             return
         limit = self.max_model_len
         if num_prompt_tokens >= limit:
@@ -69,7 +105,10 @@ class ServedModel:
 
     def close(self) -> None:
         """Abort what is left and stop the engine thread (the manager calls this when it unloads the model)."""
-        self.engine.shutdown()
+        if self.engine is not None:
+            self.engine.shutdown()
+        else:
+            self.pooling.shutdown()
         self.tokenizer.close()
 
 
@@ -79,10 +118,14 @@ def served_model_factory(max_waiting: int, on_load: Callable[[ServedModel], None
     (with the spec's chat template override); `on_load` sees each new model (metrics attach there)."""
 
     def build(spec: ModelSpec) -> ServedModel:
-        engine = LLMEngine(EngineConfig.from_kwargs(model=spec.source, **spec.engine_options))
-        served = ServedModel(spec.name, AsyncEngine(engine, max_waiting=max_waiting),
-                             TokenizerPool(engine.tokenizer, chat_template=spec.chat_template),
-                             dict(spec.default_sampling))
+        engine = create_engine(EngineConfig.from_kwargs(model=spec.source, **spec.engine_options))
+        tokenizer = TokenizerPool(engine.tokenizer, chat_template=spec.chat_template)
+        if isinstance(engine, PoolingEngine):
+            served = ServedModel(spec.name, None, tokenizer, dict(spec.default_sampling),
+                                 pooling=AsyncPoolingEngine(engine))
+        else:
+            served = ServedModel(spec.name, AsyncEngine(engine, max_waiting=max_waiting), tokenizer,
+                                 dict(spec.default_sampling))
         if on_load is not None:
             on_load(served)
         return served
@@ -92,7 +135,7 @@ def served_model_factory(max_waiting: int, on_load: Callable[[ServedModel], None
 
 def served_bytes(model: ServedModel) -> int:
     """Weights plus KV cache of a served model."""
-    return engine_bytes(model.engine.engine)
+    return engine_bytes(model.inner)
 
 
 @dataclass(slots=True)
@@ -172,8 +215,10 @@ class ModelLeases:
         """Refuse new leases; every loaded model's requests get `timeout` seconds to finish."""
         self.draining = True
         for served in self.manager.loaded().values():
-            served.engine.begin_drain(timeout)
+            if served.engine is not None:
+                served.engine.begin_drain(timeout)
 
     def num_in_flight(self) -> int:
-        """Requests in flight over every loaded model."""
-        return sum(served.engine.num_in_flight() for served in self.manager.loaded().values())
+        """Generation requests in flight over every loaded model."""
+        return sum(served.engine.num_in_flight() for served in self.manager.loaded().values()
+                   if served.engine is not None)

@@ -92,7 +92,7 @@ async def submit(model: ServedModel, request_id: str, prompts: list[list[int]], 
     try:
         for i, ids in enumerate(prompts):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            streams.append(await model.engine.add_request(rid, ids, params, arrival))
+            streams.append(await model.generator().add_request(rid, ids, params, arrival))
     except BaseException:
         for stream in streams:
             stream.abort()
