@@ -10,11 +10,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tokenloom.config import EngineConfig
+from tokenloom.engine.beam_search import BeamSearchOutput, run_beam_search
 from tokenloom.engine.factory import create_engine
 from tokenloom.engine.llm_engine import InvalidRequestError
 from tokenloom.llm_encoder import EncoderTasks
 from tokenloom.outputs import RequestOutput
-from tokenloom.sampling_params import SamplingParams
+from tokenloom.sampling_params import BeamSearchParams, SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
@@ -71,6 +72,13 @@ class LLM(EncoderTasks):
                                            chat_template=chat_template)
             prompts.append(tok.encode(text, add_special_tokens=False))
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """The `beam_width` best continuations of each prompt by length-penalised log-probability, with
+        transformers' selection and stopping rules; all prompts' beams run together, sharing their prefix
+        blocks through the prefix cache."""
+        self._require_generative("beam_search")
+        return run_beam_search(self.engine, [_prompt_ids_or_text(p) for p in _as_list(prompts)], params)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}

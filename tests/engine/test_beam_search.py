@@ -110,6 +110,16 @@ def test_a_hand_built_case():
     assert [s.score for s in out.sequences] == pytest.approx([-0.15, -0.5 / 3])
 
 
+def test_the_offline_api_takes_text_prompts(engines):
+    ours, _ = engines
+    params = BeamSearchParams(beam_width=2, max_tokens=5)
+    text = ours.get_tokenizer().decode(PROMPTS[1])
+    by_text = ours.beam_search(text, params)[0]
+    assert by_text.prompt_token_ids == ours.get_tokenizer().encode(text)
+    assert [s.token_ids for s in by_text.sequences] == \
+        [s.token_ids for s in ours.beam_search([by_text.prompt_token_ids], params)[0].sequences]
+
+
 def test_bad_beam_parameters_are_named(engines):
     ours, _ = engines
     with pytest.raises(SamplingParamsError, match="beam_width must be an integer >= 1"):
