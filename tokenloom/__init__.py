@@ -4,8 +4,9 @@ from tokenloom.config import EngineConfig
 from tokenloom.llm import LLM
 from tokenloom.manager import ModelManager, ModelSpec
 from tokenloom.outputs import CompletionOutput, RequestOutput
+from tokenloom.pipelines import load_pipeline, pipeline
 from tokenloom.sampling_params import BeamSearchParams, SamplingParams
 
 __all__ = ["LLM", "ModelManager", "ModelSpec", "EngineConfig", "SamplingParams", "BeamSearchParams", "RequestOutput",
-           "CompletionOutput"]
+           "CompletionOutput", "pipeline", "load_pipeline"]
 __version__ = "0.1.0"
