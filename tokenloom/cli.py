@@ -1,4 +1,4 @@
-"""Command line: `tokenloom generate | chat | serve | models | eval | plugins`.
+"""Command line: `tokenloom generate | chat | serve | models | eval | plugins | run`.
 
 Engine flags are generated from the config dataclasses (`--kv-cache-gib` ↔ `kv_cache_gib`), so the
 CLI, `LLM(...)` keyword arguments and `EngineConfig` stay one to one.
@@ -234,6 +234,17 @@ def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
                         help="a plugin module (with register(registry)) to load; repeatable")
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """`tokenloom run pipeline.yaml --input data.jsonl --output out.jsonl`: a pipeline over a file, resumable."""
+    from tokenloom.pipelines.batch import run_yaml
+
+    s = run_yaml(args.pipeline, args.input, args.output, batch_size=args.batch_size,
+                 retry_errors=args.retry_errors, progress=not args.quiet)
+    print(f"{s.total} rows ({s.resumed} done before, {s.processed} run now, {s.failed} failed) -> {s.output}",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `tokenloom` argument parser."""
     parser = argparse.ArgumentParser(prog="tokenloom", description="LLM inference and serving engine")
@@ -271,7 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="the installed plugins and what each adds")
     plugins.add_argument("action", choices=["list"])
     plugins.set_defaults(func=cmd_plugins)
-    for p in (gen, chat, serve, ev, plugins):
+    run = sub.add_parser("run", help="run a pipeline YAML over a .jsonl/.csv/.txt file (resumes an interrupted run)")
+    run.add_argument("pipeline", type=Path, help="the pipeline YAML")
+    run.add_argument("--input", type=Path, required=True, help="data.jsonl, .csv or .txt (one row a line)")
+    run.add_argument("--output", type=Path, required=True, help="out.jsonl: one row per input, in input order")
+    run.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the YAML's)")
+    run.add_argument("--retry-errors", action="store_true", help="on resume, run the failed rows again")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+    for p in (gen, chat, serve, ev, plugins, run):
         add_plugin_flag(p)
     return parser
 
