@@ -164,3 +164,21 @@ def test_encoder_decoder_models_read_the_plain_input(task, tiny_seq2seq_models, 
     want = texts(llm.generate(inputs, SamplingParams(max_tokens=6, **GREEDY), use_tqdm=False))
     assert [g["text"] for g in pipe(inputs)] == want
     assert any(want)
+
+
+def test_beam_search_replaces_the_tasks_inference_step(tiny_llm, write_yaml):
+    from tokenloom.sampling_params import BeamSearchParams
+
+    pipe = load_pipeline(write_yaml("""
+        task: translation
+        target_language: German
+        inference: {beam_search: {beam_width: 3, max_tokens: 5, length_penalty: 0.5}}
+        """), llm=tiny_llm)
+    assert [name for name, _ in pipe.steps] == ["prompt", "beam_search"]
+    inputs = ["The quick brown fox", "Hello world!"]
+    got = pipe(inputs)
+    want = tiny_llm.beam_search([f"Translate English to German.\n\nEnglish: {t}\nGerman:" for t in inputs],
+                                BeamSearchParams(3, 5, length_penalty=0.5))
+    for g, w in zip(got, want):
+        assert g["text"] == w.sequences[0].text
+        assert g["texts"] == [s.text for s in w.sequences] and g["scores"] == [s.score for s in w.sequences]

@@ -29,6 +29,10 @@ CASES = {
                             "preprocess[0].normalize.frm", "takes no option 'frm'"),
     "bad step option value": ("task: chat\npreprocess:\n  - normalize: {form: NFX}\n", 3,
                               "preprocess[0].normalize.form", "must be one of NFC"),
+    "inference option": ("task: summarization\ninference:\n  beam_search:\n    beam_width: 0\n", 4,
+                         "inference.beam_search.beam_width", "must be an integer >= 1"),
+    "inference of another kind": ("task: summarization\ninference: normalize\n", 2, "inference",
+                                  "'normalize' is a preprocess step"),
     "template syntax": ("task: text-generation\nsteps:\n  - prompt:\n      template: '{% for x in y %}'\n"
                         "  - generate\n", 4, "steps[0].prompt.template", "Jinja syntax error"),
 }

@@ -21,6 +21,7 @@ from tokenloom.pipelines.base import (
     fail,
 )
 from tokenloom.pipelines.batch import RunSummary, read_rows, run_file
+from tokenloom.pipelines.beam import BeamSearch
 from tokenloom.pipelines.build import PipelineSpec, build_pipeline, pipeline
 from tokenloom.pipelines.encoder import Answer, Classify, ClassifyTokens, Embed, FillMask, Score
 from tokenloom.pipelines.entities import AggregateEntities, group_entities
@@ -44,8 +45,9 @@ from tokenloom.pipelines.yaml_spec import PipelineConfigError, load_pipeline, lo
 BUILTIN_STEPS = {
     "preprocess": {"normalize": Normalize, "prompt": Prompt, "chat_template": ChatTemplate, "chunk": Chunk,
                    "tokenize": Tokenize},
-    "inference": {"generate": Generate, "score_labels": ScoreLabels, "embed": Embed, "classify": Classify,
-                  "score": Score, "classify_tokens": ClassifyTokens, "answer": Answer, "fill_mask": FillMask},
+    "inference": {"generate": Generate, "beam_search": BeamSearch, "score_labels": ScoreLabels, "embed": Embed,
+                  "classify": Classify, "score": Score, "classify_tokens": ClassifyTokens, "answer": Answer,
+                  "fill_mask": FillMask},
     "postprocess": {"parse_label": ParseLabel, "extract_answer": ExtractAnswer, "parse_json": ParseJson,
                     "aggregate_entities": AggregateEntities},
 }
@@ -62,4 +64,5 @@ __all__ = [
     "Normalize", "Prompt", "Tokenize", "StepSpec", "TaskPlan", "get_step", "get_task", "register_step",
     "register_task", "step_names", "task_names", "unregister_step", "unregister_task", "PipelineConfigError",
     "load_pipeline", "load_spec", "Answer", "Classify", "ClassifyTokens", "Embed", "FillMask", "Score",
+    "BeamSearch",
 ]

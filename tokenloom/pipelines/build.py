@@ -21,8 +21,9 @@ StepLike = StepSpec | str | dict[str, Any] | tuple[str, dict[str, Any]]
 class PipelineSpec:
     """Everything that defines a pipeline, before its model is loaded (what a pipeline YAML holds).
 
-    `steps` replaces the task's default steps; `preprocess` steps run before them and `postprocess` steps
-    after. `options` are the task's own options (templates, labels, ...)."""
+    `steps` replaces the task's default steps; `inference` replaces just their inference step (e.g.
+    beam_search for generate); `preprocess` steps run before them and `postprocess` steps after.
+    `options` are the task's own options (templates, labels, ...)."""
 
     task: str
     model: str | None = None
@@ -33,6 +34,7 @@ class PipelineSpec:
     steps: list[StepSpec] | None = None
     preprocess: list[StepSpec] = field(default_factory=list)
     postprocess: list[StepSpec] = field(default_factory=list)
+    inference: StepSpec | None = None
 
 
 def as_step_spec(value: StepLike) -> StepSpec:
@@ -103,6 +105,31 @@ def sampling_params(defaults: dict[str, Any], given: dict[str, Any] | SamplingPa
         raise PipelineError(str(exc), "sampling") from exc
 
 
+def check_inference(spec: StepSpec) -> None:
+    """A step that can stand in for a task's inference step; errors name `inference.step.option`."""
+    try:
+        kind, _ = make_step(spec)
+    except PipelineError as exc:
+        raise PipelineError(exc.reason, f"inference.{exc.field}" if exc.field else "inference") from exc
+    if kind != "inference":
+        raise PipelineError(f"{spec.name!r} is a {kind} step, not an inference step", "inference")
+
+
+def task_steps(spec: PipelineSpec, defaults: list[StepSpec]) -> list[tuple[str, str, Step]]:
+    """The spec's own steps, or the task's, with the inference step swapped when the spec names one."""
+    specs = spec.steps if spec.steps is not None else defaults
+    if spec.inference is not None:
+        check_inference(spec.inference)
+        specs = [spec.inference if get_step(s.name)[0] == "inference" else s for s in specs]
+    if spec.steps is not None:
+        return make_steps(specs, "steps")
+    try:
+        return make_steps(specs)
+    except PipelineError as exc:  # a task option passed on to one of the task's steps
+        option = (exc.field or "").rsplit(".", 1)[-1]
+        raise PipelineError(exc.reason, option if option in spec.options else exc.field) from exc
+
+
 def build_pipeline(spec: PipelineSpec, llm: LLM | None = None) -> Pipeline:
     """Load the model (unless `llm` is given) and assemble the pipeline the spec describes."""
     if not isinstance(spec.batch_size, int) or spec.batch_size < 1:
@@ -112,14 +139,7 @@ def build_pipeline(spec: PipelineSpec, llm: LLM | None = None) -> Pipeline:
 
         llm = LLM(spec.model, **spec.engine) if spec.model else LLM(**spec.engine)
     plan = plan_task(spec.task, llm, spec.options)
-    if spec.steps is not None:
-        main = make_steps(spec.steps, "steps")
-    else:
-        try:
-            main = make_steps(plan.steps)
-        except PipelineError as exc:  # a task option passed on to one of the task's steps
-            option = (exc.field or "").rsplit(".", 1)[-1]
-            raise PipelineError(exc.reason, option if option in spec.options else exc.field) from exc
+    main = task_steps(spec, plan.steps)
     steps = make_steps(spec.preprocess, "preprocess") + main + make_steps(spec.postprocess, "postprocess")
     check_order(steps)
     return Pipeline(spec.task, llm, [(name, step) for _, name, step in steps],
@@ -128,13 +148,15 @@ def build_pipeline(spec: PipelineSpec, llm: LLM | None = None) -> Pipeline:
 
 def pipeline(task: str, model: str | LLM | None = None, *, sampling: dict[str, Any] | SamplingParams | None = None,
              batch_size: int = 32, steps: list[StepLike] | None = None, preprocess: list[StepLike] | None = None,
-             postprocess: list[StepLike] | None = None, **options: Any) -> Pipeline:
+             postprocess: list[StepLike] | None = None, inference: StepLike | None = None,
+             **options: Any) -> Pipeline:
     """A pipeline for `task` on `model` (a model reference, or a loaded `LLM` to share).
 
     Keyword options that are engine options (`kv_cache_gib`, `dtype`, ...) configure the model; the rest
     are the task's options (`template`, `examples`, `labels`, `target_language`, ...). `sampling` is a
-    SamplingParams or a mapping over the task's defaults; `steps` replaces the task's steps, `preprocess`
-    / `postprocess` add steps before / after them (a step is a name or {name: options}).
+    SamplingParams or a mapping over the task's defaults; `steps` replaces the task's steps, `inference`
+    only its inference step (e.g. `{"beam_search": {"beam_width": 4}}`), `preprocess` / `postprocess` add
+    steps before / after them (a step is a name or {name: options}).
 
         summarize = tokenloom.pipeline("summarization", model="gemma-3-270m", kv_cache_gib=0.25)
         summarize(["A long text ..."])[0]["text"]
@@ -150,5 +172,6 @@ def pipeline(task: str, model: str | LLM | None = None, *, sampling: dict[str, A
         llm, model = model, None
     spec = PipelineSpec(task, model, engine, sampling or {}, batch_size, task_options,
                         [as_step_spec(s) for s in steps] if steps is not None else None,
-                        [as_step_spec(s) for s in preprocess or []], [as_step_spec(s) for s in postprocess or []])
+                        [as_step_spec(s) for s in preprocess or []], [as_step_spec(s) for s in postprocess or []],
+                        as_step_spec(inference) if inference is not None else None)
     return build_pipeline(spec, llm)

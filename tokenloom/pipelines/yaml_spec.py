@@ -9,6 +9,7 @@
       - {context: "...", question: "...", answer: "..."}
     preprocess: [normalize]           # steps before the task's own
     postprocess: [{parse_json: {strict: false}}]   # steps after them
+    inference: {beam_search: {beam_width: 4}}      # replaces the task's inference step
     # steps: [...]                    # or replace the task's steps altogether
 
 A step is a name or a one-key mapping {name: {option: value}}. Everything is checked before the model
@@ -24,7 +25,7 @@ import yaml
 
 from tokenloom.config import ConfigError, EngineConfig
 from tokenloom.pipelines.base import PipelineError
-from tokenloom.pipelines.build import PipelineSpec, as_step_spec, build_pipeline, make_steps
+from tokenloom.pipelines.build import PipelineSpec, as_step_spec, build_pipeline, check_inference, make_steps
 from tokenloom.pipelines.registry import check_options, get_task
 from tokenloom.sampling_params import SamplingParams
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from tokenloom.llm import LLM
     from tokenloom.pipelines.base import Pipeline
 
-_FIELDS = ("task", "model", "engine", "sampling", "batch_size", "steps", "preprocess", "postprocess")
+_FIELDS = ("task", "model", "engine", "sampling", "batch_size", "steps", "preprocess", "postprocess", "inference")
 _STEP_LISTS = ("steps", "preprocess", "postprocess")
 
 
@@ -84,8 +85,10 @@ def field_lines(root: yaml.MappingNode) -> dict[str, int]:
     for key, value in root.value:
         lines[key.value] = key.start_mark.line + 1
         if isinstance(value, yaml.MappingNode):
-            for sub, _ in value.value:
+            for sub, options in value.value:
                 lines[f"{key.value}.{sub.value}"] = sub.start_mark.line + 1
+                for opt, _ in options.value if isinstance(options, yaml.MappingNode) else []:
+                    lines[f"{key.value}.{sub.value}.{opt.value}"] = opt.start_mark.line + 1
         if key.value in _STEP_LISTS and isinstance(value, yaml.SequenceNode):
             for i, entry in enumerate(value.value):
                 lines[f"{key.value}[{i}]"] = entry.start_mark.line + 1
@@ -141,8 +144,15 @@ def _spec(data: dict[str, Any]) -> PipelineSpec:
     options = {k: v for k, v in data.items() if k not in _FIELDS}
     check_options(factory, options, f"task {task!r}", leading=1)
     lists = {name: _steps(data, name) for name in _STEP_LISTS}
+    inference = None
+    if data.get("inference") is not None:
+        try:
+            inference = as_step_spec(data["inference"])
+        except PipelineError as exc:
+            raise PipelineError(exc.reason, "inference") from exc
+        check_inference(inference)
     return PipelineSpec(task, model, engine, sampling, batch_size, options, lists["steps"],
-                        lists["preprocess"] or [], lists["postprocess"] or [])
+                        lists["preprocess"] or [], lists["postprocess"] or [], inference)
 
 
 def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
