@@ -300,7 +300,9 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
     bits = QUANTIZATION_BITS[method]
     head = getattr(model, "lm_head", None)
     if head is None:
-        raise ValueError(f"{type(model).__name__} has no lm_head to quantize")
+        raise ValueError(f"quantization={method} is for generative models (it quantizes the layers and the LM "
+                         f"head); {type(model).__name__} has no LM head: run it with quantization=none and "
+                         f"dtype bfloat16 or float32")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child is not head:
