@@ -182,3 +182,12 @@ def test_beam_search_replaces_the_tasks_inference_step(tiny_llm, write_yaml):
     for g, w in zip(got, want):
         assert g["text"] == w.sequences[0].text
         assert g["texts"] == [s.text for s in w.sequences] and g["scores"] == [s.score for s in w.sequences]
+
+
+def test_zero_shot_scoring_refuses_an_encoder_decoder_model(tiny_seq2seq_models):
+    from tokenloom.llm import LLM
+    from tokenloom.pipelines import PipelineError
+
+    llm = LLM(str(tiny_seq2seq_models["t5"]), dtype="float32", kv_cache_gib=0.02, num_threads=1)
+    with pytest.raises(PipelineError, match="model: zero-shot classification scores labels with a decoder-only"):
+        pipeline("text-classification", llm, labels=["a", "b"])

@@ -110,7 +110,7 @@ def _write_atomic(path: Path, lines: Iterator[str]) -> None:
 def _row_line(index: int, row: InputRow, result: dict[str, Any]) -> str:
     out = {"index": index, **result, "input": row.data} if row.error is None else \
         {"index": index, ERROR: row.error, "input": None}
-    return json.dumps(out, ensure_ascii=False)
+    return json.dumps(out, ensure_ascii=False, default=str)  # a plugin's odd value must not stop the run
 
 
 def run_yaml(pipeline_yaml: str | Path, input_path: str | Path, output_path: str | Path, *,

@@ -117,7 +117,9 @@ def zero_shot_classification(llm: LLM, labels: list[str] | None = None, template
                              system: str | None = None, label_prefix: str = " ", length_normalize: bool = False
                              ) -> TaskPlan:
     """Zero-shot classification with a generative model (see `text_classification`)."""
-    _needs_generative(llm, "zero-shot-classification")
+    if model_kind(llm) != "decoder":  # an encoder–decoder reads prompt + label in its encoder: nothing to score
+        raise PipelineError(f"zero-shot classification scores labels with a decoder-only model; "
+                            f"{llm.engine.loaded.name} is {model_kind(llm)}", "model")
     variables = {"labels": labels} if labels else {}
     return TaskPlan([prompt_step(template, template_file, templates.CLASSIFICATION, examples, chat, system,
                                  **variables),
