@@ -88,6 +88,7 @@ class PluginRegistry:
         self.plugins: dict[str, PluginInfo] = {}
         self._current: PluginInfo | None = None
         self._undo: list[Callable[[], None]] = []
+        self._undo_by_plugin: dict[str, list[Callable[[], None]]] = {}
         self._lock = threading.RLock()
 
     # ---- what a plugin calls ----
@@ -137,6 +138,8 @@ class PluginRegistry:
                               f"got {spec!r}")
         if not isinstance(args, dict):
             raise PluginError(f"logits_processors: args of {name!r} must be a mapping; got {args!r}")
+        if name not in self.logits_processors:
+            load_plugins()  # an installed plugin's processor, asked for before anything loaded plugins
         factory = self.logits_processors.get(name)
         if factory is None:
             known = ", ".join(sorted(self.logits_processors))
@@ -157,6 +160,7 @@ class PluginRegistry:
             self._current, self._undo = info, []
             try:
                 _register_function(import_target())(self)
+                self._undo_by_plugin[name] = self._undo
             except Exception as exc:  # a plugin's bug must not take tokenloom down
                 for undo in reversed(self._undo):
                     undo()
@@ -165,6 +169,15 @@ class PluginRegistry:
             finally:
                 self._current, self._undo = None, []
             return info
+
+    def unload(self, name: str) -> None:
+        """Take back everything plugin `name` registered (it can be loaded again later)."""
+        with self._lock:
+            for undo in reversed(self._undo_by_plugin.pop(name, [])):
+                undo()
+            info = self.plugins.pop(name, None)
+            if info is not None:
+                _loaded_sources.discard(info.source)
 
     def _record(self, kind: str, name: str, undo: Callable[[], None]) -> None:
         if self._current is not None:
@@ -185,7 +198,8 @@ _loaded_sources: set[str] = set()
 
 def load_plugins(modules: Iterable[str] = (), entry_point_plugins: bool = True) -> list[PluginInfo]:
     """Load the installed entry-point plugins (once per process) and the named modules; returns every
-    plugin loaded so far, failed ones included."""
+    plugin loaded so far, failed ones included. The registries call it themselves when asked for a name
+    they do not know, so installed plugins work without an explicit call."""
     found: list[tuple[str, Any, str]] = []
     if entry_point_plugins:
         for ep in entry_points(group=ENTRY_POINT_GROUP):

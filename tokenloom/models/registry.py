@@ -43,10 +43,15 @@ def supported_architectures() -> list[str]:
 
 
 def model_class_for(config: Any) -> type[nn.Module]:
-    """The model class for an HF config (by `architectures`, else by `model_type`)."""
+    """The model class for an HF config (by `architectures`, else by `model_type`; installed plugins are
+    loaded first when no registered class matches)."""
     names = list(getattr(config, "architectures", None) or [])
     if not names and config.model_type in _BY_MODEL_TYPE:
         names = [_BY_MODEL_TYPE[config.model_type]]
+    if not any(name in _MODELS for name in names):
+        from tokenloom.plugins import load_plugins
+
+        load_plugins()  # an installed plugin may add the architecture
     for name in names:
         target = _MODELS.get(name)
         if target is None:

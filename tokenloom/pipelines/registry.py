@@ -94,17 +94,26 @@ def unregister_task(name: str) -> None:
 
 
 def get_step(name: str) -> tuple[str, StepFactory]:
-    """The kind and factory of step `name`."""
+    """The kind and factory of step `name` (installed plugins are loaded first if it is unknown)."""
+    _load_plugins_unless(name in _STEPS)
     if name not in _STEPS:
         raise PipelineError(f"unknown step {name!r}; known steps: {', '.join(sorted(_STEPS))}")
     return _STEPS[name]
 
 
 def get_task(name: str) -> TaskFactory:
-    """The factory of task `name`."""
+    """The factory of task `name` (installed plugins are loaded first if it is unknown)."""
+    _load_plugins_unless(name in _TASKS)
     if name not in _TASKS:
         raise PipelineError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_TASKS))}", "task")
     return _TASKS[name]
+
+
+def _load_plugins_unless(known: bool) -> None:
+    if not known:
+        from tokenloom.plugins import load_plugins
+
+        load_plugins()
 
 
 def step_names(kind: str | None = None) -> list[str]:
