@@ -86,3 +86,58 @@ def test_perplexity_matches_transformers_on_a_tiny_model(tiny_models, hf_referen
                 count += 1
     assert got.num_tokens == count == len(ids) - 1
     assert got.perplexity == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_entity_references_are_scored_as_spans():
+    from tokenloom.evaluation import entity_tags
+
+    text = "Ada Lovelace met Babbage in London"
+    assert entity_tags([{"entity": "PER", "start": 0, "end": 3}], 6) == ["B-PER", "I-PER", "I-PER", "O", "O", "O"]
+    gold = [{"entity": "PER", "start": 0, "end": 12}, {"entity": "PER", "start": 17, "end": 24},
+            {"entity": "LOC", "start": 28, "end": 34}]
+    pred = [{"entity": "PER", "start": 0, "end": 12}, {"entity": "ORG", "start": 17, "end": 24}]
+    n = len(text)
+    # one of two predicted spans right (P 1/2), one of three gold spans found (R 1/3): F1 0.4
+    assert f1([entity_tags(pred, n)], [entity_tags(gold, n)]) == pytest.approx(0.4)
+
+
+def test_tokenloom_eval_scores_a_pipeline_on_labelled_rows(tiny_models, tmp_path, capsys):
+    import json
+
+    from tokenloom import SamplingParams
+    from tokenloom.cli import main
+    from tokenloom.llm import LLM
+
+    pipeline = tmp_path / "gen.yaml"
+    pipeline.write_text(f"task: text-generation\nmodel: {tiny_models['llama']}\n"
+                        "engine: {dtype: float32, kv_cache_gib: 0.02, num_threads: 1}\n"
+                        "template: '{{ text }}'\nsampling: {temperature: 0, max_tokens: 8}\n")
+    rows = [{"text": "Hello world", "reference": "the quick brown fox"},
+            {"text": "Paged attention", "reference": "keeps keys and values in blocks"},
+            {"text": "Numbers", "reference": "0123456789"}]
+    data = tmp_path / "labeled.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["eval", str(pipeline), "--data", str(data), "--metrics", "bleu,rouge,accuracy,perplexity"]) == 0
+    table = capsys.readouterr().out
+    assert "rouge1" in table and "perplexity" in table and "(3 rows, 0 failed)" in table
+    scores = json.loads((tmp_path / "labeled.scores.json").read_text())["scores"]
+    # The same numbers computed here from the model directly.
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_gib=0.02, num_threads=1)
+    outs = llm.generate([r["text"] for r in rows], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    preds, refs = [o.outputs[0].text for o in outs], [r["reference"] for r in rows]
+    assert scores["bleu"] == pytest.approx(bleu(preds, refs))
+    assert scores["rougeL"] == pytest.approx(rouge(preds, refs)["rougeL"])
+    assert scores["accuracy"] == accuracy(preds, refs)
+    ids = [t for r in refs for t in llm.get_tokenizer().encode(r)]
+    assert scores["perplexity"] == pytest.approx(perplexity(llm, ids).perplexity, rel=1e-6)
+
+
+def test_eval_names_bad_data(tiny_models, tmp_path, capsys):
+    from tokenloom.cli import main
+
+    pipeline = tmp_path / "gen.yaml"
+    pipeline.write_text(f"task: text-generation\nmodel: {tiny_models['llama']}\nengine: {{dtype: float32}}\n")
+    data = tmp_path / "labeled.jsonl"
+    data.write_text('{"text": "Hello"}\n')
+    assert main(["eval", str(pipeline), "--data", str(data)]) == 2
+    assert "rows [0] are not JSON objects with a 'reference' field" in capsys.readouterr().err

@@ -191,14 +191,40 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """`tokenloom eval --perplexity -m MODEL --text FILE`: perplexity over a text with a sliding window."""
+    """`tokenloom eval pipeline.yaml --data labeled.jsonl --metrics ...`: a pipeline scored on labelled rows;
+    `tokenloom eval --perplexity -m MODEL --text FILE`: perplexity over a text with a sliding window."""
+    import json
+
+    if args.perplexity:
+        return _eval_perplexity(args)
+    if args.pipeline is None or args.data is None:
+        raise ValueError("give a pipeline YAML and --data labeled.jsonl (or --perplexity -m MODEL --text FILE)")
+    from tokenloom.evaluation import evaluate_pipeline, format_table
+    from tokenloom.pipelines import load_pipeline
+    from tokenloom.pipelines.batch import read_rows
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    rows = [row.data for row in read_rows(args.data)]
+    bad = [i for i, row in enumerate(rows) if not isinstance(row, dict) or args.reference_field not in row]
+    if bad:  # before the model loads
+        raise ValueError(f"--data {args.data}: rows {bad[:5]} are not JSON objects with a "
+                         f"{args.reference_field!r} field (the expected output)")
+    report = evaluate_pipeline(load_pipeline(args.pipeline), rows, metrics, args.reference_field,
+                               args.prediction_field)
+    print(format_table(report))
+    output = args.output or args.data.with_suffix(".scores.json")
+    output.write_text(json.dumps({"pipeline": str(args.pipeline), "data": str(args.data), "scores": report.scores,
+                                  "rows": report.num_rows, "failed": report.num_failed}, indent=2) + "\n")
+    print(f"scores written to {output}")
+    return 0
+
+
+def _eval_perplexity(args: argparse.Namespace) -> int:
     import json
 
     from tokenloom.evaluation import perplexity
     from tokenloom.llm import LLM
 
-    if not args.perplexity:
-        raise ValueError("say what to evaluate: --perplexity (with -m MODEL and --text FILE)")
     if args.text is None:
         raise ValueError("--perplexity needs --text FILE")
     try:
@@ -272,7 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--models-dir", type=Path, default=None, help="a folder of HF model folders and .gguf files")
         p.add_argument("--models-config", type=Path, default=None, help="a models.yaml catalog")
     models.set_defaults(func=cmd_models)
-    ev = sub.add_parser("eval", help="evaluate a model: perplexity over a text")
+    ev = sub.add_parser("eval", help="score a pipeline on labelled data, or a model's perplexity over a text")
+    ev.add_argument("pipeline", nargs="?", type=Path, default=None, help="a pipeline YAML (see tokenloom run)")
+    ev.add_argument("--data", type=Path, default=None, help="labelled rows: .jsonl with a reference field")
+    ev.add_argument("--metrics", default="accuracy", help="comma-separated: bleu, rouge, accuracy, f1, perplexity")
+    ev.add_argument("--reference-field", default="reference", help="the field holding the expected output")
+    ev.add_argument("--prediction-field", default=None,
+                    help="the result field compared (default: label, answer, entities or text)")
+    ev.add_argument("--output", type=Path, default=None, help="JSON scores (default: DATA.scores.json)")
     ev.add_argument("--perplexity", action="store_true", help="perplexity of --model over --text")
     ev.add_argument("--text", type=Path, default=None, help="a UTF-8 text file")
     ev.add_argument("--window", type=int, default=None, help="tokens per window (default: the context length)")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenloom.llm import LLM
+    from tokenloom.pipelines import Pipeline
 
 
 class MetricError(ValueError):
@@ -145,3 +146,80 @@ def perplexity(llm: LLM, text: str | Sequence[int], window: int | None = None, s
             nll -= out.prompt_logprobs[pos - begin][ids[pos]].logprob
             count += 1
     return PerplexityResult(math.exp(nll / count), nll / count, count, len(spans))
+
+
+@dataclass(slots=True)
+class EvalReport:
+    """A pipeline's scores on labelled rows; failed rows count as empty predictions (and are counted)."""
+
+    scores: dict[str, float]
+    num_rows: int
+    num_failed: int
+    predictions: list[Any]
+
+
+def entity_tags(entities: Sequence[dict[str, Any]], length: int) -> list[str]:
+    """Character-level IOB2 tags of entity spans ({"entity", "start", "end"}), so seqeval scores spans."""
+    tags = ["O"] * length
+    for e in sorted(entities, key=lambda e: e["start"]):
+        start, end = int(e["start"]), min(int(e["end"]), length)
+        if start < end:
+            tags[start] = f"B-{e['entity']}"
+            tags[start + 1:end] = [f"I-{e['entity']}"] * (end - start - 1)
+    return tags
+
+
+def prediction_of(result: dict[str, Any], field: str | None) -> Any:
+    """What a pipeline row predicted: `field` when given, else its label, answer, entities or text."""
+    if field is not None:
+        return result.get(field)
+    for key in ("label", "answer", "entities", "text"):
+        if key in result:
+            return result[key]
+    return None
+
+
+def evaluate_pipeline(pipe: Pipeline, rows: Sequence[dict[str, Any]], metrics: Sequence[str],
+                      reference_field: str = "reference", prediction_field: str | None = None) -> EvalReport:
+    """Run `pipe` over labelled rows (each row's `reference_field` holds the expected output; the rest is
+    the pipeline's input) and score it. Entity references ({"entity", "start", "end"} lists) are scored
+    as spans through seqeval; `perplexity` is the pipeline model's over the reference texts."""
+    missing = [i for i, row in enumerate(rows) if reference_field not in row]
+    if missing:
+        raise MetricError(f"rows {missing[:5]} have no {reference_field!r} field (the expected output)")
+    inputs = [{k: v for k, v in row.items() if k != reference_field} for row in rows]
+    references = [row[reference_field] for row in rows]
+    results = pipe(inputs)
+    failed = sum("error" in r for r in results)
+    predictions = [None if "error" in r else prediction_of(r, prediction_field) for r in results]
+    scores: dict[str, float] = {}
+    wanted = [m for m in metrics if m != "perplexity"]
+    if wanted:
+        preds, refs = _comparable(predictions, references, inputs)
+        scores.update(evaluate(preds, refs, wanted))
+    if "perplexity" in metrics:
+        texts = [r for r in references if isinstance(r, str) and r]
+        if not texts:
+            raise MetricError("perplexity needs text references")
+        ids = [t for text in texts for t in pipe.llm.get_tokenizer().encode(text)]
+        scores["perplexity"] = perplexity(pipe.llm, ids).perplexity
+    return EvalReport(scores, len(rows), failed, predictions)
+
+
+def _comparable(predictions: list[Any], references: list[Any], inputs: list[dict[str, Any]]
+                ) -> tuple[list[Any], list[Any]]:
+    """Predictions and references in the form the metrics take: entity lists become character tags."""
+    if references and isinstance(references[0], list) and references[0] and isinstance(references[0][0], dict):
+        lengths = [len(str(item.get("text", ""))) for item in inputs]
+        return ([entity_tags(p or [], n) for p, n in zip(predictions, lengths)],
+                [entity_tags(r, n) for r, n in zip(references, lengths)])
+    return ["" if p is None else p for p in predictions], references
+
+
+def format_table(report: EvalReport) -> str:
+    """The scores as a two-column text table."""
+    width = max([len(name) for name in report.scores] + [6])
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ---------"]
+    lines += [f"{name:<{width}}  {value:.4f}" for name, value in report.scores.items()]
+    lines.append(f"({report.num_rows} rows, {report.num_failed} failed)")
+    return "\n".join(lines)
