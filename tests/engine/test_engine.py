@@ -55,6 +55,21 @@ def test_prefix_cache_hits_and_output_equals_uncached(llm, gemma_path):
     assert cached.outputs[0].token_ids == uncached.outputs[0].token_ids
 
 
+def test_a_continuation_copies_the_partial_block_and_equals_uncached(llm, gemma_path):
+    prompt = mixed_prompts(1, llm.engine.vocab_size, seed=11)[0][:37]  # 2 full blocks + 5 slots
+    first = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]
+    follow = prompt + first.outputs[0].token_ids  # the same sequence, one token longer
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    cached = llm.generate([follow], params, use_tqdm=False)[0]
+    assert cached.num_cached_tokens == len(follow) - 1  # 32 from full blocks, 5 copied from the partial one
+    uncached = LLM(gemma_path, dtype="float32", kv_cache_gib=0.02, enable_prefix_caching=False)
+    want = uncached.generate([follow], params, use_tqdm=False)[0].outputs[0]
+    assert cached.outputs[0].token_ids == want.token_ids
+    for got, ref in zip(cached.outputs[0].logprobs, want.logprobs):
+        assert {t: e.logprob for t, e in got.items()} == pytest.approx({t: e.logprob for t, e in ref.items()},
+                                                                       abs=1e-5)
+
+
 def test_preemption_keeps_greedy_outputs(llm, gemma_path):
     prompts = mixed_prompts(12, llm.engine.vocab_size, seed=5)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)

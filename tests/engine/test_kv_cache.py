@@ -92,3 +92,29 @@ def test_prefix_caching_off_never_hits():
     kv = KVCacheManager(num_blocks=16, block_size=4, enable_prefix_caching=False)
     compute_all(kv, make_request("a", list(range(10))))
     assert kv.find_cached_prefix(make_request("b", list(range(10)))) == []
+
+
+def test_a_freed_partial_block_is_copied_into_the_continuing_request():
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    a = make_request("a", list(range(10)))  # 2 full blocks + 2 slots of a third
+    compute_all(kv, a)
+    partial_block = a.block_ids[2]
+    kv.free(a)
+    b = make_request("b", list(range(10)) + [77])  # a's tokens, then one more: only token 77 to compute
+    full = kv.find_cached_prefix(b)
+    assert len(full) == 2
+    assert kv.find_cached_partial(b, len(full)) == (partial_block, 2)
+    assert kv.allocate(b, 1, full, num_copied=2) and len(b.block_ids) == 3
+    # A different last block's tokens, or a gap in the full blocks, find nothing.
+    assert kv.find_cached_partial(make_request("c", list(range(9)) + [5, 77]), 2) is None
+    assert kv.find_cached_partial(b, 1) is None
+
+
+def test_a_partial_block_taken_by_another_request_is_forgotten():
+    kv = KVCacheManager(num_blocks=3, block_size=4)
+    a = make_request("a", list(range(6)))
+    compute_all(kv, a)
+    kv.free(a)
+    compute_all(kv, make_request("x", list(range(100, 112))))  # takes every block, the partial one too
+    b = make_request("b", list(range(6)) + [9])
+    assert kv.find_cached_partial(b, len(kv.find_cached_prefix(b))) is None

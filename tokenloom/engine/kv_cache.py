@@ -3,6 +3,11 @@
 A full block is identified by a hash chained from its parent's hash and its own tokens, so equal
 prefixes map to equal hash chains. Freed blocks keep their hash (and contents) and wait in an LRU
 free list: a later request with the same prefix takes them back before they are reused for others.
+
+A request's last, partly filled block is kept the same way when the request ends, under a key of its
+parent's hash and the tokens it holds. A later request that continues exactly that sequence (a beam's
+child, a conversation's next turn sent whole) gets a fresh block and a copy of those slots instead of
+recomputing them: copy-on-write, since the partial block itself is never shared.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None
+    partial_key: int | None = None  # a freed, partly filled last block's key (see partial_key)
 
 
 @dataclass(slots=True)
@@ -37,6 +43,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}
+        self.partial: dict[int, int] = {}  # partial key -> block id (free blocks only)
 
     @property
     def num_free(self) -> int:
@@ -57,6 +64,9 @@ class BlockPool:
             if block.block_hash is not None:
                 del self.cached[block.block_hash]
                 block.block_hash = None
+            if block.partial_key is not None:
+                self.partial.pop(block.partial_key, None)
+                block.partial_key = None
             block.ref_count = 1
             taken.append(block)
         return taken
@@ -84,16 +94,33 @@ class BlockPool:
             block.block_hash = block_hash
             self.cached[block_hash] = block_id
 
+    def publish_partial(self, block_id: int, key: int) -> None:
+        """Record that a freed, partly filled block holds the slots keyed `key` (until it is taken)."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0 and block.partial_key is None and key not in self.partial:
+            block.partial_key = key
+            self.partial[key] = block_id
+
+    def lookup_partial(self, key: int) -> int | None:
+        """The free block holding the partial slots keyed `key`, if any."""
+        return self.partial.get(key)
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (e.g. after weights change)."""
         for block in self.blocks:
-            block.block_hash = None
+            block.block_hash = block.partial_key = None
         self.cached.clear()
+        self.partial.clear()
 
 
 def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
     """The chained hash of a full block."""
     return hash((parent_hash, token_ids))
+
+
+def partial_key(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    """The key of a partly filled block: its parent's chained hash and the tokens in its filled slots."""
+    return hash(("partial", parent_hash, token_ids))
 
 
 class KVCacheManager:
@@ -140,11 +167,27 @@ class KVCacheManager:
             hits.append(block)
         return hits  # counted in the stats by the scheduler, once, when the request is admitted
 
-    def allocate(self, request: Request, num_new_tokens: int, cached: list[Block] = ()) -> bool:
-        """Give `request` blocks for `num_new_tokens` more tokens (after `cached` prefix blocks).
+    def find_cached_partial(self, request: Request, num_full_hits: int) -> tuple[int, int] | None:
+        """(block id, slots) of a freed partial block holding the request's tokens right after its
+        `num_full_hits` cached full blocks, up to (not including) its last token; None if there is none."""
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return None
+        bs, last = self.block_size, request.num_tokens - 1
+        if num_full_hits != last // bs or last % bs == 0:
+            return None
+        i = num_full_hits
+        self._update_hashes(request, i * bs)
+        parent = request.block_hashes[i - 1] if i else request.cache_salt
+        block_id = self.pool.lookup_partial(partial_key(parent, tuple(request.token_slice(i * bs, last))))
+        return None if block_id is None else (block_id, last - i * bs)
+
+    def allocate(self, request: Request, num_new_tokens: int, cached: list[Block] = (),
+                 num_copied: int = 0) -> bool:
+        """Give `request` blocks for `num_new_tokens` more tokens (after `cached` prefix blocks and
+        `num_copied` slots the caller copies into its first new block).
 
         Returns False, changing nothing, when the pool is too small."""
-        num_computed = request.num_computed_tokens + len(cached) * self.block_size
+        num_computed = request.num_computed_tokens + len(cached) * self.block_size + num_copied
         have = len(request.block_ids) + len(cached)
         need = -(-(num_computed + num_new_tokens) // self.block_size) - have
         evictable_hits = sum(1 for b in cached if b.ref_count == 0)
@@ -169,7 +212,20 @@ class KVCacheManager:
         request.num_published_blocks = num_full
 
     def free(self, request: Request) -> None:
-        """Return all the request's blocks."""
+        """Return all the request's blocks; its partly filled last block stays findable until reused."""
+        partial = self._partial_of(request)
         self.pool.release(request.block_ids)
+        if partial is not None:
+            self.pool.publish_partial(*partial)
         request.block_ids = []
         request.num_published_blocks = 0
+
+    def _partial_of(self, request: Request) -> tuple[int, int] | None:
+        """(block id, key) of the request's computed but partly filled last block, if caching is on."""
+        bs, computed = self.block_size, request.num_computed_tokens
+        i = computed // bs
+        if not self.enable_prefix_caching or computed % bs == 0 or i >= len(request.block_ids):
+            return None
+        self._update_hashes(request, computed)
+        parent = request.block_hashes[i - 1] if i else request.cache_salt
+        return request.block_ids[i], partial_key(parent, tuple(request.token_slice(i * bs, computed)))

@@ -97,6 +97,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Run one step and sample the requests that reached their last token."""
+        self._copy_blocks(sched.block_copies)
         batch = self._prepare(sched)
         hidden = self.model(batch.input_ids, batch.positions, batch.meta)
         out = RunnerOutput()
@@ -113,6 +114,18 @@ class ModelRunner:
             k = request.sampling_params.prompt_logprobs
             out.prompt_logprobs[request.request_id] = prompt_logprobs(logits, targets, k)
         return out
+
+    def _copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy cached partial blocks' slots into their new owners' blocks (copy-on-write), every layer."""
+        if not copies:
+            return
+        for attn in attention_layers(self.model):
+            if attn.kv_cache is None:
+                continue
+            for tensor in attn.kv_cache:
+                for src, dst, n in copies:
+                    if src != dst:
+                        tensor[dst, :n] = tensor[src, :n]
 
     def _prepare(self, sched: SchedulerOutput) -> _Batch:
         """Pack the batch: multi-token chunks first, then single-token (decode) rows; an encoder–decoder

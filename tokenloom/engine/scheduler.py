@@ -28,6 +28,8 @@ class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # (source block, destination block, slots): cached partial blocks copied before the step runs
+    block_copies: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
@@ -100,14 +102,18 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             cached = self.kv.find_cached_prefix(request)
-            num_cached = len(cached) * self.kv.block_size
+            partial = self.kv.find_cached_partial(request, len(cached))
+            num_copied = partial[1] if partial else 0
+            num_cached = len(cached) * self.kv.block_size + num_copied
             n = request.num_tokens - num_cached
             enc = request.num_encoder_tokens
             if (n + enc > budget and not self.config.enable_chunked_prefill) or (enc >= budget and out.requests):
                 break
             n = max(1, min(n, budget - enc))
-            if not self.kv.allocate(request, n, cached):
+            if not self.kv.allocate(request, n, cached, num_copied):
                 break
+            if partial:
+                out.block_copies.append((partial[0], request.block_ids[len(cached)], num_copied))
             self.waiting.popleft()
             self.kv.stats.queries += request.num_tokens
             self.kv.stats.hits += num_cached
