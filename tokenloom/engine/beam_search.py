@@ -2,10 +2,10 @@
 
 Each step sends every live beam of every prompt to the engine as one request for one token with its
 top-K log-probabilities (K = max(2, 1 + number of EOS ids) x beam width, as transformers keeps), so all
-beams of all prompts run in one continuous batch. Beams share their prefix blocks through the prefix
-cache: a beam's full blocks are the blocks its parent computed, found by hash and reference-counted, so
-each step computes only the tokens of the beam's last, partial block (at most block_size - 1, plus the
-new one) instead of its whole history.
+beams of all prompts run in one continuous batch. Beams share their parent's blocks: the full ones
+through the prefix cache (found by hash, reference-counted), and the parent's partly filled last block by
+copy-on-write (kv_cache.py: the child gets a fresh block with a copy of those slots), so each beam
+computes one new token per step, not its history.
 
 The bookkeeping follows `GenerationMixin._beam_search` (transformers 5): the K best continuations over
 all beams by cumulative log-probability; those that end (an EOS id, or max_tokens reached) and rank in
@@ -125,7 +125,7 @@ def _can_improve(s: _Search, generated: int, params: BeamSearchParams) -> bool:
 
 def engine_expander(engine: LLMEngine) -> Expander:
     """An Expander over a decoder-only engine: every sequence is a one-token greedy request asking for its
-    top-k log-probabilities, all run together; its full blocks come from the prefix cache."""
+    top-k log-probabilities, all run together; its cached blocks come from its parent beam's request."""
     counter = itertools.count()
 
     def expand(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
