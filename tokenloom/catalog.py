@@ -27,6 +27,7 @@ import yaml
 from tokenloom.config import ConfigError, EngineConfig, option_names
 from tokenloom.manager import ModelSpec
 from tokenloom.sampling_params import SamplingParams
+from tokenloom.yamlio import compose_file
 
 _SPEC_FIELDS = {"name", "source", "keep_alive", "sampling", "chat_template"}
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -77,14 +78,7 @@ def specs_from_dir(folder: Path) -> list[ModelSpec]:
 def specs_from_yaml(path: Path) -> list[ModelSpec]:
     """The models a YAML catalog lists, every field checked (see the module docstring for the format)."""
     path = Path(path)
-    try:
-        root = yaml.compose(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CatalogError(f"{path}: cannot read the catalog ({exc.strerror or exc})") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise CatalogError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    root = compose_file(path, CatalogError, "catalog")
     models = _mapping_value(root, "models") if isinstance(root, yaml.MappingNode) else None
     if not isinstance(models, yaml.SequenceNode):
         line = root.start_mark.line + 1 if root is not None else 1

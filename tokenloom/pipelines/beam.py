@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenloom.pipelines.base import RESULT, Item, PipelineContext, PipelineError, fail
-from tokenloom.pipelines.generate import checked_ids, item_prompts
+from tokenloom.pipelines.base import RESULT, Item, PipelineContext, PipelineError
+from tokenloom.pipelines.generate import batch_prompts
 from tokenloom.sampling_params import BeamSearchParams
 
 
@@ -29,17 +29,7 @@ class BeamSearch:
 
     def run(self, items: list[Item], ctx: PipelineContext) -> None:
         """One beam search over every item's prompt(s)."""
-        flat: list[list[int]] = []
-        owners: list[tuple[Item, int]] = []
-        for item in items:
-            try:
-                prompts, _ = item_prompts(item)
-                ids = [checked_ids(ctx, p, self.max_tokens) for p in prompts]
-            except ValueError as exc:
-                fail(item, exc)
-                continue
-            owners.append((item, len(ids)))
-            flat += ids
+        flat, owners = batch_prompts(items, ctx, self.max_tokens)
         outputs = iter(ctx.llm.beam_search(flat, self.params) if flat else [])
         for item, count in owners:
             mine = [next(outputs) for _ in range(count)]

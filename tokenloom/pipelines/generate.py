@@ -35,6 +35,24 @@ def checked_ids(ctx: PipelineContext, prompt: PromptLike, max_tokens: int | None
     return ids
 
 
+def batch_prompts(items: list[Item], ctx: PipelineContext, max_tokens: int | None
+                  ) -> tuple[list[list[int]], list[tuple[Item, int]]]:
+    """Every item's checked prompt ids in one flat list, and each item with its number of prompts; an
+    item whose prompt is bad fails alone and is left out."""
+    flat: list[list[int]] = []
+    owners: list[tuple[Item, int]] = []
+    for item in items:
+        try:
+            prompts, _ = item_prompts(item)
+            ids = [checked_ids(ctx, p, max_tokens) for p in prompts]
+        except ValueError as exc:
+            fail(item, exc)
+            continue
+        owners.append((item, len(ids)))
+        flat += ids
+    return flat, owners
+
+
 def sampling_overrides(options: dict[str, Any] | None) -> dict[str, Any]:
     """Check a step's own sampling overrides by building SamplingParams from them."""
     if options is None:
@@ -63,17 +81,7 @@ class Generate:
         """One generate call for the batch."""
         params = dataclasses.replace(ctx.sampling, **self.overrides, output_kind="final")
         params.validate_vocab(ctx.llm.engine.vocab_size)
-        flat: list[list[int]] = []
-        owners: list[tuple[Item, int]] = []
-        for item in items:
-            try:
-                prompts, _ = item_prompts(item)
-                ids = [checked_ids(ctx, p, params.max_tokens) for p in prompts]
-            except ValueError as exc:
-                fail(item, exc)
-                continue
-            owners.append((item, len(ids)))
-            flat += ids
+        flat, owners = batch_prompts(items, ctx, params.max_tokens)
         outputs = iter(ctx.llm.generate(flat, params, use_tqdm=False) if flat else [])
         for item, count in owners:
             self.collect(item, [next(outputs) for _ in range(count)])

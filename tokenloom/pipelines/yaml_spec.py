@@ -28,6 +28,7 @@ from tokenloom.pipelines.base import PipelineError
 from tokenloom.pipelines.build import PipelineSpec, as_step_spec, build_pipeline, check_inference, make_steps
 from tokenloom.pipelines.registry import check_options, get_task
 from tokenloom.sampling_params import SamplingParams
+from tokenloom.yamlio import compose_file
 
 if TYPE_CHECKING:
     from tokenloom.llm import LLM
@@ -68,14 +69,7 @@ def load_spec(path: str | Path) -> tuple[PipelineSpec, dict[str, int]]:
 
 
 def _compose(path: Path) -> yaml.Node | None:
-    try:
-        return yaml.compose(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise PipelineConfigError(f"{path}: cannot read the pipeline ({exc.strerror or exc})") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise PipelineConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    return compose_file(path, PipelineConfigError, "pipeline")
 
 
 def field_lines(root: yaml.MappingNode) -> dict[str, int]:
