@@ -228,3 +228,12 @@ def test_a_load_found_over_budget_after_measuring_is_closed(specs):
     with pytest.raises(MemoryBudgetError):
         manager.get("llama")
     assert closed == ["llama"] and manager.list()[1].state is ModelState.FAILED
+
+
+def test_an_encoder_models_estimate_has_no_kv_cache():
+    from tests.encoder_models import minilm_path
+    from tokenloom.manager import estimate_bytes
+
+    spec = ModelSpec("minilm", str(minilm_path()), {"dtype": "float32", "kv_cache_gib": 1.0})
+    measured = engine_bytes(ModelManager([spec]).get("minilm"))
+    assert abs(estimate_bytes(spec) - measured) <= 0.02 * measured  # no 1 GiB of KV cache counted

@@ -25,6 +25,7 @@ from typing import Any
 
 from tokenloom.config import EngineConfig
 from tokenloom.engine.llm_engine import LLMEngine
+from tokenloom.engine.pooling_engine import PoolingEngine
 
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default: five minutes
 
@@ -97,13 +98,13 @@ class _Entry:
     loaded: threading.Event = field(default_factory=threading.Event)
 
 
-def engine_bytes(engine: LLMEngine) -> int:
+def engine_bytes(engine: LLMEngine | PoolingEngine) -> int:
     """Bytes a running engine holds: its weights and its KV cache tensors."""
     kv = sum(t.numel() * t.element_size() for attn in _attention_caches(engine) for t in attn)
     return engine.loaded.weight_bytes + kv
 
 
-def _attention_caches(engine: LLMEngine) -> list[tuple[Any, Any]]:
+def _attention_caches(engine: LLMEngine | PoolingEngine) -> list[tuple[Any, Any]]:
     from tokenloom.engine.model_runner import attention_layers
 
     return [a.kv_cache for a in attention_layers(engine.loaded.model) if a.kv_cache is not None]
@@ -111,7 +112,8 @@ def _attention_caches(engine: LLMEngine) -> list[tuple[Any, Any]]:
 
 def estimate_bytes(spec: ModelSpec) -> int:
     """Before a first load: parameters from the tensor headers times the bytes of the dtype the model
-    will run in, plus the KV cache budget (quantized formats come out smaller: an upper bound)."""
+    will run in, plus the KV cache budget for generative models (quantized formats come out smaller: an
+    upper bound)."""
     import torch
 
     from tokenloom.loader import count_parameters
@@ -120,9 +122,22 @@ def estimate_bytes(spec: ModelSpec) -> int:
 
     source = resolve_model(spec.source)
     config = EngineConfig.from_kwargs(model=spec.source, **spec.engine_options)
-    saved = checkpoint_dtype(read_hf_config(source.path)) if source.kind == "hf" else None
+    hf_config = read_hf_config(source.path) if source.kind == "hf" else None
+    saved = checkpoint_dtype(hf_config) if hf_config is not None else None
     element = torch.tensor([], dtype=config.model_config.torch_dtype(saved)).element_size()
-    return count_parameters(source) * element + int(config.cache_config.kv_cache_gib * 2**30)
+    kv = 0 if hf_config is not None and _is_encoder_only(hf_config) else int(config.cache_config.kv_cache_gib * 2**30)
+    return count_parameters(source) * element + kv
+
+
+def _is_encoder_only(hf_config: Any) -> bool:
+    """Whether the checkpoint's architecture runs on the pooling engine (no KV cache)."""
+    from tokenloom.models.encoder_heads import EncoderModel
+    from tokenloom.models.registry import UnsupportedModelError, model_class_for
+
+    try:
+        return issubclass(model_class_for(hf_config), EncoderModel)
+    except UnsupportedModelError:
+        return False
 
 
 class ModelManager:
@@ -365,5 +380,8 @@ class ModelManager:
         gc.collect()  # hand the weights and cache back now, not at some later collection
 
 
-def _build_engine(spec: ModelSpec) -> LLMEngine:
-    return LLMEngine(EngineConfig.from_kwargs(model=spec.source, **spec.engine_options))
+def _build_engine(spec: ModelSpec) -> LLMEngine | PoolingEngine:
+    """The engine the model's architecture runs on (LLMEngine, or PoolingEngine for encoder-only models)."""
+    from tokenloom.engine.factory import create_engine
+
+    return create_engine(EngineConfig.from_kwargs(model=spec.source, **spec.engine_options))
