@@ -116,16 +116,17 @@ class ModelRunner:
         return out
 
     def _copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
-        """Copy cached partial blocks' slots into their new owners' blocks (copy-on-write), every layer."""
-        if not copies:
+        """Copy cached partial blocks into their new owners' blocks (copy-on-write), every layer, one
+        indexed copy per cache tensor. Whole blocks are copied: the slots past the copied count are not
+        computed yet for the new owner, so it writes them before anything reads them."""
+        moves = [(src, dst) for src, dst, _ in copies if src != dst]
+        if not moves:
             return
+        src = torch.tensor([m[0] for m in moves], device=self.device)
+        dst = torch.tensor([m[1] for m in moves], device=self.device)
         for attn in attention_layers(self.model):
-            if attn.kv_cache is None:
-                continue
-            for tensor in attn.kv_cache:
-                for src, dst, n in copies:
-                    if src != dst:
-                        tensor[dst, :n] = tensor[src, :n]
+            for tensor in attn.kv_cache or ():
+                tensor[dst] = tensor[src]
 
     def _prepare(self, sched: SchedulerOutput) -> _Batch:
         """Pack the batch: multi-token chunks first, then single-token (decode) rows; an encoder–decoder

@@ -226,14 +226,18 @@ def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor, ks: list[int]) -> l
     """
     lp = logits.float().log_softmax(dim=-1)
     chosen = lp.gather(1, ids.long()[:, None])
-    ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+    k = min(max(max(ks, default=0), 1), lp.shape[1])
+    top_vals, top_ids = lp.topk(k, dim=-1)
+    # The top-k values are sorted and hold every larger value: ranks inside them need no pass over the
+    # vocabulary; only a chosen token below the k-th value (a sampled, unlikely one) is counted in full.
+    ranks_t = (top_vals > chosen).sum(dim=-1) + 1
+    outside = (chosen[:, 0] < top_vals[:, -1]).nonzero()[:, 0]
+    if outside.numel():
+        ranks_t[outside] = (lp[outside] > chosen[outside]).sum(dim=-1) + 1
+    ranks = ranks_t.tolist()
     chosen_list, id_list = chosen[:, 0].tolist(), ids.tolist()
-    k = min(max(ks, default=0), lp.shape[1])
-    if k > 0:
-        top_vals, top_ids = lp.topk(k, dim=-1)
-        # the top-k values are sorted and contain every larger value, so ranks come from them alone
-        top_ranks = ((top_vals[:, None, :] > top_vals[:, :, None]).sum(dim=-1) + 1).tolist()
-        top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
+    top_ranks = ((top_vals[:, None, :] > top_vals[:, :, None]).sum(dim=-1) + 1).tolist()
+    top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
     out: list[PositionLogprobs] = []
     for row, token in enumerate(id_list):
         entry = {token: Logprob(chosen_list[row], ranks[row])}
