@@ -67,9 +67,12 @@ class ServedModel:
     def generator(self) -> AsyncEngine:
         """The async engine of a generative model; 400 naming what an encoder model supports instead."""
         if self.engine is None:
+            routes = [route for task, route in (("embed", "POST /v1/embeddings"), ("classify", "POST /classify"))
+                      if task in self.supported_tasks]
+            where = f" ({', '.join(routes)})" if routes else ""
             raise APIError(400, f"model '{self.name}' is an encoder-only model: it supports "
-                                f"{', '.join(self.supported_tasks)} (POST /v1/embeddings, /classify), not text "
-                                f"generation", param="model", code="unsupported_task")
+                                f"{', '.join(self.supported_tasks)}{where}, not text generation", param="model",
+                           code="unsupported_task")
         return self.engine
 
     def encoder(self, task: str) -> AsyncPoolingEngine:
