@@ -13,11 +13,15 @@ kernels = cpu_kernels()
 pytestmark = pytest.mark.skipif(kernels is None, reason="no C++ compiler: the kernel could not be built")
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("heads,kv_heads,window", [(4, 1, None), (4, 2, 24), (6, 6, None), (8, 2, 5)])
-def test_kernel_matches_the_torch_path(dtype, tol, heads, kv_heads, window):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("heads,kv_heads,window,dim", [(4, 1, None, 32), (4, 2, 24, 32), (6, 6, None, 32),
+                                                       (8, 2, 5, 32), (4, 1, None, 256), (16, 2, None, 64),
+                                                       (6, 2, None, 48)])
+def test_kernel_matches_the_torch_path(dtype, tol, heads, kv_heads, window, dim):
+    """dim 32/64/256 with groups of 1, 2, 4, 8 take the AVX-512 path where the CPU has it; 48 and a group
+    of 3 the portable one."""
     torch.manual_seed(heads * 10 + kv_heads)
-    dim, block_size, rows = 32, 16, 7
+    block_size, rows = 16, 7
     lens = torch.tensor([1, 2, 15, 16, 17, 40, 95])
     max_blocks = -(-int(lens.max()) // block_size)
     num_blocks = rows * max_blocks + 3
