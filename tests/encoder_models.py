@@ -22,6 +22,19 @@ MAX_POSITIONS = 128
 _ARCH_PREFIX = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 _BUILT: dict[str, Path] = {}
+# Sentences the encoder tests embed: pairs of similar ones, unrelated ones, and non-ASCII text.
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "A woman is playing violin.",
+    "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.",
+    "A monkey is playing drums.",
+    "Paged attention keeps keys and values in fixed-size blocks; continuous batching fills them.",
+    "Ünïcödé, 中文字符 and emoji 🙂 survive tokenization.",
+]
 
 
 def minilm_path() -> Path:

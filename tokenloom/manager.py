@@ -261,11 +261,9 @@ class ModelManager:
     def close_all(self) -> None:
         """Unload every model, busy or not (at shutdown, once the requests have been drained or aborted)."""
         with self._lock:
-            engines = [e.engine for e in self._entries.values() if e.state is ModelState.LOADED]
             for entry in self._entries.values():
-                if entry.state is ModelState.LOADED:
-                    entry.in_flight = 0
-                    self._detach_locked(entry)
+                entry.in_flight = 0
+            engines = [self._detach_locked(entry) for entry in self._entries.values()]
         self._dispose(engines)
 
     def loaded(self) -> dict[str, Any]:

@@ -7,23 +7,11 @@ import random
 import pytest
 import torch
 
-from tests.encoder_models import hf_reference, minilm_path, tiny_encoder_path
+from tests.encoder_models import SENTENCES, hf_reference, minilm_path, tiny_encoder_path
 from tokenloom.engine.encoder_tasks import best_span, problem_type
 from tokenloom.engine.pooling_engine import PoolingEngine
 from tokenloom.llm import LLM
 
-SENTENCES = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The girl is carrying a baby.",
-    "A man is riding a horse.",
-    "A woman is playing violin.",
-    "Two men pushed carts through the woods.",
-    "A man is riding a white horse on an enclosed ground.",
-    "A monkey is playing drums.",
-    "Paged attention keeps keys and values in fixed-size blocks; continuous batching fills them.",
-    "Ünïcödé, 中文字符 and emoji 🙂 survive tokenization.",
-]
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "paged", "attention", "keeps",
          "keys", "and", "values", "in", "blocks", "continuous", "batching", "café", "naïve", "résumé", "中文", "🙂",
          "0123456789"]

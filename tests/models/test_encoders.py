@@ -8,25 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.encoder_models import FAMILIES, HEADS, hf_reference, minilm_path, tiny_encoder_path
+from tests.encoder_models import FAMILIES, HEADS, SENTENCES, hf_reference, minilm_path, tiny_encoder_path
 from tokenloom.config import ModelConfig
 from tokenloom.loader import load_model
 from tokenloom.models.layers.encoder_attention import EncoderMetadata
 from tokenloom.models.loading import WeightLoadError
 from tokenloom.models.pooling import PoolingConfig, PoolingConfigError, pool, read_pooling_config
 
-SENTENCES = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The girl is carrying a baby.",
-    "A man is riding a horse.",
-    "A woman is playing violin.",
-    "Two men pushed carts through the woods.",
-    "A man is riding a white horse on an enclosed ground.",
-    "A monkey is playing drums.",
-    "Paged attention keeps keys and values in fixed-size blocks; continuous batching fills them.",
-    "Ünïcödé, 中文字符 and emoji 🙂 survive tokenization.",
-]
 LENS = [7, 12, 3, 1]
 
 

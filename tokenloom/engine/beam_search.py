@@ -67,10 +67,16 @@ class _Search:
     done: bool = False
 
 
+def candidates_per_step(params: BeamSearchParams, eos_ids: frozenset[int]) -> int:
+    """K: how many continuations transformers keeps each step (enough that `beam_width` of them go on even
+    when the best ones all end in an EOS id)."""
+    return max(2, 1 + (0 if params.ignore_eos else len(eos_ids))) * params.beam_width
+
+
 def beam_search(prompts: Sequence[list[int]], params: BeamSearchParams, eos_ids: frozenset[int],
                 expand: Expander) -> list[BeamSearchOutput]:
     """Run beam search for every prompt, expanding all live beams of all prompts together each step."""
-    k = max(2, 1 + (0 if params.ignore_eos else len(eos_ids))) * params.beam_width
+    k = candidates_per_step(params, eos_ids)
     searches = [_Search(list(p), [([], 0.0)], [(NEG, None)] * params.beam_width) for p in prompts]
     for step in range(params.max_tokens):
         live = [s for s in searches if not s.done]
@@ -155,7 +161,8 @@ def run_beam_search(engine: LLMEngine, prompts: Sequence[str | list[int]], param
     """Beam search on a decoder-only engine for text or token-id prompts, with each hypothesis detokenized."""
     if getattr(engine, "is_encoder_decoder", False):
         raise ValueError("beam search runs on decoder-only models for now; this model is an encoder-decoder")
-    width = max(2, 1 + (0 if params.ignore_eos else len(engine.tokenizer.eos_token_ids))) * params.beam_width
+    eos_ids = frozenset(engine.tokenizer.eos_token_ids)
+    width = candidates_per_step(params, eos_ids)
     if width > MAX_LOGPROBS:
         raise SamplingParamsError(f"beam_width {params.beam_width} needs the top {width} log-probabilities per "
                                   f"step; at most {MAX_LOGPROBS} are available (beam_width <= "
@@ -165,7 +172,7 @@ def run_beam_search(engine: LLMEngine, prompts: Sequence[str | list[int]], param
         if len(p) + params.max_tokens > engine.max_model_len:
             raise ValueError(f"prompt {i}: {len(p)} prompt tokens plus max_tokens={params.max_tokens} exceed the "
                              f"context length {engine.max_model_len}")
-    outputs = beam_search(ids, params, frozenset(engine.tokenizer.eos_token_ids), engine_expander(engine))
+    outputs = beam_search(ids, params, eos_ids, engine_expander(engine))
     for out in outputs:
         for seq in out.sequences:
             seq.text = engine.tokenizer.decode(seq.token_ids)

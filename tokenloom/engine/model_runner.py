@@ -83,7 +83,8 @@ class ModelRunner:
         self.sampler = Sampler()
         if device.type == "cpu":
             keep_freed_memory()
-        for attn in attention_layers(model):
+        self.attention = attention_layers(model)
+        for attn in self.attention:
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
             attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
                              torch.zeros(shape, dtype=dtype, device=device))
@@ -124,7 +125,7 @@ class ModelRunner:
             return
         src = torch.tensor([m[0] for m in moves], device=self.device)
         dst = torch.tensor([m[1] for m in moves], device=self.device)
-        for attn in attention_layers(self.model):
+        for attn in self.attention:
             for tensor in attn.kv_cache or ():
                 tensor[dst] = tensor[src]
 

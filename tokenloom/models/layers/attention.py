@@ -48,6 +48,15 @@ class AttentionMetadata:
     cross: CrossAttentionMetadata | None = None  # encoder–decoder models: each request's encoder keys/values
     _decode_slots: torch.Tensor | None = None
     _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _prefill_masks: dict[tuple[int, int, int | None], torch.Tensor] = field(default_factory=dict)
+
+    def prefill_mask(self, span: PrefillSpan, window: int | None, device: torch.device) -> torch.Tensor:
+        """`chunk_mask` of a span, built once per step and window (every layer of the step shares it)."""
+        key = (span.length, span.context_len, window)
+        mask = self._prefill_masks.get(key)
+        if mask is None:
+            mask = self._prefill_masks[key] = chunk_mask(span.length, span.context_len, window, device)
+        return mask
 
     @property
     def decode_slots(self) -> torch.Tensor:
@@ -147,7 +156,7 @@ class PagedAttention(nn.Module):
         for span in meta.prefills:
             end = span.start + span.length
             out[span.start:end] = self._prefill(q[span.start:end], k[span.start:end], v[span.start:end],
-                                                span, k_flat, v_flat)
+                                                span, meta, k_flat, v_flat)
         if meta.decode_block_table is not None:
             q_decode = q[meta.num_prefill_tokens:]
             if kernels is not None:
@@ -158,17 +167,17 @@ class PagedAttention(nn.Module):
                 out[meta.num_prefill_tokens:] = self._decode(q_decode, meta, k_flat, v_flat)
         return out.view(q.shape[0], -1)
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan,
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan, meta: AttentionMetadata,
                  k_flat: torch.Tensor, v_flat: torch.Tensor) -> torch.Tensor:
         window = self.sliding_window
         if span.context_len:
             k, v = k_flat[span.kv_slots], v_flat[span.kv_slots]
         if q.device.type == "cpu" and self.num_heads * span.length * k.shape[0] <= MATMUL_PREFILL_MAX_SCORES:
-            return self._prefill_matmul(q, k, v, chunk_mask(span.length, span.context_len, window, q.device))
+            return self._prefill_matmul(q, k, v, meta.prefill_mask(span, window, q.device))
         if span.context_len == 0 and (window is None or span.length <= window):
             mask, causal = None, True
         else:
-            mask, causal = chunk_mask(span.length, span.context_len, window, q.device), False
+            mask, causal = meta.prefill_mask(span, window, q.device), False
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, is_causal=causal,
             scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
