@@ -32,12 +32,12 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
     async with state_of(request).use_model(body) as lease:
         served = lease.model
         served.encoder("embed")
-        inputs = await _tokenize(served, items, body.truncate)
-        results = await _run(served, inputs, "embed")
-        width = results[0].data.numel()
-        if body.dimensions is not None and body.dimensions != width:
+        width = served.inner.loaded.hf_config.hidden_size  # every pooling mode keeps the hidden size
+        if body.dimensions is not None and body.dimensions != width:  # refused before any work is done
             raise APIError(400, f"model '{served.name}' does not support 'dimensions': its embeddings have {width} "
                                 f"dimensions and cannot be shortened", param="dimensions", code="unsupported_parameter")
+        inputs = await _tokenize(served, items, body.truncate)
+        results = await _run(served, inputs, "embed")
         data = [{"object": "embedding", "index": i, "embedding": _encode(r.data, body.encoding_format)}
                 for i, r in enumerate(results)]
         tokens = sum(len(inp.token_ids) for inp in inputs)

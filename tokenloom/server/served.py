@@ -22,7 +22,7 @@ from tokenloom.engine.async_pooling import AsyncPoolingEngine
 from tokenloom.engine.factory import create_engine, supported_tasks
 from tokenloom.engine.llm_engine import LLMEngine
 from tokenloom.engine.pooling_engine import PoolingEngine
-from tokenloom.manager import ModelManager, ModelSpec, UnknownModelError, engine_bytes
+from tokenloom.manager import ModelManager, ModelSpec, engine_bytes
 from tokenloom.server.errors import APIError
 from tokenloom.server.tokenization import TokenizerPool
 
@@ -200,8 +200,6 @@ class ModelLeases:
             pending.add_done_callback(lambda f: f.cancelled() or f.exception() or
                                       loop.run_in_executor(None, self.manager.release, name))
             raise
-        except UnknownModelError as exc:  # unregistered between resolve() and here
-            raise APIError(404, str(exc), param="model", code="model_not_found") from exc
         return ModelLease(served, lambda: self.manager.release(name))
 
     @contextlib.asynccontextmanager
