@@ -175,11 +175,8 @@ class KVCacheManager:
         bs, last = self.block_size, request.num_tokens - 1
         if num_full_hits != last // bs or last % bs == 0:
             return None
-        i = num_full_hits
-        self._update_hashes(request, i * bs)
-        parent = request.block_hashes[i - 1] if i else request.cache_salt
-        block_id = self.pool.lookup_partial(partial_key(parent, tuple(request.token_slice(i * bs, last))))
-        return None if block_id is None else (block_id, last - i * bs)
+        block_id = self.pool.lookup_partial(self._partial_key_of(request, last))
+        return None if block_id is None else (block_id, last % bs)
 
     def allocate(self, request: Request, num_new_tokens: int, cached: list[Block] = (),
                  num_copied: int = 0) -> bool:
@@ -226,6 +223,11 @@ class KVCacheManager:
         i = computed // bs
         if not self.enable_prefix_caching or computed % bs == 0 or i >= len(request.block_ids):
             return None
-        self._update_hashes(request, computed)
+        return request.block_ids[i], self._partial_key_of(request, computed)
+
+    def _partial_key_of(self, request: Request, end: int) -> int:
+        """The partial key of the request's block holding token `end - 1`, filled up to `end`."""
+        i = end // self.block_size
+        self._update_hashes(request, i * self.block_size)
         parent = request.block_hashes[i - 1] if i else request.cache_salt
-        return request.block_ids[i], partial_key(parent, tuple(request.token_slice(i * bs, computed)))
+        return partial_key(parent, tuple(request.token_slice(i * self.block_size, end)))
