@@ -73,13 +73,13 @@ class Sampler:
 
 def _apply_processors(x: torch.Tensor, row: int, request: Request) -> None:
     """Run a request's logits processors (plugins' decoding strategies) on its row, in order."""
-    out = x[row]
+    view = out = x[row]
     for processor in request.sampling_params.processors:
         out = processor(request.prompt_token_ids, request.output_token_ids, out)
-        if not isinstance(out, torch.Tensor) or out.shape != x[row].shape:
-            raise TypeError(f"logits processor {processor!r} must return a tensor of shape {tuple(x[row].shape)}")
-    if out.data_ptr() != x[row].data_ptr():
-        x[row] = out
+        if not isinstance(out, torch.Tensor) or out.shape != view.shape:
+            raise TypeError(f"logits processor {processor!r} must return a tensor of shape {tuple(view.shape)}")
+    if out.data_ptr() != view.data_ptr():  # a processor that returned a new tensor rather than editing in place
+        view.copy_(out)
 
 
 def apply_penalties(x: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
