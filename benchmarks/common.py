@@ -72,11 +72,11 @@ def gemm_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 def physical_limits(llm: LLM, dtype: torch.dtype, bandwidth_gbs: float) -> dict[str, float]:
     """Decode <= bandwidth / weight bytes read per token; batched <= GEMM FLOP/s / (2 x parameters);
     prefill <= GEMM FLOP/s / (2 x parameters outside the LM head), which runs for sampled positions only."""
-    from tokenloom.models.layers.quantized import Int8Linear
+    from tokenloom.models.layers.quantized import GroupQuantLinear
 
     model = llm.engine.loaded.model
-    num_params = sum(p.numel() for p in model.parameters()) + sum(
-        m.qweight_t.numel() for m in model.modules() if isinstance(m, Int8Linear))  # quantized layers hold buffers
+    num_params = sum(p.numel() for p in model.parameters()) + sum(  # quantized layers hold buffers, not parameters
+        m.out_features * m.in_features for m in model.modules() if isinstance(m, GroupQuantLinear))
     head_params = lm_head_parameters(model)
     weight_bytes = decode_bytes(model)
     flops = gemm_flops(dtype)
@@ -99,7 +99,7 @@ def decode_bytes(model: torch.nn.Module) -> int:
     import torch
 
     from tokenloom.models.layers.linear import TiedLMHead
-    from tokenloom.models.layers.quantized import Int8Linear, QuantizedLMHead
+    from tokenloom.models.layers.quantized import GroupQuantLinear, QuantizedLMHead
 
     def nbytes(*tensors: torch.Tensor | None) -> int:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -108,13 +108,8 @@ def decode_bytes(model: torch.nn.Module) -> int:
     dense_head = head.dense if isinstance(head, QuantizedLMHead) else None  # not read at a few rows
     total = 0
     for m in model.modules():
-        if isinstance(m, Int8Linear) and type(m) is not Int8Linear:
-            # a group-quantized (int4/int5) layer: few rows read its own codes and scales (and bias), not the
-            # int8 copy it inherits for larger steps
-            total += nbytes(*(b for name, b in m.named_buffers(recurse=False) if name not in ("qweight_t", "scale")))
-        elif isinstance(m, Int8Linear):
-            total += nbytes(m.qweight_t, m.scale, m.bias)
-        elif isinstance(m, QuantizedLMHead):  # its int8 or group-quantized buffers (the dense matrix is a submodule)
+        if isinstance(m, (GroupQuantLinear, QuantizedLMHead)):  # codes, scales, minimums (a head's dense matrix
+            # is a submodule, not read at a few rows)
             total += nbytes(*m.buffers(recurse=False))
         elif isinstance(m, (torch.nn.Linear, TiedLMHead)) and m is not dense_head:
             total += nbytes(m.weight, getattr(m, "bias", None))

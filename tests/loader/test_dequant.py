@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenloom.loader.dequant import dequantize
+from tokenloom.loader.dequant import code_bits, dequantize, group_codes
 from tokenloom.loader.gguf import SUPPORTED_TYPES, iter_gguf_weights, read_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -63,3 +63,25 @@ def test_real_weights_in_bfloat16_are_the_float32_ones_rounded():
         else:
             assert w16.dtype == torch.bfloat16 and torch.equal(_bits(w16), _bits(w32.to(torch.bfloat16))), name
 
+
+
+@pytest.mark.parametrize("qtype", [q for q in QUANTIZED if code_bits(q)], ids=lambda t: t.name)
+def test_block_formats_repack_into_the_group_layout_exactly(qtype):
+    """code * d + m of the repacked weight is the format's own value: bit for bit where the format's scales
+    are float16 already; Q4_K/Q5_K round their products d * sc and dmin * min to float16 (2**-11 relative)."""
+    from tokenloom.models.layers.quantized import pack_group_codes, unpack_group_quant
+
+    block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
+    rows, per_row = 24, 512 // block_size
+    raw = _random_blocks(qtype, rows, per_row, seed=3)
+    want = dequantize(raw, qtype, (rows, 512))
+    codes, d, m = group_codes(raw, qtype, rows)
+    assert codes.shape == (rows, 512) and d.shape == m.shape == (rows, 16)
+    assert int(codes.max()) < 1 << code_bits(qtype)
+    for bits in (b for b in (4, 5, 8) if b >= code_bits(qtype)):
+        got = unpack_group_quant(pack_group_codes(codes, d, m, bits))
+        if qtype in (Q.Q4_K, Q.Q5_K):
+            scale = (codes.float().view(rows, 16, 32) * d.float()[..., None]).abs() + m.float().abs()[..., None]
+            assert ((got - want).abs() <= scale.view(rows, 512) * 2**-11 * 1.01 + 1e-12).all(), bits
+        else:
+            assert torch.equal(got, want), bits

@@ -421,3 +421,23 @@ def test_unknown_tensor_name(tmp_path):
     ckpt = read_gguf(tmp_path / "odd.gguf")
     with pytest.raises(GGUFError, match=r"odd\.gguf: tensor 'blk\.0\.mystery\.weight' has no counterpart in a qwen2"):
         list(iter_gguf_weights(ckpt))
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma3"])  # Q/K rows permuted in the file; a tied head
+@pytest.mark.parametrize("qtype,method,bits", [(Q.Q8_0, "int8", 8), (Q.Q5_0, "int8", 8), (Q.Q5_0, "int4", 5),
+                                               (Q.Q4_1, "int4", 4)])
+def test_quantizing_a_gguf_repacks_its_blocks_exactly(tiny, case, qtype, method, bits):
+    """Every quantized layer and the head hold exactly the file's values (those the float model loads): the
+    blocks are repacked, not re-fitted; int4 keeps 5-bit tensors at 5 bits."""
+    from tokenloom.llm import LLM
+    from tokenloom.models.layers.quantized import GroupQuantLinear, QuantizedLMHead, unpack_group_quant
+
+    _, path = tiny(case, qtype)
+    dense = LLM(str(path), dtype="float32", kv_cache_gib=0.01).engine.loaded.model
+    model = LLM(str(path), dtype="float32", kv_cache_gib=0.01, quantization=method).engine.loaded.model
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (GroupQuantLinear, QuantizedLMHead))}
+    assert isinstance(model.lm_head, QuantizedLMHead) and len(layers) > 4
+    for name, layer in layers.items():
+        assert layer.bits == bits, name
+        want = dense.get_submodule(name).weight
+        assert torch.equal(unpack_group_quant(layer.packed), want), name

@@ -57,33 +57,6 @@ def test_batch_invariance_on_the_real_model(ours):
     assert together == alone * 4
 
 
-@pytest.mark.parametrize("method,max_nll_increase,min_agreement",
-                         [("int8", 0.06, 0.8), ("int5", 0.12, 0.75), ("int4", 0.32, 0.7)])
-def test_quantization_keeps_the_real_models_perplexity(ours, method, max_nll_increase, min_agreement):
-    """Scored 4 tokens per step, so the decode kernels (weight-only head, int4 layers) are the ones used.
-    Measured on 2026-11-25: perplexity +1% to +4% with int8 (the per-token activation rounding makes it
-    move by a few percent with float-level changes upstream, e.g. a kernel's summation order). int4 (native
-    int4 x int8 kernel): mean NLL +0.27 (perplexity +31%), of which the layers' 4-bit weights cost 0.25 (the
-    file's layers are 5-bit Q5_0), the int4 LM head 0.07 and the int8 activations 0.02. int5: +0.075 (+8%)."""
-    text = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg developed "
-            "a system of movable metal type in Mainz. His press made books cheaper to produce, and within a few "
-            "decades printing shops had opened in most major European cities.")
-    params = SamplingParams(max_tokens=1, prompt_logprobs=1)
-    quantized = LLM("gemma-3-270m", dtype="float32", kv_cache_gib=0.25, quantization=method,
-                    max_num_batched_tokens=4)
-
-    def score(llm: LLM) -> tuple[float, list[int]]:
-        out = llm.generate([text], params, use_tqdm=False)[0]
-        ids, rows = out.prompt_token_ids, out.prompt_logprobs[1:]
-        nll = -sum(row[t].logprob for row, t in zip(rows, ids[1:])) / len(rows)
-        return nll, [min(row, key=lambda t: row[t].rank) for row in rows]
-
-    (nll_float, top_float), (nll_quant, top_quant) = score(ours), score(quantized)
-    assert nll_quant - nll_float < max_nll_increase, (nll_float, nll_quant)
-    assert sum(a == b for a, b in zip(top_float, top_quant)) / len(top_float) >= min_agreement
-    assert quantized.engine.loaded.weight_bytes < ours.engine.loaded.weight_bytes
-
-
 PERPLEXITY_TEXT = (
     "The printing press, developed by Johannes Gutenberg around 1440, changed how knowledge spread across Europe. "
     "Before it, books were copied by hand, which made them rare and expensive. Movable metal type let printers "
@@ -106,3 +79,45 @@ def test_perplexity_matches_transformers(ours, reference):
             count += end - first
     assert got.num_tokens == count == len(ids) - 1 and got.num_windows > 2
     assert got.perplexity == pytest.approx(math.exp(nll / count), rel=0.005)
+
+
+# Scored at whole-prompt steps (the dense GEMM over dequantized weights) and at 4-token steps (the decode kernels).
+STEP_TOKENS = [None, 4]
+GUARD_TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg developed "
+              "a system of movable metal type in Mainz. His press made books cheaper to produce, and within a few "
+              "decades printing shops had opened in most major European cities. " + PERPLEXITY_TEXT)
+GREEDY_PROMPTS = PROMPTS + ["The main causes of the First World War were", "To make a cup of tea, first",
+                            "import numpy as np\n", "Q: What is 12 times 7?\nA:"]
+
+
+def _variant(variant: str, step_tokens: int | None) -> LLM:
+    kwargs = {"dtype": variant} if variant in ("bfloat16", "float32") else {"dtype": "float32", "quantization": variant}
+    if step_tokens:
+        kwargs["max_num_batched_tokens"] = step_tokens
+    return LLM("gemma-3-270m", kv_cache_gib=0.25, **kwargs)
+
+
+@pytest.mark.parametrize("step_tokens", STEP_TOKENS)
+@pytest.mark.parametrize("variant,bound", [("bfloat16", 0.01), ("int8", 0.01), ("int4", 0.05)])
+def test_perplexity_stays_within_the_bounds_of_fp32(ours, variant, bound, step_tokens):
+    """Issue 4's accuracy guards on a fixed text (165 tokens). Measured 2026-11-25 against fp32 (16.99): bf16
+    -0.16%; int8 +0.24% (the file's blocks repacked exactly at 8 bits, activations unrounded; only the Q6_K
+    half of ffn_down is re-fitted); int4 -0.6% / -0.9% (Q4_K and Q5_0 blocks kept exactly at 4 and 5 bits;
+    the Q8_0/Q6_K tensors, LM head included, fitted at 4 bits; int8 activations in the decode kernel).
+    Re-fitting the Q5_0 layers at 4 bits, as before, cost +24% on this text's first sentence."""
+    from tokenloom.evaluation import perplexity
+
+    llm = _variant(variant, step_tokens)
+    want, got = perplexity(ours, GUARD_TEXT).perplexity, perplexity(llm, GUARD_TEXT).perplexity
+    assert abs(got / want - 1) <= bound, (variant, want, got)
+    if variant != "bfloat16":
+        assert llm.engine.loaded.weight_bytes < ours.engine.loaded.weight_bytes
+
+
+@pytest.mark.parametrize("step_tokens", STEP_TOKENS)
+def test_int8_greedy_outputs_agree_with_fp32(ours, step_tokens):
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in ours.generate(GREEDY_PROMPTS, params, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in _variant("int8", step_tokens).generate(GREEDY_PROMPTS, params,
+                                                                                   use_tqdm=False)]
+    assert got == want

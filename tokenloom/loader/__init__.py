@@ -76,12 +76,13 @@ def load_model(model_config: ModelConfig, device: torch.device) -> LoadedModel:
     start = time.perf_counter()
     source = resolve_model(model_config.model)
     if source.kind == "gguf":
-        from tokenloom.loader.gguf import gguf_tokenizer, iter_gguf_weights, read_gguf
+        from tokenloom.loader.gguf import GGUFExactWeights, gguf_tokenizer, iter_gguf_weights, read_gguf
 
         ckpt = read_gguf(source.path)
         hf_config, saved_dtype = ckpt.config, None
         weights = lambda dtype: iter_gguf_weights(ckpt, dtype)
         default_tokenizer = lambda: gguf_tokenizer(ckpt)
+        exact = GGUFExactWeights(ckpt)  # quantization repacks the file's blocks rather than re-fitting them
     else:
         from tokenloom.loader.hf import checkpoint_dtype, iter_hf_weights, read_hf_config
 
@@ -89,13 +90,14 @@ def load_model(model_config: ModelConfig, device: torch.device) -> LoadedModel:
         saved_dtype = checkpoint_dtype(hf_config)
         weights = lambda dtype: iter_hf_weights(source.path)
         default_tokenizer = lambda: hf_tokenizer(source.path)
+        exact = None
     tokenizer = hf_tokenizer(Path(model_config.tokenizer)) if model_config.tokenizer else default_tokenizer()
     max_len = _max_model_len(hf_config, model_config.max_model_len)
     dtype = model_config.torch_dtype(saved_dtype)
     model = build_model(hf_config, max_len, dtype, device)
     with _one_thread():
         model.load_weights(weights(_parameter_dtype(model)))
-    quantize_model(model, model_config.quantization)
+    quantize_model(model, model_config.quantization, exact)
     return LoadedModel(model, tokenizer, hf_config, source.name, source.path, dtype, device, max_len,
                        time.perf_counter() - start)
 

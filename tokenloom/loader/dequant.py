@@ -116,3 +116,70 @@ def dequantize(data: np.ndarray, qtype: Q, shape: tuple[int, ...],
         chunk = blocks[start:start + step]
         fn(chunk, out[start * block_size:(start + chunk.shape[0]) * block_size].view(chunk.shape[0], block_size))
     return out.view(shape)
+
+
+# --- exact repacking --------------------------------------------------------------------------------
+# Formats whose values are code * d + m with one (d, m) per 32 weights: the codes, scales and minimums
+# such that the float32 value code * d + m equals the format's own dequantization (Q4_K/Q5_K: up to the
+# rounding of their 16-bit sub-block products d * sc and dmin * min to float16).
+
+def _neg_multiple(d: torch.Tensor, k: int) -> torch.Tensor:
+    return (d.float() * -k).half()
+
+
+def _codes_q8_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = b[:, :2].contiguous().view(torch.float16)
+    return (b[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8), d, _neg_multiple(d, 128)
+
+
+def _codes_q4_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = b[:, :2].contiguous().view(torch.float16)
+    return _fields(b[:, 2:], 1, 16, 4).reshape(b.shape[0], 32), d, _neg_multiple(d, 8)
+
+
+def _codes_q4_1(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dm = b[:, :4].contiguous().view(torch.float16)
+    return _fields(b[:, 4:], 1, 16, 4).reshape(b.shape[0], 32), dm[:, :1], dm[:, 1:]
+
+
+def _codes_q5_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = b[:, :2].contiguous().view(torch.float16)
+    return _q5(b[:, 6:], b[:, 2:6]), d, _neg_multiple(d, 16)
+
+
+def _codes_q5_1(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dm = b[:, :4].contiguous().view(torch.float16)
+    return _q5(b[:, 8:], b[:, 4:8]), dm[:, :1], dm[:, 1:]
+
+
+def _codes_q4_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d, dm = _k_scales(b)
+    return _fields(b[:, 16:], 4, 32, 4).reshape(b.shape[0], 256), d.squeeze(-1).half(), (-dm.squeeze(-1)).half()
+
+
+def _codes_q5_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = b.shape[0]
+    d, dm = _k_scales(b)
+    q = _fields(b[:, 48:], 4, 32, 4).reshape(n, 8, 32) | (_fields(b[:, 16:48], 1, 32, 1).reshape(n, 8, 32) << 4)
+    return q.reshape(n, 256), d.squeeze(-1).half(), (-dm.squeeze(-1)).half()
+
+
+_BLOCK_CODES: dict[Q, tuple[int, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = {
+    Q.Q4_0: (4, _codes_q4_0), Q.Q4_1: (4, _codes_q4_1), Q.Q4_K: (4, _codes_q4_k),
+    Q.Q5_0: (5, _codes_q5_0), Q.Q5_1: (5, _codes_q5_1), Q.Q5_K: (5, _codes_q5_k), Q.Q8_0: (8, _codes_q8_0),
+}
+
+
+def code_bits(qtype: Q) -> int | None:
+    """Bits of the codes of a format that `group_codes` reads (4, 5 or 8), else None."""
+    entry = _BLOCK_CODES.get(qtype)
+    return entry[0] if entry else None
+
+
+def group_codes(data: np.ndarray, qtype: Q, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block-quantized matrix (`data`: its bytes) as codes uint8 [rows, K] and per-group-of-32 scales
+    and minimums float16 [rows, K / 32], with value = code * scale + minimum."""
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = torch.from_numpy(np.ascontiguousarray(data)).reshape(-1, type_size)
+    codes, d, m = _BLOCK_CODES[qtype][1](blocks)
+    return codes.reshape(rows, -1), d.reshape(rows, -1), m.reshape(rows, -1)

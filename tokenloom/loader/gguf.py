@@ -22,13 +22,14 @@ import gguf
 import numpy as np
 import torch
 
-from tokenloom.loader.dequant import dequantize
+from tokenloom.loader.dequant import code_bits, dequantize, group_codes
 from tokenloom.loader.gguf_file import GGUFContents, GGUFFormatError, GGUFTensor, read_gguf_file
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
     from tokenloom.loader.tokenizer import Tokenizer
+    from tokenloom.models.layers.quantized import GroupQuantWeight
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +254,48 @@ def iter_gguf_weights(ckpt: GGUFCheckpoint, dtype: torch.dtype = torch.float32) 
         if base in spec.transposed and w.dim() == 2:
             w = w.t().contiguous()
         yield hf_name, w
+
+
+class GGUFExactWeights:
+    """A GGUF file's block-quantized matrices, for `quantize_model` to repack instead of re-fitting
+    (the `ExactWeights` protocol): looked up by HF parameter name, `lm_head.weight` being the token
+    embedding of a tied model. Llama's Q/K rows are un-permuted as packed rows; GPT-2's transposed
+    matrices have no exact counterpart (their blocks run along the other axis)."""
+
+    _ROWS = 8192  # rows converted at a time (the temporaries of a 262k-row embedding)
+
+    def __init__(self, ckpt: GGUFCheckpoint) -> None:
+        self.ckpt = ckpt
+        self.spec = ARCHITECTURES[ckpt.architecture]
+        self.tensors: dict[str, tuple[GGUFTensor, str]] = {}
+        for t in ckpt.tensors:
+            named = _hf_name(self.spec, t.name) if t.name not in _SKIPPED else None
+            if named is not None and named[1] not in self.spec.transposed:
+                self.tensors[named[0]] = (t, named[1])
+        if ckpt.config.tie_word_embeddings and "model.embed_tokens.weight" in self.tensors:
+            self.tensors["lm_head.weight"] = self.tensors["model.embed_tokens.weight"]
+
+    def native_bits(self, name: str) -> int | None:
+        """4, 5 or 8 for a matrix stored in a block format the group layout holds exactly, else None."""
+        entry = self.tensors.get(name)
+        return code_bits(entry[0].tensor_type) if entry is not None and len(entry[0].shape) == 2 else None
+
+    def pack(self, name: str, bits: int) -> GroupQuantWeight:
+        """The matrix's codes, scales and minimums laid out at `bits` per code."""
+        from tokenloom.models.layers.quantized import concat_group_quant, pack_group_codes
+
+        t, base = self.tensors[name]
+        rows = t.shape[0]
+        data = np.asarray(t.data).reshape(rows, -1)
+        parts = [pack_group_codes(*group_codes(data[start:start + self._ROWS], t.tensor_type,
+                                               min(self._ROWS, rows - start)), bits)
+                 for start in range(0, rows, self._ROWS)]
+        packed = concat_group_quant(parts)
+        if self.spec.permute_qk and base in ("attn_q", "attn_k"):
+            heads = self.ckpt.config.num_attention_heads if base == "attn_q" else self.ckpt.config.num_key_value_heads
+            order = _unpermute(torch.arange(rows), heads)
+            packed = type(packed)(*(f[order] if f is not None else None for f in packed))
+        return packed
 
 
 # --- reading --------------------------------------------------------------------------------------

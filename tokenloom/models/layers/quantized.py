@@ -1,61 +1,48 @@
-"""Int8, int5 and int4 quantized linear layers and the pass that swaps them into a loaded model.
+"""Group-quantized (4-, 5- and 8-bit) linear layers and the pass that swaps them into a loaded model.
 
-Applied from outside the model code, after the weights are loaded (`quantize_model(model, "int8")`):
-- every `nn.Linear` of the decoder layers becomes an `Int8Linear`: int8 weights with one scale per
-  output channel, multiplied with activations quantized to int8 per token on the fly (W8A8 dynamic).
-  Integer accumulation is exact, so a row's result does not depend on the rest of the batch, and the
-  int8 GEMM reads half the bytes of bf16 and runs faster on CPUs with VNNI at every batch size.
-- the LM head becomes a `QuantizedLMHead`: weight-only int8 for a few rows (decode of a few sequences is
-  bound by reading the vocab-sized matrix), and the dense matrix for larger batches, where torch's
-  weight-only kernel is slower than a bf16 GEMM. A tied head's dense matrix is the embedding table,
-  which stays for lookups anyway.
-`int4` / `int5` add group-wise 4- or 5-bit weights (groups of 32 along the input, an fp16 scale and
-minimum each: 5 or 6 bits a weight) used for steps of up to 8 rows, where decode is bound by the bytes
-of weights read; they run on a native kernel (csrc/group_quant.cpp, weights x int8 activations on
-AVX-512 VNNI). The layers keep their int8 copy for larger batches, and the LM head its dense matrix.
-On devices without the CPU int8 kernels the layers fall back to dequantized matmuls (same results,
-no speed-up).
+Applied from outside the model code, after the weights are loaded (`quantize_model(model, "int4")`):
+every `nn.Linear` whose input width is a multiple of 64 becomes a `GroupQuantLinear` and the LM head a
+`QuantizedLMHead`. One format for all widths: groups of 32 weights along the input, each weight
+`code * d + m` with an fp16 scale d and minimum m per group; codes of 4, 5 or 8 bits (5, 6 or 9 bits a
+weight with the scales). Steps of up to 8 rows (decode, where the bytes of weights read bound the
+speed) run on a native kernel (csrc/group_quant.cpp: codes x int8 activations per group of 32 on
+AVX-512 VNNI, as llama.cpp's k-quant x Q8 dot products); larger steps (prefill, many sequences) are
+bound by arithmetic and multiply the dequantized matrix (in the activations' dtype, built per step, never
+kept) with the dense GEMM. So a layer holds one copy of its weights, and its results do not depend on
+the rest of the batch within either regime.
+
+The format holds every GGUF block type of up to 8 bits with one scale per 32 weights (Q4_0/Q4_1/Q5_0/
+Q5_1/Q8_0, and Q4_K/Q5_K up to the fp16 rounding of their sub-block scales): a loader that passes its
+raw blocks (`ExactWeights`) gets them repacked rather than re-fitted, since a second rounding onto a
+coarser grid is what costs accuracy. A tensor already stored at 5 bits or fewer keeps its own width
+(int4 keeps a Q5_0 tensor at 5 bits: re-fitting it to 4 costs +24% perplexity on Gemma 3 270M); wider
+or non-block tensors (Q6_K, Q8_0 under int4/int5, floats) are fitted at the method's width.
+On devices without the native kernels every step multiplies the dequantized matrix (same format, no
+speed-up).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.models.layers.kernels import cpu_kernels
 from tokenloom.models.layers.linear import MergedLinear, ShardedOutput
 
-# Up to this many rows the weight-only kernels run; they scale linearly in rows, so larger steps use
-# the int8 GEMM (layers) or the dense matrix (LM head).
-_WEIGHT_ONLY_MAX_ROWS = 4
-_GQ_MAX_ROWS = 8  # the native 4/5-bit kernel takes up to 8 rows
-_W8A8_CHUNK_ROWS = 512
-
-
-def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output row: (int8 [N, K], float32 scales [N])."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp_min(1e-8) / 127.0
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row of activations: (int8 [M, K], float32 scales [M, 1])."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min_(1e-8).div_(127.0)
-    return torch.round(x / scale).to(torch.int8), scale
-
+_GQ_MAX_ROWS = 8  # the native kernel takes up to 8 rows; larger steps multiply the dequantized matrix
 
 # Input index (within a chunk of 64) held by each vector position of the packed layout: 32-bit lanes
 # alternate between the chunk's two groups (see csrc/group_quant.cpp).
 _GQ_ORDER = torch.tensor([32 * ((b // 4) % 2) + 4 * (b // 8) + b % 4 for b in range(64)])
 _GQ_INVERSE = torch.argsort(_GQ_ORDER)
 GQ_CHUNK = 64
-_GQ_PACK_ROWS = 8192  # rows quantized at a time (bounds the float temporaries for a 262k-row LM head)
+GQ_BITS = (4, 5, 8)
+_GQ_PACK_ROWS = 8192  # rows packed at a time (bounds the temporaries for a 262k-row LM head)
 _BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
 
 
@@ -96,10 +83,11 @@ def _least_squares(codes: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 class GroupQuantWeight(NamedTuple):
-    """A [N, K] weight in the native kernel's 4- or 5-bit layout (K % 64 == 0; weight ~= code * d + m):
-    codes uint8 [N, K / 2] (the low 4 bits; per chunk of 64 inputs, 32 bytes of nibbles in vector
-    order), d float16 [N, K / 64, 2] (the scales of each chunk's two groups of 32), m float16 [N, K / 32]
-    (the minimums), high uint8 [N, K / 8] (5 bits: the fifth bit of each code, 64 per chunk) or None."""
+    """A [N, K] weight in the native kernel's layout (K % 64 == 0; weight = code * d + m per group of 32):
+    codes uint8 [N, K / 2] for 4 and 5 bits (the low 4 bits; per chunk of 64 inputs, 32 bytes of nibbles
+    in vector order) or [N, K] for 8 bits (per chunk 64 bytes in vector order), d float16 [N, K / 64, 2]
+    (the scales of each chunk's two groups of 32), m float16 [N, K / 32] (the minimums), high uint8
+    [N, K / 8] (5 bits: the fifth bit of each code, 64 per chunk) or None."""
 
     codes: torch.Tensor
     d: torch.Tensor
@@ -107,51 +95,84 @@ class GroupQuantWeight(NamedTuple):
     high: torch.Tensor | None = None
 
     @property
+    def in_features(self) -> int:
+        """K."""
+        return self.d.shape[1] * GQ_CHUNK
+
+    @property
     def bits(self) -> int:
-        """4 or 5."""
+        """4, 5 or 8."""
+        if self.codes.shape[1] == self.in_features:
+            return 8
         return 4 if self.high is None else 5
 
 
+def pack_group_codes(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> GroupQuantWeight:
+    """Lay out codes uint8 [N, K] (natural input order, each < 2**bits) with their per-group scales and
+    minimums (float16 [N, K / 32] each) as the native kernel reads them."""
+    n, k = codes.shape
+    chunks = k // GQ_CHUNK
+    q = codes.view(n, chunks, GQ_CHUNK)[..., _GQ_ORDER.to(codes.device)]
+    d = d.reshape(n, chunks, 2).half().contiguous()
+    m = m.reshape(n, k // 32).half().contiguous()
+    if bits == 8:
+        return GroupQuantWeight(q.reshape(n, k).contiguous(), d, m)
+    low = q & 0x0F
+    packed = (low[..., :32] | (low[..., 32:] << 4)).reshape(n, k // 2)
+    high = None
+    if bits == 5:
+        fifth = (q >> 4).view(n, chunks, 8, 8) * _BIT_WEIGHTS.to(codes.device)
+        high = fifth.sum(dim=-1, dtype=torch.uint8).reshape(n, k // 8)
+    return GroupQuantWeight(packed, d, m, high)
+
+
+def concat_group_quant(parts: list[GroupQuantWeight]) -> GroupQuantWeight:
+    """Stack packed weights of one width along the output dimension (the shards of a merged layer)."""
+    if len({p.bits for p in parts}) != 1:
+        raise ValueError(f"cannot stack packed weights of widths {[p.bits for p in parts]}")
+    if len(parts) == 1:
+        return parts[0]
+    fields = [torch.cat(tensors) if tensors[0] is not None else None for tensors in zip(*parts)]
+    return GroupQuantWeight(*fields)
+
+
 def pack_group_quant(weight: torch.Tensor, bits: int = 4) -> GroupQuantWeight:
-    """Quantize a [N, K] float weight (K % 64 == 0) to `bits` (4 or 5) per weight in groups of 32, in the
+    """Fit a [N, K] float weight (K % 64 == 0) with `bits` (4, 5 or 8) per weight in groups of 32, in the
     native kernel's layout (natively where the kernels are built, else with torch ops: the same fit)."""
-    if bits not in (4, 5):
-        raise ValueError(f"group quantization takes 4 or 5 bits, not {bits}")
+    if bits not in GQ_BITS:
+        raise ValueError(f"group quantization takes 4, 5 or 8 bits, not {bits}")
     kernels = cpu_kernels()
     if kernels is not None and weight.device.type == "cpu":
         return GroupQuantWeight(*kernels.gq_pack(weight.detach(), bits))
     n, k = weight.shape
-    chunks = k // GQ_CHUNK
-    codes = torch.empty(n, k // 2, dtype=torch.uint8)
-    d = torch.empty(n, chunks, 2, dtype=torch.float16)
-    m = torch.empty(n, k // 32, dtype=torch.float16)
-    high = torch.empty(n, k // 8, dtype=torch.uint8) if bits == 5 else None
+    parts = []
     for start in range(0, n, _GQ_PACK_ROWS):
         w = weight[start:start + _GQ_PACK_ROWS].detach().float()
-        rows = w.shape[0]
         q, scale, low = _fit_groups(w.reshape(-1, 32), (1 << bits) - 1)
-        q = q.view(rows, chunks, GQ_CHUNK)[..., _GQ_ORDER]
-        low_bits = q & 0x0F
-        codes[start:start + rows] = (low_bits[..., :32] | (low_bits[..., 32:] << 4)).reshape(rows, k // 2)
-        if high is not None:
-            fifth = (q >> 4).view(rows, chunks, 8, 8) * _BIT_WEIGHTS
-            high[start:start + rows] = fifth.sum(dim=-1, dtype=torch.uint8).reshape(rows, k // 8)
-        d[start:start + rows] = scale.view(rows, chunks, 2)
-        m[start:start + rows] = low.view(rows, k // 32)
-    return GroupQuantWeight(codes, d, m, high)
+        rows = w.shape[0]
+        parts.append(pack_group_codes(q.view(rows, k), scale.view(rows, -1), low.view(rows, -1), bits))
+    return concat_group_quant(parts)
 
 
-def unpack_group_quant(weight: GroupQuantWeight) -> torch.Tensor:
-    """The float32 [N, K] matrix that a `GroupQuantWeight` stands for."""
-    n, chunks = weight.d.shape[0], weight.d.shape[1]
-    packed = weight.codes.view(n, chunks, 32)
-    q = torch.cat([packed & 0x0F, packed >> 4], dim=2)  # vector order
-    if weight.high is not None:
-        fifth = (weight.high.view(n, chunks, 8, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
-        q = q | (fifth.view(n, chunks, 64) << 4)
-    q = q[..., _GQ_INVERSE].float()  # natural order per chunk
+def unpack_group_quant(weight: GroupQuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [N, K] matrix that a `GroupQuantWeight` stands for, in `dtype` (natively where the kernels are
+    built: what large steps multiply with)."""
+    kernels = cpu_kernels()
+    if kernels is not None and weight.codes.device.type == "cpu":
+        return kernels.gq_dequant(weight.codes, weight.d, weight.m, weight.high, dtype)
+    n, chunks, device = weight.d.shape[0], weight.d.shape[1], weight.codes.device
+    if weight.bits == 8:
+        q = weight.codes.view(n, chunks, GQ_CHUNK)
+    else:
+        packed = weight.codes.view(n, chunks, 32)
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=2)  # vector order
+        if weight.high is not None:
+            shifts = torch.arange(8, dtype=torch.uint8, device=device)
+            fifth = (weight.high.view(n, chunks, 8, 1) >> shifts) & 1
+            q = q | (fifth.view(n, chunks, 64) << 4)
+    q = q[..., _GQ_INVERSE.to(device)].float()  # natural order per chunk
     groups = q.view(n, chunks * 2, 32) * weight.d.float().view(n, -1, 1) + weight.m.float().view(n, -1, 1)
-    return groups.view(n, chunks * GQ_CHUNK)
+    return groups.view(n, chunks * GQ_CHUNK).to(dtype)
 
 
 @cache
@@ -163,154 +184,147 @@ def _native_gq_linear() -> Callable[..., torch.Tensor] | None:
 
 def group_quant_matmul(x: torch.Tensor, weight: GroupQuantWeight, bias: torch.Tensor | None = None,
                        float_out: bool = False) -> torch.Tensor:
-    """x [M <= 8, K] @ the quantized weight.T (+ bias) → [M, N] in x's dtype (float32 with `float_out`):
-    the native kernel (activations quantized to int8 per group of 32) where it is vectorised, else a
-    dequantized matmul."""
+    """x [M, K] @ the quantized weight.T (+ bias) → [M, N] in x's dtype (float32 with `float_out`): the
+    native kernel (activations quantized to int8 per group of 32) for up to 8 rows on CPU where it is
+    vectorised, else the dequantized matrix in x's dtype with the dense GEMM."""
     native = _native_gq_linear()
-    if native is not None:
+    if native is not None and x.shape[0] <= _GQ_MAX_ROWS and x.device.type == "cpu":
         return native(x, weight.codes, weight.d, weight.m, weight.high, bias, float_out)
-    out = x.float() @ unpack_group_quant(weight).t()
-    if bias is not None:
-        out += bias.float()
-    return out if float_out else out.to(x.dtype)
+    out = F.linear(x, unpack_group_quant(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+    return out.float() if float_out else out
 
 
 def _group_quant_supported(weight: torch.Tensor) -> bool:
     # The packed layout works in chunks of 64 inputs.
-    return weight.device.type == "cpu" and weight.shape[1] % GQ_CHUNK == 0
+    return weight.shape[1] % GQ_CHUNK == 0
 
 
-class Int8Linear(ShardedOutput, nn.Module):
-    """W8A8 linear layer: int8 weights per output channel, int8 activations per token."""
+class GroupQuantLinear(ShardedOutput, nn.Module):
+    """A linear layer over group-quantized weights (see the module docstring for the two regimes)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+    def __init__(self, weight: GroupQuantWeight, bias: torch.Tensor | None,
                  shard_offsets: dict[str, tuple[int, int]] | None = None) -> None:
         super().__init__()
-        q, scale = quantize_per_channel(weight)
-        self.out_features, self.in_features = q.shape
-        # [K, N] contiguous: the layout the int8 GEMM reads without a per-call reorder.
-        self.register_buffer("qweight_t", q.t().contiguous())
-        self.register_buffer("scale", scale)
+        self.out_features, self.in_features, self.bits = weight.codes.shape[0], weight.in_features, weight.bits
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("d", weight.d)
+        self.register_buffer("m", weight.m)
+        self.register_buffer("high", weight.high)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.shard_offsets = dict(shard_offsets or {})
-        self._int_mm = q.device.type == "cpu"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] → [..., N] in x's dtype."""
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= _W8A8_CHUNK_ROWS:
-            out = self._matmul(rows)
-        else:  # chunks keep the int32 result and its epilogue in cache (3x faster at 2048 x 4096)
-            out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-            for start in range(0, rows.shape[0], _W8A8_CHUNK_ROWS):
-                out[start:start + _W8A8_CHUNK_ROWS] = self._matmul(rows[start:start + _W8A8_CHUNK_ROWS])
-        if self.bias is not None:
-            out += self.bias
-        return out.view(*x.shape[:-1], self.out_features)
-
-    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        if self._int_mm:
-            xq, x_scale = quantize_rows(rows)
-            out = torch._int_mm(xq, self.qweight_t).mul(self.scale).mul_(x_scale)  # int32 * f32 -> f32
-        else:
-            out = rows.float() @ (self.qweight_t.float() * self.scale)
-        return out.to(rows.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8"
-
-
-class GroupQuantLinear(Int8Linear):
-    """4- or 5-bit group-quantized weights for steps of up to 8 rows; the int8 GEMM (inherited) for larger ones."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 shard_offsets: dict[str, tuple[int, int]] | None = None, bits: int = 4) -> None:
-        super().__init__(weight, bias, shard_offsets)
-        packed = pack_group_quant(weight, bits)
-        self.bits = bits
-        self.register_buffer("codes", packed.codes)
-        self.register_buffer("d", packed.d)
-        self.register_buffer("m", packed.m)
-        self.register_buffer("high", packed.high)
-        self._packed: tuple[GroupQuantWeight, torch.Tensor | None] | None = None
+        self._packed: GroupQuantWeight | None = None
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
         self._packed = None  # buffers may be replaced (device or dtype moves)
         return super()._apply(fn, recurse)
 
+    @property
+    def packed(self) -> GroupQuantWeight:
+        """The weight as the kernels take it."""
+        if self._packed is None:  # a plain attribute afterwards: a decode step makes ~300 of these lookups
+            self._packed = GroupQuantWeight(self.codes, self.d, self.m, self.high)
+        return self._packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] → [..., N] in x's dtype."""
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if rows.shape[0] > _GQ_MAX_ROWS:
-            return super().forward(x)
-        if self._packed is None:  # plain attributes: a decode step makes ~300 of these lookups
-            self._packed = (GroupQuantWeight(self.codes, self.d, self.m, self.high), self.bias)
-        out = group_quant_matmul(rows, *self._packed)
+        out = group_quant_matmul(rows, self.packed, self.bias)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int{self.bits} (few rows) + w8a8")
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} groups of 32"
 
 
 class QuantizedLMHead(nn.Module):
-    """Vocabulary projection: weight-only int8, int5 or int4 for a few rows, the dense matrix for many."""
+    """Vocabulary projection: the group-quantized matrix for up to 8 rows (decode reads the whole
+    vocabulary-sized matrix per step), the dense one for more (prefill samples few rows; many sequences
+    are bound by arithmetic). A tied head's dense matrix is the embedding table, kept for lookups anyway."""
 
-    def __init__(self, dense: nn.Module, bits: int) -> None:
+    def __init__(self, dense: nn.Module, weight: GroupQuantWeight) -> None:
         super().__init__()
-        self.dense, self.bits = dense, bits
-        if bits in (4, 5):
-            packed = pack_group_quant(dense.weight, bits)
-            self.register_buffer("codes", packed.codes)
-            self.register_buffer("d", packed.d)
-            self.register_buffer("m", packed.m)
-            self.register_buffer("high", packed.high)
-        else:
-            q, scale = quantize_per_channel(dense.weight)
-            self.register_buffer("qweight", q)
-            self.register_buffer("scale", scale)
-        self._kernel = dense.weight.device.type == "cpu"
+        self.dense, self.bits = dense, weight.bits
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("d", weight.d)
+        self.register_buffer("m", weight.m)
+        self.register_buffer("high", weight.high)
+
+    @property
+    def packed(self) -> GroupQuantWeight:
+        """The quantized matrix as the kernels take it."""
+        return GroupQuantWeight(self.codes, self.d, self.m, self.high)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [M, K] → logits [M, vocab]: float32 from the group-quantized kernel (the logits are
-        wanted in float32), else hidden's dtype."""
-        if self.bits != 8:
-            if hidden.shape[0] <= _GQ_MAX_ROWS and self._kernel:
-                weight = GroupQuantWeight(self.codes, self.d, self.m, self.high)
-                return group_quant_matmul(hidden, weight, float_out=True)
-            return self.dense(hidden)
-        if hidden.shape[0] > _WEIGHT_ONLY_MAX_ROWS or not self._kernel:
-            return self.dense(hidden)
-        return torch.ops.aten._weight_int8pack_mm(hidden, self.qweight, self.scale.to(hidden.dtype))
+        """hidden [M, K] → logits [M, vocab]: float32 from the quantized kernel (the logits are wanted in
+        float32), else hidden's dtype."""
+        if hidden.shape[0] <= _GQ_MAX_ROWS and _native_gq_linear() is not None and hidden.device.type == "cpu":
+            return group_quant_matmul(hidden, self.packed, float_out=True)
+        return self.dense(hidden)
 
 
 QUANTIZATION_BITS = {"int8": 8, "int5": 5, "int4": 4}
+# The widest stored width a method keeps exactly instead of fitting at its own width: int4 and int5
+# keep 5-bit tensors (a second rounding onto 4 bits is the costly one), int8 keeps every block format.
+_KEEP_UP_TO = {"int8": 8, "int5": 5, "int4": 5}
 
 
-def quantize_model(model: nn.Module, method: str) -> nn.Module:
-    """Swap the model's linear layers and LM head for quantized ones, in place; returns the model.
+class ExactWeights(Protocol):
+    """Weights whose stored quantized form the group format holds exactly (a GGUF file's blocks), by
+    checkpoint parameter name (`model.layers.0.self_attn.q_proj.weight`; `lm_head.weight` for the head,
+    tied or not)."""
 
-    int8: W8A8 layers and a weight-only int8 head. int5 / int4: 5- or 4-bit group-quantized layers and
-    head for decode steps (layers keep an int8 copy for larger batches); a matrix whose input width is
-    not a multiple of 64 stays int8."""
+    def native_bits(self, name: str) -> int | None:
+        """The fewest of 4, 5, 8 bits that hold the stored tensor exactly, or None (not stored as such)."""
+
+    def pack(self, name: str, bits: int) -> GroupQuantWeight:
+        """The stored tensor repacked at `bits` (at least `native_bits(name)`), in the model's row order."""
+
+
+def _pack_layer(weight: torch.Tensor, names: list[tuple[str, int, int]], method: str,
+                exact: ExactWeights | None) -> GroupQuantWeight:
+    """Pack a matrix made of `names` (checkpoint name, first row, rows): stored blocks are repacked where
+    the method keeps them, the rest fitted; the shards of one layer share the widest width among them."""
+    keep, fitted = _KEEP_UP_TO[method], QUANTIZATION_BITS[method]
+    native = [exact.native_bits(name) if exact is not None else None for name, _, _ in names]
+    widths = [max(b, fitted) if b is not None and b <= keep else fitted for b in native]
+    bits = max(widths)
+    parts = []
+    for (name, start, rows), stored in zip(names, native):
+        if stored is not None and stored <= bits:
+            parts.append(exact.pack(name, bits))
+        else:
+            parts.append(pack_group_quant(weight[start:start + rows], bits))
+    return concat_group_quant(parts)
+
+
+def quantize_model(model: nn.Module, method: str, exact: ExactWeights | None = None) -> nn.Module:
+    """Swap the model's linear layers and LM head for group-quantized ones, in place; returns the model.
+
+    `method` int4 / int5 / int8 is the width fitted weights get; `exact` gives stored quantized tensors
+    to repack instead (see the module docstring). A matrix whose input width is not a multiple of 64
+    stays dense."""
     if method == "none":
         return model
     if method not in QUANTIZATION_BITS:
         raise ValueError(f"unknown quantization method {method!r}")
-    bits = QUANTIZATION_BITS[method]
     head = getattr(model, "lm_head", None)
     if head is None:
         raise ValueError(f"quantization={method} is for generative models (it quantizes the layers and the LM "
                          f"head); {type(model).__name__} has no LM head: run it with quantization=none and "
                          f"dtype bfloat16 or float32")
-    for parent in list(model.modules()):
+    for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child is not head:
-                offsets = child.shard_offsets if isinstance(child, MergedLinear) else None
-                if bits < 8 and _group_quant_supported(child.weight):
-                    layer = GroupQuantLinear(child.weight, child.bias, offsets, bits)
-                else:
-                    layer = Int8Linear(child.weight, child.bias, offsets)
-                setattr(parent, name, layer)
-    model.lm_head = QuantizedLMHead(head, bits if _group_quant_supported(head.weight) else 8)
+            if not isinstance(child, nn.Linear) or child is head or not _group_quant_supported(child.weight):
+                continue
+            prefix = f"{path}.{name}" if path else name
+            if isinstance(child, MergedLinear):
+                stem = prefix.rsplit(".", 1)[0] + "." if "." in prefix else ""
+                names = [(f"{stem}{shard}.weight", start, rows) for shard, (start, rows) in child.shard_offsets.items()]
+            else:
+                names = [(f"{prefix}.weight", 0, child.weight.shape[0])]
+            packed = _pack_layer(child.weight, names, method, exact)
+            offsets = child.shard_offsets if isinstance(child, MergedLinear) else None
+            setattr(parent, name, GroupQuantLinear(packed, child.bias, offsets))
+    if _group_quant_supported(head.weight):
+        packed = _pack_layer(head.weight, [("lm_head.weight", 0, head.weight.shape[0])], method, exact)
+        model.lm_head = QuantizedLMHead(head, packed)
     return model

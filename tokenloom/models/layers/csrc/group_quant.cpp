@@ -1,5 +1,6 @@
-// Group-quantized (4- or 5-bit) weight x int8-activation matrix product for steps of a few rows
-// (decode), on AVX-512 VNNI.
+// Group-quantized weight x activation products for steps of a few rows (decode): 4- and 5-bit codes x
+// int8 activations on AVX-512 VNNI, 8-bit codes x float activations; and the dequantization that larger
+// steps multiply with a dense GEMM.
 //
 // Single-stream decode reads every weight once per token, so it is bound by memory bandwidth: the
 // format has to be small (5 bits a weight for int4 here: 4-bit codes, an fp16 scale and minimum per group
@@ -7,9 +8,10 @@
 // 32 on the fly (as llama.cpp's Q4_1 x Q8_1), so 64 weights cost one `vpdpbusd`; the group scales are
 // applied in float per lane. torch's `_weight_int4pack_mm_for_cpu` widens every weight to float instead.
 //
-// Layout, built by gq_pack (weight ~= code * d + m, code in 0..15, or 0..31 with 5 bits):
+// Layout, built by gq_pack (weight ~= code * d + m, code in 0..15, 0..31 with 5 bits, 0..255 with 8):
 //   codes  uint8 [N, K / 2]: per chunk of 64 inputs (two groups), 32 bytes; byte p holds the code of
 //          vector position p in its low nibble and of position p + 32 in its high nibble.
+//          8 bits: uint8 [N, K], per chunk 64 bytes, byte p the code of vector position p.
 //   d      fp16  [N, K / 64, 2]: per chunk the scales (d0, d1) of its two groups.
 //   m      fp16  [N, K / 32]: per group its minimum.
 //   high   uint8 [N, K / 8] (5 bits only): per chunk 64 bits, bit b the fifth bit of vector position b.
@@ -23,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -75,6 +78,28 @@ void quantize_row(const T* x, int64_t k, QuantizedRow& out) {
   }
 }
 
+// Activations of one row in float32 and vector order, for 8-bit weights: those are the accurate format
+// (weight-only: the activations are not rounded), and at a byte a weight the product is still bound by
+// reading the weights.
+struct FloatRow {
+  std::vector<float> x;    // [chunks * 64]
+  std::vector<float> sum;  // [groups]: sum of each group (what a minimum multiplies)
+};
+
+template <typename T>
+void float_row(const T* x, int64_t k, FloatRow& out) {
+  const int64_t chunks = k / kChunk;
+  out.x.resize(chunks * kChunk);
+  out.sum.assign(chunks * 2, 0.f);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t b = 0; b < kChunk; ++b) {
+      const int64_t i = chunk_input(b);
+      const float v = static_cast<float>(x[c * kChunk + i]);
+      out.x[c * kChunk + b] = v;
+      out.sum[c * 2 + i / 32] += v;
+    }
+}
+
 // Sum over groups of minimum * (scale * sum of codes): the part of each output the minimums add.
 inline float min_term(const c10::Half* m, const float* sums, int64_t groups) {
   float total = 0.f;
@@ -98,7 +123,7 @@ inline __m512 load_scales(const c10::Half* d) {
 }
 
 // Two accumulators per row, alternating chunks, so consecutive FMAs do not wait on each other.
-template <int M, bool High>
+template <int M, int Bits>
 void dot_rows(const uint8_t* codes, const uint8_t* high, const c10::Half* d, const c10::Half* m,
               const QuantizedRow* xs, int64_t chunks, float* out) {
   __m512 acc[M][2];
@@ -107,7 +132,7 @@ void dot_rows(const uint8_t* codes, const uint8_t* high, const c10::Half* d, con
   const __m512i sixteen = _mm512_set1_epi8(16);
   for (int64_t c = 0; c < chunks; ++c) {
     __m512i w = load_codes(codes + c * 32);
-    if constexpr (High) {
+    if constexpr (Bits == 5) {
       uint64_t bits;
       std::memcpy(&bits, high + c * 8, 8);
       w = _mm512_or_si512(w, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits), sixteen));
@@ -132,8 +157,70 @@ void dot_rows(const uint8_t* codes, const uint8_t* high, const c10::Half* d, con
 }
 #endif
 
+#ifdef TOKENLOOM_GQ_AVX512
+// 8-bit codes x float activations. Float lane e of a 16-code quarter holds vector position 16q + e, of
+// group (e / 4) % 2, so one blended pair of scales serves every quarter of a chunk.
+template <int M>
+void dot_rows_float(const uint8_t* codes, const c10::Half* d, const c10::Half* m, const FloatRow* xs, int64_t chunks,
+                    float* out) {
+  __m512 acc[M][2];
+  for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m512 scales = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(static_cast<float>(d[c * 2])),
+                                               _mm512_set1_ps(static_cast<float>(d[c * 2 + 1])));
+    __m512 w[4];
+    for (int q = 0; q < 4; ++q)
+      w[q] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + c * kChunk + 16 * q))));
+    for (int r = 0; r < M; ++r) {
+      const float* x = xs[r].x.data() + c * kChunk;
+      __m512 t0 = _mm512_mul_ps(w[0], _mm512_loadu_ps(x));
+      __m512 t1 = _mm512_mul_ps(w[1], _mm512_loadu_ps(x + 16));
+      t0 = _mm512_fmadd_ps(w[2], _mm512_loadu_ps(x + 32), t0);
+      t1 = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(x + 48), t1);
+      acc[r][c & 1] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), scales, acc[r][c & 1]);
+    }
+  }
+  for (int r = 0; r < M; ++r)
+    out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + min_term(m, xs[r].sum.data(), chunks * 2);
+}
+#endif
+
+void dot_rows_float_any(const uint8_t* codes, const c10::Half* d, const c10::Half* m, const FloatRow* xs, int rows,
+                        int64_t chunks, float* out) {
+#ifdef TOKENLOOM_GQ_AVX512
+  switch (rows) {
+    case 1: return dot_rows_float<1>(codes, d, m, xs, chunks, out);
+    case 2: return dot_rows_float<2>(codes, d, m, xs, chunks, out);
+    case 3: return dot_rows_float<3>(codes, d, m, xs, chunks, out);
+    case 4: return dot_rows_float<4>(codes, d, m, xs, chunks, out);
+    case 5: return dot_rows_float<5>(codes, d, m, xs, chunks, out);
+    case 6: return dot_rows_float<6>(codes, d, m, xs, chunks, out);
+    case 7: return dot_rows_float<7>(codes, d, m, xs, chunks, out);
+    case 8: return dot_rows_float<8>(codes, d, m, xs, chunks, out);
+    default: break;
+  }
+#endif
+  for (int r = 0; r < rows; ++r) {
+    float total = 0.f;
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t b = 0; b < kChunk; ++b)
+        total += codes[c * kChunk + b] * static_cast<float>(d[c * 2 + (b / 4) % 2]) * xs[r].x[c * kChunk + b];
+    out[r] = total + min_term(m, xs[r].sum.data(), chunks * 2);
+  }
+}
+
 // Portable path: the same quantized arithmetic, one lane at a time.
-void dot_rows_scalar(const uint8_t* codes, const uint8_t* high, const c10::Half* d, const c10::Half* m,
+// The code of vector position b of chunk c.
+inline int code_at(const uint8_t* codes, const uint8_t* high, int bits, int64_t c, int64_t b) {
+  if (bits == 8) return codes[c * kChunk + b];
+  const uint8_t byte = codes[c * 32 + b % 32];
+  int code = b < 32 ? (byte & 0x0F) : (byte >> 4);
+  if (high) code |= ((high[c * 8 + b / 8] >> (b % 8)) & 1) << 4;
+  return code;
+}
+
+void dot_rows_scalar(const uint8_t* codes, const uint8_t* high, int bits, const c10::Half* d, const c10::Half* m,
                      const QuantizedRow* xs, int rows, int64_t chunks, float* out) {
   for (int r = 0; r < rows; ++r) {
     const QuantizedRow& x = xs[r];
@@ -143,10 +230,7 @@ void dot_rows_scalar(const uint8_t* codes, const uint8_t* high, const c10::Half*
         int32_t dot = 0;
         for (int j = 0; j < 4; ++j) {
           const int64_t b = 4 * lane + j;
-          const uint8_t byte = codes[c * 32 + b % 32];
-          int code = b < 32 ? (byte & 0x0F) : (byte >> 4);
-          if (high) code |= ((high[c * 8 + b / 8] >> (b % 8)) & 1) << 4;
-          dot += code * x.q[c * kChunk + b];
+          dot += code_at(codes, high, bits, c, b) * x.q[c * kChunk + b];
         }
         total += static_cast<float>(dot) * static_cast<float>(d[c * 2 + lane % 2]) * x.scale[c * 16 + lane];
       }
@@ -155,13 +239,13 @@ void dot_rows_scalar(const uint8_t* codes, const uint8_t* high, const c10::Half*
   }
 }
 
-void dot_rows_any(const uint8_t* codes, const uint8_t* high, const c10::Half* d, const c10::Half* m,
+void dot_rows_any(const uint8_t* codes, const uint8_t* high, int bits, const c10::Half* d, const c10::Half* m,
                   const QuantizedRow* xs, int rows, int64_t chunks, float* out) {
 #ifdef TOKENLOOM_GQ_AVX512
 #define TOKENLOOM_GQ_CASE(R)                                                         \
   case R:                                                                            \
-    return high ? dot_rows<R, true>(codes, high, d, m, xs, chunks, out)              \
-                : dot_rows<R, false>(codes, high, d, m, xs, chunks, out);
+    return high ? dot_rows<R, 5>(codes, high, d, m, xs, chunks, out)                 \
+                : dot_rows<R, 4>(codes, high, d, m, xs, chunks, out);
   switch (rows) {
     TOKENLOOM_GQ_CASE(1)
     TOKENLOOM_GQ_CASE(2)
@@ -175,22 +259,33 @@ void dot_rows_any(const uint8_t* codes, const uint8_t* high, const c10::Half* d,
   }
 #undef TOKENLOOM_GQ_CASE
 #endif
-  dot_rows_scalar(codes, high, d, m, xs, rows, chunks, out);
+  dot_rows_scalar(codes, high, bits, d, m, xs, rows, chunks, out);
 }
 
 template <typename T, typename O>
-void gq_linear_kernel(const T* x, const uint8_t* codes, const uint8_t* high, const c10::Half* d, const c10::Half* m,
-                      const float* bias, O* out, int64_t rows, int64_t n, int64_t k) {
+void gq_linear_kernel(const T* x, const uint8_t* codes, const uint8_t* high, int bits, const c10::Half* d,
+                      const c10::Half* m, const float* bias, O* out, int64_t rows, int64_t n, int64_t k) {
   const int64_t chunks = k / kChunk;
-  std::vector<QuantizedRow> xs(rows);
-  for (int64_t m = 0; m < rows; ++m) quantize_row(x + m * k, k, xs[m]);
+  const int64_t row_bytes = bits == 8 ? k : k / 2;
+  std::vector<QuantizedRow> xs(bits == 8 ? 0 : rows);
+  std::vector<FloatRow> fs(bits == 8 ? rows : 0);
+  for (int64_t m = 0; m < rows; ++m) {
+    if (bits == 8)
+      float_row(x + m * k, k, fs[m]);
+    else
+      quantize_row(x + m * k, k, xs[m]);
+  }
   // Enough outputs per task that the threads' fork/join is small against the bytes each one reads.
   const int64_t grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(k, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     float result[kMaxRows];
     for (int64_t j = begin; j < end; ++j) {
-      dot_rows_any(codes + j * (k / 2), high ? high + j * (k / 8) : nullptr, d + j * chunks * 2, m + j * chunks * 2,
-                   xs.data(), static_cast<int>(rows), chunks, result);
+      if (bits == 8)
+        dot_rows_float_any(codes + j * row_bytes, d + j * chunks * 2, m + j * chunks * 2, fs.data(),
+                           static_cast<int>(rows), chunks, result);
+      else
+        dot_rows_any(codes + j * row_bytes, high ? high + j * (k / 8) : nullptr, bits, d + j * chunks * 2,
+                     m + j * chunks * 2, xs.data(), static_cast<int>(rows), chunks, result);
       const float b = bias ? bias[j] : 0.f;
       for (int64_t m = 0; m < rows; ++m) out[m * n + j] = static_cast<O>(result[m] + b);
     }
@@ -257,32 +352,106 @@ bool gq_linear_native() {
 #endif
 }
 
-// x [M, K] float32/bfloat16/float16 with M <= 8 and K % 64 == 0; codes uint8 [N, K / 2]; d float16
-// [N, K / 64, 2]; m float16 [N, K / 32]; high uint8 [N, K / 8] (5 bits) or None; bias [N] or None.
-// Returns [M, N] in x's dtype, or in float32 with float_out (logits: no rounding, no conversion pass).
-at::Tensor gq_linear(at::Tensor x, at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high,
-                     c10::optional<at::Tensor> bias, bool float_out) {
-  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && d.device().is_cpu() && m.device().is_cpu(),
-              "gq_linear: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "gq_linear: x must be [rows <= 8, K]");
-  const int64_t k = x.size(1), n = codes.size(0);
-  TORCH_CHECK(k % kChunk == 0, "gq_linear: K must be a multiple of 64, got ", k);
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.size(1) == k / 2,
-              "gq_linear: codes must be uint8 [N, K / 2]");
+namespace {
+
+// Checks a packed weight against K and returns its width in bits (4, 5 or 8).
+int check_packed(const char* op, const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m,
+                 const at::Tensor& high, int64_t k) {
+  TORCH_CHECK(codes.device().is_cpu() && d.device().is_cpu() && m.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(k % kChunk == 0, op, ": K must be a multiple of 64, got ", k);
+  const int64_t n = codes.size(0);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && (codes.size(1) == k / 2 || codes.size(1) == k),
+              op, ": codes must be uint8 [N, K / 2] (4 or 5 bits) or [N, K] (8 bits)");
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(0) == n && d.size(1) == k / kChunk &&
                   d.size(2) == 2,
-              "gq_linear: d must be float16 [N, K / 64, 2]");
+              op, ": d must be float16 [N, K / 64, 2]");
   TORCH_CHECK(m.scalar_type() == at::kHalf && m.dim() == 2 && m.size(0) == n && m.size(1) == k / 32,
-              "gq_linear: m must be float16 [N, K / 32]");
+              op, ": m must be float16 [N, K / 32]");
+  const bool eight = codes.size(1) == k;
+  if (high.defined()) {
+    TORCH_CHECK(!eight, op, ": 8-bit codes take no high bits");
+    TORCH_CHECK(high.scalar_type() == at::kByte && high.dim() == 2 && high.size(0) == n && high.size(1) == k / 8,
+                op, ": high must be uint8 [N, K / 8]");
+  }
+  return eight ? 8 : high.defined() ? 5 : 4;
+}
+
+at::Tensor optional_contiguous(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+// Weights of one row in natural input order: out[i] = code(i) * d(group) + m(group).
+template <typename T>
+void dequant_row(const uint8_t* codes, const uint8_t* high, int bits, const c10::Half* d, const c10::Half* m,
+                 int64_t chunks, T* out) {
+#if defined(TOKENLOOM_GQ_AVX512) && defined(__AVX512VBMI__)
+  // Vector position of each natural input (the inverse of chunk_input), for a byte permute.
+  alignas(64) static const uint8_t kInverse[kChunk] = {
+      0,  1,  2,  3,  8,  9,  10, 11, 16, 17, 18, 19, 24, 25, 26, 27, 32, 33, 34, 35, 40, 41,
+      42, 43, 48, 49, 50, 51, 56, 57, 58, 59, 4,  5,  6,  7,  12, 13, 14, 15, 20, 21, 22, 23,
+      28, 29, 30, 31, 36, 37, 38, 39, 44, 45, 46, 47, 52, 53, 54, 55, 60, 61, 62, 63};
+  const __m512i inverse = _mm512_load_si512(kInverse);
+  const __m512i sixteen = _mm512_set1_epi8(16);
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512i w;
+    if (bits == 8) {
+      w = _mm512_loadu_si512(codes + c * kChunk);
+    } else {
+      w = load_codes(codes + c * 32);
+      if (bits == 5) {
+        uint64_t hb;
+        std::memcpy(&hb, high + c * 8, 8);
+        w = _mm512_or_si512(w, _mm512_maskz_mov_epi8(_cvtu64_mask64(hb), sixteen));
+      }
+    }
+    const __m512i natural = _mm512_permutexvar_epi8(inverse, w);
+    for (int q = 0; q < 4; ++q) {  // 16 inputs at a time; the first two quarters are group 0
+      const int g = q / 2;
+      __m128i part;
+      switch (q) {
+        case 0: part = _mm512_extracti32x4_epi32(natural, 0); break;
+        case 1: part = _mm512_extracti32x4_epi32(natural, 1); break;
+        case 2: part = _mm512_extracti32x4_epi32(natural, 2); break;
+        default: part = _mm512_extracti32x4_epi32(natural, 3); break;
+      }
+      const __m512 values = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part)),
+                                            _mm512_set1_ps(static_cast<float>(d[c * 2 + g])),
+                                            _mm512_set1_ps(static_cast<float>(m[c * 2 + g])));
+      T* dst = out + c * kChunk + 16 * q;
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_storeu_ps(dst, values);
+      } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(values));
+      } else {
+        for (int i = 0; i < 16; ++i) dst[i] = static_cast<T>(values[i]);
+      }
+    }
+  }
+#else
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t b = 0; b < kChunk; ++b) {
+      const int64_t i = chunk_input(b);
+      out[c * kChunk + i] = static_cast<T>(code_at(codes, high, bits, c, b) * static_cast<float>(d[c * 2 + i / 32]) +
+                                           static_cast<float>(m[c * 2 + i / 32]));
+    }
+#endif
+}
+
+}  // namespace
+
+// x [M, K] float32/bfloat16/float16 with M <= 8 and K % 64 == 0; codes uint8 [N, K / 2] (or [N, K] for 8
+// bits); d float16 [N, K / 64, 2]; m float16 [N, K / 32]; high uint8 [N, K / 8] (5 bits) or None; bias [N]
+// or None. Returns [M, N] in x's dtype, or in float32 with float_out (logits: no rounding, no conversion).
+at::Tensor gq_linear(at::Tensor x, at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high,
+                     c10::optional<at::Tensor> bias, bool float_out) {
+  TORCH_CHECK(x.device().is_cpu(), "gq_linear: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "gq_linear: x must be [rows <= 8, K]");
+  const int64_t k = x.size(1), n = codes.size(0);
+  at::Tensor h = optional_contiguous(high);
+  const int bits = check_packed("gq_linear", codes, d, m, h, k);
   codes = codes.contiguous();
   d = d.contiguous();
   m = m.contiguous();
-  at::Tensor h;
-  if (high.has_value() && high->defined()) {
-    h = high->contiguous();
-    TORCH_CHECK(h.scalar_type() == at::kByte && h.dim() == 2 && h.size(0) == n && h.size(1) == k / 8,
-                "gq_linear: high must be uint8 [N, K / 8]");
-  }
   x = x.contiguous();
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -294,26 +463,54 @@ at::Tensor gq_linear(at::Tensor x, at::Tensor codes, at::Tensor d, at::Tensor m,
     const uint8_t* hp = h.defined() ? h.data_ptr<uint8_t>() : nullptr;
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     if (float_out)
-      gq_linear_kernel<scalar_t, float>(x.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(), hp, d.data_ptr<c10::Half>(),
-                                        m.data_ptr<c10::Half>(), bp, out.data_ptr<float>(), x.size(0), n, k);
+      gq_linear_kernel<scalar_t, float>(x.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(), hp, bits,
+                                        d.data_ptr<c10::Half>(), m.data_ptr<c10::Half>(), bp, out.data_ptr<float>(),
+                                        x.size(0), n, k);
     else
-      gq_linear_kernel<scalar_t, scalar_t>(x.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(), hp,
+      gq_linear_kernel<scalar_t, scalar_t>(x.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(), hp, bits,
                                            d.data_ptr<c10::Half>(), m.data_ptr<c10::Half>(), bp,
                                            out.data_ptr<scalar_t>(), x.size(0), n, k);
   });
   return out;
 }
 
-// weight [N, K] float with K % 64 == 0, bits 4 or 5 → (codes uint8 [N, K / 2], d float16 [N, K / 64, 2],
-// m float16 [N, K / 32][, high uint8 [N, K / 8] for 5 bits]) in the layout gq_linear reads.
+// The [N, K] matrix a packed weight stands for, in `dtype` (float32, bfloat16 or float16): what steps too
+// large for gq_linear multiply with a dense GEMM.
+at::Tensor gq_dequant(at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high,
+                      at::ScalarType dtype) {
+  const int64_t n = codes.size(0), k = d.size(1) * kChunk;
+  at::Tensor h = optional_contiguous(high);
+  const int bits = check_packed("gq_dequant", codes, d, m, h, k);
+  codes = codes.contiguous();
+  d = d.contiguous();
+  m = m.contiguous();
+  const int64_t row_bytes = bits == 8 ? k : k / 2;
+  auto out = at::empty({n, k}, codes.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "gq_dequant", [&] {
+    const uint8_t* cp = codes.data_ptr<uint8_t>();
+    const uint8_t* hp = h.defined() ? h.data_ptr<uint8_t>() : nullptr;
+    const c10::Half* dp = d.data_ptr<c10::Half>();
+    const c10::Half* mp = m.data_ptr<c10::Half>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, 65536 / k), [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j)
+        dequant_row<scalar_t>(cp + j * row_bytes, hp ? hp + j * (k / 8) : nullptr, bits, dp + j * (k / 32),
+                              mp + j * (k / 32), k / kChunk, op + j * k);
+    });
+  });
+  return out;
+}
+
+// weight [N, K] float with K % 64 == 0, bits 4, 5 or 8 → (codes uint8 [N, K / 2] ([N, K] for 8 bits), d
+// float16 [N, K / 64, 2], m float16 [N, K / 32][, high uint8 [N, K / 8] for 5 bits]) in gq_linear's layout.
 std::vector<at::Tensor> gq_pack(at::Tensor weight, int64_t bits) {
   TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2, "gq_pack: a 2-D CPU weight");
-  TORCH_CHECK(bits == 4 || bits == 5, "gq_pack: bits must be 4 or 5, got ", bits);
-  const float levels = bits == 5 ? 31.f : 15.f;
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "gq_pack: bits must be 4, 5 or 8, got ", bits);
+  const float levels = static_cast<float>((1 << bits) - 1);
   const int64_t n = weight.size(0), k = weight.size(1);
   TORCH_CHECK(k % kChunk == 0, "gq_pack: K must be a multiple of 64, got ", k);
   weight = weight.to(at::kFloat).contiguous();
-  auto codes = at::empty({n, k / 2}, weight.options().dtype(at::kByte));
+  auto codes = at::empty({n, bits == 8 ? k : k / 2}, weight.options().dtype(at::kByte));
   auto d = at::empty({n, k / kChunk, 2}, weight.options().dtype(at::kHalf));
   auto m = at::empty({n, k / 32}, weight.options().dtype(at::kHalf));
   auto high = bits == 5 ? at::zeros({n, k / 8}, weight.options().dtype(at::kByte)) : at::Tensor();
@@ -329,9 +526,14 @@ std::vector<at::Tensor> gq_pack(at::Tensor weight, int64_t bits) {
       for (int64_t chunk = 0; chunk < k / kChunk; ++chunk) {
         const int64_t base = row * k + chunk * kChunk;
         for (int g = 0; g < 2; ++g) fit_group(w + base + 32 * g, levels, natural + 32 * g, scale[g], low[g]);
-        uint8_t* out = c + base / 2;
-        for (int64_t p = 0; p < 32; ++p)
-          out[p] = static_cast<uint8_t>((natural[chunk_input(p)] & 0x0F) | ((natural[chunk_input(p + 32)] & 0x0F) << 4));
+        if (bits == 8) {
+          for (int64_t b = 0; b < kChunk; ++b) c[base + b] = natural[chunk_input(b)];
+        } else {
+          uint8_t* out = c + base / 2;
+          for (int64_t p = 0; p < 32; ++p)
+            out[p] = static_cast<uint8_t>((natural[chunk_input(p)] & 0x0F) |
+                                          ((natural[chunk_input(p + 32)] & 0x0F) << 4));
+        }
         if (hp)
           for (int64_t b = 0; b < kChunk; ++b)
             hp[base / 8 + b / 8] |= static_cast<uint8_t>(((natural[chunk_input(b)] >> 4) & 1) << (b % 8));

@@ -14,15 +14,19 @@ at::Tensor qkv_rope_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, 
                           double offset, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots, int64_t heads,
                           int64_t kv_heads);
 std::vector<at::Tensor> gq_pack(at::Tensor weight, int64_t bits);
+at::Tensor gq_dequant(at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high,
+                      at::ScalarType dtype);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm, Llama (offset 0) or Gemma (offset 1) convention");
-  m.def("gq_linear", &gq_linear, "4/5-bit group-quantized weight x int8 activation product for a few rows",
+  m.def("gq_linear", &gq_linear, "4/5/8-bit group-quantized weight x int8 activation product for a few rows",
         py::arg("x"), py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("high") = py::none(),
         py::arg("bias") = py::none(), py::arg("float_out") = false);
   m.def("add_rms_norm", &add_rms_norm, "residual + (normed) update, then the next RMSNorm");
   m.def("qkv_rope_cache", &qkv_rope_cache, "q/k norm, RoPE and the KV cache write of a fused qkv projection");
-  m.def("gq_pack", &gq_pack, "quantize a float weight into gq_linear's 4- or 5-bit layout");
+  m.def("gq_pack", &gq_pack, "quantize a float weight into gq_linear's 4-, 5- or 8-bit layout");
+  m.def("gq_dequant", &gq_dequant, "the dense matrix a gq_linear weight stands for", py::arg("codes"), py::arg("d"),
+        py::arg("m"), py::arg("high") = py::none(), py::arg("dtype") = at::kFloat);
   m.def("gq_linear_native", &gq_linear_native, "whether gq_linear runs on AVX-512 VNNI (else a scalar loop)");
 }
