@@ -231,3 +231,19 @@ def test_prompt_logprobs() -> None:
         assert set(entry) == {t, *top}
         assert entry[top[0]].rank == 1 and entry[top[1]].rank == 2
     assert all(len(e) == 1 for e in prompt_logprobs(logits, targets, k=0))
+
+
+@pytest.mark.parametrize("width", [1, 17, 64, 100, 50257, 262144])
+def test_greedy_argmax_is_torchs_on_ties_infinities_and_nan(width) -> None:
+    from tokenloom.engine.sampler import greedy_argmax
+
+    torch.manual_seed(width)
+    x = torch.randn(6, width)
+    x[1] = 0.0  # all tied: the first index
+    x[2] = float("-inf")
+    if width > 3:
+        x[3, [width // 3, width - 1]] = 50.0  # a tie between two maxima
+        x[4, width - 2] = float("nan")  # a NaN wins, as in torch
+        x[4, 1] = float("inf")
+    x[5, width - 1] = float("inf")
+    assert torch.equal(greedy_argmax(x), x.argmax(dim=-1))
