@@ -14,6 +14,7 @@ from tokenloom.engine.model_runner import ModelRunner, RunnerOutput, kv_bytes_pe
 from tokenloom.engine.output_processor import OutputProcessor, ParentState
 from tokenloom.engine.request import Request, RequestStatus
 from tokenloom.engine.scheduler import Scheduler, SchedulerOutput
+from tokenloom.engine.threads import ThreadBinder
 from tokenloom.loader import LoadedModel, load_model
 from tokenloom.outputs import RequestOutput
 from tokenloom.sampling_params import SamplingParams
@@ -47,6 +48,7 @@ class LLMEngine:
         if config.device_config.num_threads:
             torch.set_num_threads(config.device_config.num_threads)
         torch.manual_seed(config.model_config.seed)
+        self._threads = ThreadBinder.for_config(config)
         self.loaded = loaded or load_model(config.model_config, device)
         self.tokenizer = self.loaded.tokenizer
         # Token ids index the model's embedding; a tokenizer may know fewer (or more) ids.
@@ -141,6 +143,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine iteration and return the outputs it produced."""
+        self._threads.ensure()
         try:
             return self._step()
         finally:  # requests finished or preempted in this step no longer need their runner state

@@ -19,6 +19,7 @@ import torch
 
 from tokenloom.config import ConfigError, EngineConfig
 from tokenloom.engine.llm_engine import InvalidRequestError
+from tokenloom.engine.threads import ThreadBinder
 from tokenloom.loader import LoadedModel, load_model
 from tokenloom.models.encoder_heads import is_encoder
 from tokenloom.models.layers.encoder_attention import EncoderMetadata
@@ -86,6 +87,7 @@ class PoolingEngine:
         self.waiting: deque[PoolingRequest] = deque()
         self._run_ids = itertools.count()
         self._tokenizer_lock = threading.Lock()
+        self._threads = ThreadBinder.for_config(config)
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:
@@ -190,6 +192,7 @@ class PoolingEngine:
 
     def step(self) -> list[PoolingResult]:
         """Run the next batch (arrival order, within the token budget) and return its results."""
+        self._threads.ensure()
         batch = self._next_batch()
         if not batch:
             return []
