@@ -48,6 +48,50 @@ struct QuantizedRow {
   std::vector<float> sum;    // [groups]: scale * sum(q) of each group (what a minimum multiplies)
 };
 
+#if defined(TOKENLOOM_GQ_AVX512) && defined(__AVX512VBMI__)
+// chunk_input as a byte permutation: vector position b takes natural input chunk_input(b).
+alignas(64) constexpr uint8_t kVectorOrder[kChunk] = {
+    0,  1,  2,  3,  32, 33, 34, 35, 4,  5,  6,  7,  36, 37, 38, 39, 8,  9,  10, 11, 40, 41,
+    42, 43, 12, 13, 14, 15, 44, 45, 46, 47, 16, 17, 18, 19, 48, 49, 50, 51, 20, 21, 22, 23,
+    52, 53, 54, 55, 24, 25, 26, 27, 56, 57, 58, 59, 28, 29, 30, 31, 60, 61, 62, 63};
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// One chunk of 64 activations, quantized per group of 32 exactly as the scalar loop does (float products,
+// round to nearest even), written in vector order. Returns false for types it does not load.
+template <typename T>
+bool quantize_chunk_avx512(const T* x, int8_t* q, float d[2], float s[2]) {
+  if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, c10::BFloat16> && !std::is_same_v<T, c10::Half>) {
+    return false;
+  } else {
+    __m128i bytes[4];
+    for (int g = 0; g < 2; ++g) {
+      const __m512 a = load16(x + 32 * g), b = load16(x + 32 * g + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+      d[g] = amax / 127.f;
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+      s[g] = d[g] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
+      bytes[2 * g] = _mm512_cvtepi32_epi8(qa);
+      bytes[2 * g + 1] = _mm512_cvtepi32_epi8(qb);
+    }
+    __m512i natural = _mm512_castsi128_si512(bytes[0]);
+    natural = _mm512_inserti32x4(natural, bytes[1], 1);
+    natural = _mm512_inserti32x4(natural, bytes[2], 2);
+    natural = _mm512_inserti32x4(natural, bytes[3], 3);
+    _mm512_storeu_si512(q, _mm512_permutexvar_epi8(_mm512_load_si512(kVectorOrder), natural));
+    return true;
+  }
+}
+#endif
+
 template <typename T>
 void quantize_row(const T* x, int64_t k, QuantizedRow& out) {
   const int64_t chunks = k / kChunk;
@@ -56,6 +100,14 @@ void quantize_row(const T* x, int64_t k, QuantizedRow& out) {
   out.sum.resize(chunks * 2);
   for (int64_t c = 0; c < chunks; ++c) {
     float d[2], s[2];
+#if defined(TOKENLOOM_GQ_AVX512) && defined(__AVX512VBMI__)
+    if (quantize_chunk_avx512(x + c * kChunk, out.q.data() + c * kChunk, d, s)) {
+      for (int lane = 0; lane < 16; ++lane) out.scale[c * 16 + lane] = d[lane % 2];
+      out.sum[c * 2] = s[0];
+      out.sum[c * 2 + 1] = s[1];
+      continue;
+    }
+#endif
     int8_t codes[kChunk];
     for (int g = 0; g < 2; ++g) {
       const T* xg = x + c * kChunk + 32 * g;
