@@ -289,8 +289,8 @@ def _pack_layer(weight: torch.Tensor, names: list[tuple[str, int, int]], method:
     bits = max(widths)
     parts = []
     for (name, start, rows), stored in zip(names, native):
-        if stored is not None and stored <= bits:
-            parts.append(exact.pack(name, bits))
+        if stored is not None and stored <= bits:  # read from the file on the CPU; the layer lives with its weight
+            parts.append(GroupQuantWeight(*(f if f is None else f.to(weight.device) for f in exact.pack(name, bits))))
         else:
             parts.append(pack_group_quant(weight[start:start + rows], bits))
     return concat_group_quant(parts)
