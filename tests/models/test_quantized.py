@@ -256,3 +256,37 @@ def test_stored_blocks_are_repacked_not_refitted(method, qkv_bits, repacked):
     for name, (start, width) in model.proj.shard_offsets.items():
         if (f"{name}.weight", qkv_bits) in repacked:
             assert torch.equal(weights[start:start + width], stored.value(f"{name}.weight"))
+
+
+@pytest.mark.parametrize("rows", [64, 83])  # 83: the last tile padded
+def test_row_tiles_hold_the_same_weight_and_give_the_same_products(rows):
+    from tokenloom.models.layers.quantized import tile_group_quant, untile_group_quant
+
+    torch.manual_seed(10)
+    packed = pack_group_quant(torch.randn(rows, 192) * 0.05, 4)
+    tiled = tile_group_quant(packed)
+    assert tiled.tiles.shape == (-(-rows // 16), 192 // 8, 64)
+    assert all(torch.equal(a, b) for a, b in zip(untile_group_quant(tiled, rows)[:3], packed[:3]))
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("no native kernels")
+    x = torch.randn(8, 192).bfloat16()
+    got = kernels.gq_tiles_linear(x, *tiled)[:, :rows]
+    # The same int8-activation arithmetic as gq_linear, summed in another order.
+    torch.testing.assert_close(got, kernels.gq_linear(x, *packed, None, True), rtol=1e-5, atol=1e-5)
+    alone = torch.cat([kernels.gq_tiles_linear(x[i:i + 1], *tiled)[:, :rows] for i in range(8)])
+    assert torch.equal(alone, got)  # a row's logits do not depend on the other rows of the step
+
+
+def test_a_4_bit_head_runs_on_row_tiles():
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.gq_linear_native():
+        pytest.skip("row tiles need the vectorised kernels")
+    torch.manual_seed(11)
+    dense = nn.Linear(128, 200, bias=False)
+    packed = pack_group_quant(dense.weight, 4)
+    head = QuantizedLMHead(dense, packed)
+    assert head.tiled and all(torch.equal(a, b) for a, b in zip(head.packed[:3], packed[:3]))
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(head(x), group_quant_matmul(x, packed, float_out=True), rtol=1e-5, atol=1e-5)
+    assert head(x).shape == (3, 200)

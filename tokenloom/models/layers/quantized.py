@@ -175,6 +175,58 @@ def unpack_group_quant(weight: GroupQuantWeight, dtype: torch.dtype = torch.floa
     return groups.view(n, chunks * GQ_CHUNK).to(dtype)
 
 
+def _natural_codes(weight: GroupQuantWeight) -> torch.Tensor:
+    """The codes of a packed weight, uint8 [N, K] in input order."""
+    n, chunks = weight.d.shape[0], weight.d.shape[1]
+    if weight.bits == 8:
+        q = weight.codes.view(n, chunks, GQ_CHUNK)
+    else:
+        packed = weight.codes.view(n, chunks, 32)
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=2)
+        if weight.high is not None:
+            shifts = torch.arange(8, dtype=torch.uint8, device=q.device)
+            q = q | (((weight.high.view(n, chunks, 8, 1) >> shifts) & 1).view(n, chunks, 64) << 4)
+    return q[..., _GQ_INVERSE.to(q.device)].reshape(n, chunks * GQ_CHUNK)
+
+
+_TILE = 16  # rows per tile of the LM head's decode layout (csrc/gq_tiles.cpp)
+
+
+class TiledWeight(NamedTuple):
+    """A 4-bit weight in row tiles of 16 (csrc/gq_tiles.cpp): tiles uint8 [N' / 16, K / 8, 64], d and m
+    float16 [N' / 16, K / 32, 16], N' = N rounded up to 16 (padding rows are zeros)."""
+
+    tiles: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
+
+
+def tile_group_quant(weight: GroupQuantWeight) -> TiledWeight:
+    """The same 4-bit codes, scales and minimums laid out in row tiles of 16."""
+    if weight.bits != 4:
+        raise ValueError(f"row tiles hold 4-bit codes, not {weight.bits}")
+    codes, n, k = _natural_codes(weight), weight.codes.shape[0], weight.in_features
+    d, m = weight.d.reshape(n, k // 32), weight.m
+    pad = -n % _TILE
+    if pad:
+        codes, d, m = (F.pad(t, (0, 0, 0, pad)) for t in (codes, d, m))
+    count = (n + pad) // _TILE
+    halves = codes.view(count, _TILE, k // 8, 2, 4)  # [tile, row, block of 8 inputs, half, input]
+    tiles = (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).permute(0, 2, 1, 3).reshape(count, k // 8, 64)
+    per_group = lambda t: t.view(count, _TILE, k // 32).transpose(1, 2).contiguous()  # noqa: E731
+    return TiledWeight(tiles.contiguous(), per_group(d), per_group(m))
+
+
+def untile_group_quant(tiled: TiledWeight, rows: int) -> GroupQuantWeight:
+    """The inverse of `tile_group_quant` (the first `rows` rows)."""
+    count, blocks, _ = tiled.tiles.shape
+    k = blocks * 8
+    bytes_ = tiled.tiles.view(count, blocks, _TILE, 4).permute(0, 2, 1, 3)  # [tile, row, block, input]
+    codes = torch.stack([bytes_ & 0x0F, bytes_ >> 4], dim=3).reshape(count * _TILE, k)[:rows]
+    per_row = lambda t: t.transpose(1, 2).reshape(count * _TILE, k // 32)[:rows]  # noqa: E731
+    return pack_group_codes(codes.contiguous(), per_row(tiled.d), per_row(tiled.m), 4)
+
+
 @cache
 def _native_gq_linear() -> Callable[..., torch.Tensor] | None:
     """The native kernel where it is built and vectorised (looked up once: it runs ~75 times a step)."""
@@ -238,25 +290,34 @@ class GroupQuantLinear(ShardedOutput, nn.Module):
 class QuantizedLMHead(nn.Module):
     """Vocabulary projection: the group-quantized matrix for up to 8 rows (decode reads the whole
     vocabulary-sized matrix per step), the dense one for more (prefill samples few rows; many sequences
-    are bound by arithmetic). A tied head's dense matrix is the embedding table, kept for lookups anyway."""
+    are bound by arithmetic). A tied head's dense matrix is the embedding table, kept for lookups anyway.
+    4-bit codes are kept in row tiles of 16 where the native kernel runs (csrc/gq_tiles.cpp: about half
+    the instructions per weight of the general layout, which single-stream decode is bound by)."""
 
     def __init__(self, dense: nn.Module, weight: GroupQuantWeight) -> None:
         super().__init__()
-        self.dense, self.bits = dense, weight.bits
-        self.register_buffer("codes", weight.codes)
-        self.register_buffer("d", weight.d)
-        self.register_buffer("m", weight.m)
-        self.register_buffer("high", weight.high)
+        self.dense, self.bits, self.out_features = dense, weight.bits, weight.codes.shape[0]
+        self.tiled = weight.bits == 4 and weight.codes.device.type == "cpu" and _native_gq_linear() is not None
+        fields = tile_group_quant(weight) if self.tiled else weight
+        for name, value in zip(fields._fields, fields):
+            self.register_buffer(name, value)
+        if not self.tiled:
+            self.register_buffer("high", weight.high)
 
     @property
     def packed(self) -> GroupQuantWeight:
-        """The quantized matrix as the kernels take it."""
+        """The quantized matrix in the general layout."""
+        if self.tiled:
+            return untile_group_quant(TiledWeight(self.tiles, self.d, self.m), self.out_features)
         return GroupQuantWeight(self.codes, self.d, self.m, self.high)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [M, K] → logits [M, vocab]: float32 from the quantized kernel (the logits are wanted in
         float32), else hidden's dtype."""
         if hidden.shape[0] <= _GQ_MAX_ROWS and _native_gq_linear() is not None and hidden.device.type == "cpu":
+            if self.tiled:
+                logits = cpu_kernels().gq_tiles_linear(hidden, self.tiles, self.d, self.m)
+                return logits if logits.shape[1] == self.out_features else logits[:, :self.out_features]
             return group_quant_matmul(hidden, self.packed, float_out=True)
         return self.dense(hidden)
 
