@@ -69,6 +69,17 @@ def gemm_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 * reps / seconds
 
 
+def read_bandwidth_gbs(mib: int = 1024, reps: int = 5) -> float:
+    """Measured streaming-read bandwidth in GB/s: the best of `reps` sums of a float32 buffer of `mib` MiB
+    (far larger than the caches), on torch's threads."""
+    import torch
+
+    buffer = torch.ones(mib * (1 << 20) // 4)
+    buffer.sum()
+    best = min(timed(buffer.sum)[1] for _ in range(reps))
+    return buffer.numel() * 4 / best / 1e9
+
+
 def physical_limits(llm: LLM, dtype: torch.dtype, bandwidth_gbs: float) -> dict[str, float]:
     """Decode <= bandwidth / weight bytes read per token; batched <= GEMM FLOP/s / (2 x parameters);
     prefill <= GEMM FLOP/s / (2 x parameters outside the LM head), which runs for sampled positions only."""

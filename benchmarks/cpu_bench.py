@@ -38,7 +38,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from common import cpu_model, physical_cores, physical_limits, random_prompts, timed
+from common import cpu_model, physical_cores, physical_limits, random_prompts, read_bandwidth_gbs, timed
 
 if TYPE_CHECKING:
     from tokenloom import SamplingParams
@@ -549,7 +549,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of prefill and decode (median)")
     p.add_argument("--skip-llamacpp", action="store_true", help="run tokenloom only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bandwidth-gbs", type=float, default=30.0, help="memory bandwidth for the decode limit")
+    p.add_argument("--bandwidth-gbs", type=float, default=None,
+                   help="memory bandwidth for the decode limit (default: measured, a streaming read of 1 GiB)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--worker", choices=["tokenloom", "llamacpp"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -602,6 +603,13 @@ def main(argv: list[str] | None = None) -> None:
     notes: list[str] = []
     gguf = _gguf_path(args)
     use_llama = _llamacpp_usable(args, gguf, notes)
+    if args.bandwidth_gbs is None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        args.bandwidth_gbs = read_bandwidth_gbs()
+        notes.append(f"bandwidth measured: {args.bandwidth_gbs:.1f} GB/s (best of 5 sums of a 1 GiB float32 buffer, "
+                     f"{args.threads} threads)")
     spec = {"model": args.model, "model_path": gguf, "workloads": args.workloads, "concurrency": args.concurrency,
             "reps": args.reps, "threads": args.threads, "seed": args.seed, "dtype": args.dtype,
             "bandwidth_gbs": args.bandwidth_gbs}
