@@ -183,7 +183,7 @@ def test_quantized_model_logits_stay_close_to_float(arch, method, tol, tiny_mode
     layers = [m for m in model.modules() if isinstance(m, GroupQuantLinear)]
     assert layers and isinstance(model.lm_head, QuantizedLMHead)
     assert {m.bits for m in layers} == {model.lm_head.bits} == {int(method[3:])}  # HF weights: all fitted
-    unquantized = [m for m in model.modules() if type(m) is nn.Linear or isinstance(m, MergedLinear)]
+    unquantized = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert unquantized in ([], [model.lm_head.dense])  # an untied head keeps its matrix for large steps
     for d, q in zip(dense.generate(prompts, params, use_tqdm=False), quant.generate(prompts, params, use_tqdm=False)):
         want = torch.tensor([lp[t].logprob for lp, t in zip(d.prompt_logprobs[1:], d.prompt_token_ids[1:])])
@@ -290,3 +290,45 @@ def test_a_4_bit_head_runs_on_row_tiles():
     x = torch.randn(3, 128)
     torch.testing.assert_close(head(x), group_quant_matmul(x, packed, float_out=True), rtol=1e-5, atol=1e-5)
     assert head(x).shape == (3, 200)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_bf16_vocab_projection_of_a_few_rows_is_float32_and_exactly_summed(rows):
+    """The few-rows kernel sums bf16 products in float32 (torch's bf16 GEMM rounds each logit to bf16)."""
+    from tokenloom.models.layers.linear import LMHead, vocab_projection
+
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.bf16_rows_native():
+        pytest.skip("needs AVX-512 BF16")
+    torch.manual_seed(12)
+    weight, x = torch.randn(83, 96).bfloat16(), torch.randn(rows, 96).bfloat16()
+    got = vocab_projection(x, weight)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, x.float() @ weight.float().t(), rtol=1e-5, atol=1e-5)
+    alone = torch.cat([vocab_projection(x[i:i + 1], weight) for i in range(rows)])
+    assert torch.equal(alone, got)
+    head = LMHead(96, 83).bfloat16()
+    head.weight.data.copy_(weight)
+    assert torch.equal(head(x), got)
+    many = torch.randn(9, 96).bfloat16()  # above the kernel's rows: torch's GEMM, in bf16
+    assert vocab_projection(many, weight).dtype == torch.bfloat16
+
+
+def test_bf16_linear_layers_of_a_few_rows_take_the_native_kernel():
+    from tokenloom.models.layers.linear import Linear, MergedLinear
+
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.bf16_rows_native():
+        pytest.skip("needs AVX-512 BF16")
+    torch.manual_seed(13)
+    layer = Linear(64, 40, bias=True).bfloat16()
+    x = torch.randn(2, 3, 64).bfloat16()  # 6 rows in a 3-d batch
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 40)
+    want = (x.float() @ layer.weight.float().t() + layer.bias.float()).bfloat16()  # float sums, one rounding
+    assert torch.equal(got, want)
+    merged = MergedLinear(64, {"gate_proj": 24, "up_proj": 24}).bfloat16()
+    gate, up = merged.split(merged(x[0]))
+    assert gate.shape == up.shape == (3, 24)
+    many = torch.randn(20, 64).bfloat16()  # more rows than decode: torch's GEMM
+    torch.testing.assert_close(layer(many), torch.nn.functional.linear(many, layer.weight, layer.bias))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
-from tokenloom.models.layers.linear import MergedLinear, TiedLMHead
+from tokenloom.models.layers.linear import Linear, MergedLinear, TiedLMHead
 from tokenloom.models.layers.norm import RMSNorm, add_rms_norm
 from tokenloom.models.layers.rotary import RotaryEmbedding, rope_parameters
 from tokenloom.models.llama import GatedMLP, head_dim_of, run_decoder_layers
@@ -36,7 +36,7 @@ class Gemma3Attention(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = MergedLinear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size,
                                                           "v_proj": kv_size}, bias=bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, offset=1.0)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, offset=1.0)
         layer_type = _layer_type(config, layer_idx)

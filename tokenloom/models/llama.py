@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
-from tokenloom.models.layers.linear import MergedLinear, TiedLMHead
+from tokenloom.models.layers.linear import Linear, LMHead, MergedLinear, TiedLMHead
 from tokenloom.models.layers.norm import RMSNorm, add_rms_norm
 from tokenloom.models.layers.rotary import RotaryEmbedding, rope_parameters
 from tokenloom.models.loading import load_named_weights
@@ -59,7 +59,7 @@ class LlamaAttention(nn.Module):
         bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
         self.qkv_proj = MergedLinear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size,
                                                           "v_proj": kv_size}, bias=bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
+        self.o_proj = Linear(q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -81,7 +81,7 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, act: str = "silu", bias: bool = False) -> None:
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden, {"gate_proj": intermediate, "up_proj": intermediate}, bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, max_positions)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = (TiedLMHead(self.model.embed_tokens) if self.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+                        else LMHead(config.hidden_size, config.vocab_size))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Packed batch → hidden states [tokens, hidden]."""

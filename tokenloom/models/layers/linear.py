@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenloom.models.layers.kernels import cpu_kernels
+
 
 class ShardedOutput:
     """Mixin for layers whose output stacks several projections; `shard_offsets` maps each
@@ -18,7 +20,44 @@ class ShardedOutput:
         return out.split([w for _, w in self.shard_offsets.values()], dim=-1)
 
 
-class MergedLinear(ShardedOutput, nn.Linear):
+def _few_bf16_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the native bf16 kernel takes this product: CPU, bf16, up to 8 rows (decode)."""
+    return (x.dtype == weight.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= 8
+            and x.device.type == "cpu" and weight.shape[1] % 32 == 0 and _bf16_rows_kernel() is not None)
+
+
+def _bf16_rows_kernel():  # noqa: ANN202 - a pybind function
+    kernels = cpu_kernels()
+    return kernels.bf16_rows_linear if kernels is not None and kernels.bf16_rows_native() else None
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, except for a few bf16 rows on CPU (decode): a native kernel (float32 sums of bf16 products,
+    csrc/bf16_rows.cpp) that streams the weights at about twice the rate of torch's bf16 GEMM here."""
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if _few_bf16_rows(rows, weight):
+        out = _bf16_rows_kernel()(rows, weight, bias, False)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def vocab_projection(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [tokens, K] @ weight [vocab, K].T: float32 logits from the native kernel for a few bf16 rows
+    (torch's bf16 GEMM would also round each logit to bf16), else F.linear in the weight's dtype."""
+    if _few_bf16_rows(hidden, weight):
+        return _bf16_rows_kernel()(hidden, weight, None, True)
+    return F.linear(hidden, weight)
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed as `dense_linear` (the decoder layers' projections)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] → [..., out]."""
+        return dense_linear(x, self.weight, self.bias)
+
+
+class MergedLinear(ShardedOutput, Linear):
     """One linear layer holding several checkpoint projections stacked along the output dimension.
 
     `shards` maps each checkpoint name (e.g. "q_proj") to its output width, in order.
@@ -43,6 +82,17 @@ class MergedLinear(ShardedOutput, nn.Linear):
             target[offset:offset + width].copy_(tensor)
 
 
+class LMHead(nn.Linear):
+    """An untied vocabulary projection (no bias), computed as `vocab_projection`."""
+
+    def __init__(self, hidden: int, vocab: int) -> None:
+        super().__init__(hidden, vocab, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [tokens, hidden] → logits [tokens, vocab]."""
+        return vocab_projection(hidden, self.weight)
+
+
 class TiedLMHead(nn.Module):
     """The vocabulary projection of a model whose head shares the token embedding matrix."""
 
@@ -56,5 +106,5 @@ class TiedLMHead(nn.Module):
         return self.embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [tokens, hidden] → logits [tokens, vocab]."""
-        return F.linear(hidden, self.embedding.weight)
+        """hidden [tokens, hidden] → logits [tokens, vocab] (float32 from the few-rows kernel)."""
+        return vocab_projection(hidden, self.embedding.weight)

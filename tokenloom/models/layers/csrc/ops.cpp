@@ -15,6 +15,8 @@ at::Tensor qkv_rope_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, 
                           int64_t kv_heads);
 std::vector<at::Tensor> gq_pack(at::Tensor weight, int64_t bits);
 at::Tensor argmax_rows(at::Tensor x);
+at::Tensor bf16_rows_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, bool float_out);
+bool bf16_rows_native();
 at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Tensor m);
 std::vector<int64_t> bind_threads(std::vector<int64_t> cpus);
 at::Tensor gq_dequant(at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high,
@@ -32,6 +34,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gq_dequant", &gq_dequant, "the dense matrix a gq_linear weight stands for", py::arg("codes"), py::arg("d"),
         py::arg("m"), py::arg("high") = py::none(), py::arg("dtype") = at::kFloat);
   m.def("gq_tiles_linear", &gq_tiles_linear, "4-bit group-quantized rows in tiles of 16 x int8 activations (LM head)");
+  m.def("bf16_rows_linear", &bf16_rows_linear, "bf16 matrix x up to 8 bf16 rows (VDPBF16PS, float32 sums)",
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("float_out") = false);
+  m.def("bf16_rows_native", &bf16_rows_native, "whether bf16_rows_linear is built (AVX-512 BF16)");
   m.def("argmax_rows", &argmax_rows, "row-wise argmax of float32 logits (torch.argmax's answer, vectorised)");
   m.def("bind_threads", &bind_threads, "pin the calling thread's intra-op pool, thread i to cpus[i % n]");
   m.def("gq_linear_native", &gq_linear_native, "whether gq_linear runs on AVX-512 VNNI (else a scalar loop)");
