@@ -8,7 +8,6 @@ flags map one to one onto fields (see `EngineConfig.from_kwargs` and `cli.add_en
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +76,6 @@ class DeviceConfig:
 
 
 QUANTIZATIONS = ("none", "int8", "int5", "int4")
-_CPU_BIND = re.compile(r"none|cores|\d+(-\d+)?(,\d+(-\d+)?)*")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GROUPS = {"model_config": ModelConfig, "cache_config": CacheConfig,
            "scheduler_config": SchedulerConfig, "device_config": DeviceConfig}
@@ -123,9 +121,9 @@ class EngineConfig:
             raise ConfigError(f"max_num_batched_tokens must be >= 1; got {s.max_num_batched_tokens}")
         if s.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1; got {s.max_num_seqs}")
-        if not _CPU_BIND.fullmatch(self.device_config.cpu_bind.strip().lower()):
-            raise ConfigError(f"cpu_bind must be none, cores, or CPU ids such as 0,2 or 0-3; "
-                              f"got {self.device_config.cpu_bind!r}")
+        from tokenloom.engine.threads import parse_cpu_bind  # the one parser of the spec (raises ConfigError)
+
+        parse_cpu_bind(self.device_config.cpu_bind)
 
 
 def option_names() -> list[str]:

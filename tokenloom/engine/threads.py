@@ -47,12 +47,12 @@ def parse_cpu_bind(spec: str) -> list[int] | None:
     cpus: list[int] = []
     try:
         for part in spec.split(","):
-            low, _, high = part.partition("-")
-            cpus.extend(range(int(low), int(high or low) + 1))
+            low, dash, high = part.partition("-")
+            cpus.extend(range(int(low), int(high if dash else low) + 1))
     except ValueError:
-        raise ConfigError(f"cpu_bind must be none, cores, or CPU ids such as 0,2 or 0-3; got {spec!r}") from None
-    if not cpus:
-        raise ConfigError(f"cpu_bind names no CPU: {spec!r}")
+        cpus = []
+    if not cpus or min(cpus) < 0:
+        raise ConfigError(f"cpu_bind must be none, cores, or CPU ids such as 0,2 or 0-3; got {spec!r}")
     return cpus
 
 

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / name for name in ("paged_attention.cpp", "rms_norm.cpp", "fused.cpp", "group_quant.cpp",
                                       "gq_tiles.cpp", "bf16_rows.cpp", "argmax.cpp", "threads.cpp", "ops.cpp")]
-_HEADERS = [_CSRC / "norm_row.h"]
+_HEADERS = [_CSRC / "norm_row.h", _CSRC / "quant_group.h"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 

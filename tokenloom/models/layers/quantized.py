@@ -160,19 +160,10 @@ def unpack_group_quant(weight: GroupQuantWeight, dtype: torch.dtype = torch.floa
     kernels = cpu_kernels()
     if kernels is not None and weight.codes.device.type == "cpu":
         return kernels.gq_dequant(weight.codes, weight.d, weight.m, weight.high, dtype)
-    n, chunks, device = weight.d.shape[0], weight.d.shape[1], weight.codes.device
-    if weight.bits == 8:
-        q = weight.codes.view(n, chunks, GQ_CHUNK)
-    else:
-        packed = weight.codes.view(n, chunks, 32)
-        q = torch.cat([packed & 0x0F, packed >> 4], dim=2)  # vector order
-        if weight.high is not None:
-            shifts = torch.arange(8, dtype=torch.uint8, device=device)
-            fifth = (weight.high.view(n, chunks, 8, 1) >> shifts) & 1
-            q = q | (fifth.view(n, chunks, 64) << 4)
-    q = q[..., _GQ_INVERSE.to(device)].float()  # natural order per chunk
-    groups = q.view(n, chunks * 2, 32) * weight.d.float().view(n, -1, 1) + weight.m.float().view(n, -1, 1)
-    return groups.view(n, chunks * GQ_CHUNK).to(dtype)
+    n, k = weight.codes.shape[0], weight.in_features
+    groups = _natural_codes(weight).float().view(n, k // 32, 32)
+    groups = groups * weight.d.float().view(n, -1, 1) + weight.m.float().view(n, -1, 1)
+    return groups.view(n, k).to(dtype)
 
 
 def _natural_codes(weight: GroupQuantWeight) -> torch.Tensor:

@@ -22,8 +22,6 @@ namespace {
 constexpr int64_t kMaxRows = 8;
 
 #ifdef TOKENLOOM_BF16_ROWS
-inline float sum16(__m512 v) { return _mm512_reduce_add_ps(v); }
-
 // Outputs of weight rows w[0..3] for M activation rows; K % 32 == 0.
 template <int M>
 void four_rows(const c10::BFloat16* w, int64_t k, const c10::BFloat16* x, float (*out)[4]) {
@@ -39,7 +37,7 @@ void four_rows(const c10::BFloat16* w, int64_t k, const c10::BFloat16* x, float 
     }
   }
   for (int r = 0; r < M; ++r)
-    for (int i = 0; i < 4; ++i) out[r][i] = sum16(acc[r][i]);
+    for (int i = 0; i < 4; ++i) out[r][i] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
 template <int M>
@@ -51,7 +49,7 @@ void one_row(const c10::BFloat16* w, int64_t k, const c10::BFloat16* x, float* o
     for (int r = 0; r < M; ++r)
       acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(x + r * k + c), wv);
   }
-  for (int r = 0; r < M; ++r) out[r] = sum16(acc[r]);
+  for (int r = 0; r < M; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 template <int M, typename O>

@@ -22,6 +22,8 @@
 #include <cstring>
 #include <vector>
 
+#include "quant_group.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define TOKENLOOM_TILES_AVX512 1
@@ -43,19 +45,8 @@ void quantize_natural(const T* x, int64_t k, NaturalRow& out) {
   out.q.resize(k);
   out.scale.resize(k / 32);
   out.sum.resize(k / 32);
-  for (int64_t g = 0; g < k / 32; ++g) {
-    float amax = 0.f;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(static_cast<float>(x[32 * g + i])));
-    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    int total = 0;
-    for (int i = 0; i < 32; ++i) {
-      const int v = static_cast<int>(std::nearbyint(static_cast<float>(x[32 * g + i]) * inv));
-      out.q[32 * g + i] = static_cast<int8_t>(v);
-      total += v;
-    }
-    out.scale[g] = d;
-    out.sum[g] = d * static_cast<float>(total);
-  }
+  for (int64_t g = 0; g < k / 32; ++g)
+    out.scale[g] = tokenloom::quantize_group32(x + 32 * g, out.q.data() + 32 * g, out.sum[g]);
 }
 
 #ifdef TOKENLOOM_TILES_AVX512

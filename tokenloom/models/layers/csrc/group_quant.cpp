@@ -28,6 +28,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "quant_group.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define TOKENLOOM_GQ_AVX512 1
@@ -64,7 +66,7 @@ inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// One chunk of 64 activations, quantized per group of 32 exactly as the scalar loop does (float products,
+// One chunk of 64 activations, quantized per group of 32 exactly as quantize_group32 does (float products,
 // round to nearest even), written in vector order. Returns false for types it does not load.
 template <typename T>
 bool quantize_chunk_avx512(const T* x, int8_t* q, float d[2], float s[2]) {
@@ -109,20 +111,7 @@ void quantize_row(const T* x, int64_t k, QuantizedRow& out) {
     }
 #endif
     int8_t codes[kChunk];
-    for (int g = 0; g < 2; ++g) {
-      const T* xg = x + c * kChunk + 32 * g;
-      float amax = 0.f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(static_cast<float>(xg[i])));
-      d[g] = amax / 127.f;
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int total = 0;
-      for (int i = 0; i < 32; ++i) {
-        const int v = static_cast<int>(std::nearbyint(static_cast<float>(xg[i]) * inv));
-        codes[32 * g + i] = static_cast<int8_t>(v);
-        total += v;
-      }
-      s[g] = d[g] * static_cast<float>(total);
-    }
+    for (int g = 0; g < 2; ++g) d[g] = tokenloom::quantize_group32(x + c * kChunk + 32 * g, codes + 32 * g, s[g]);
     for (int64_t b = 0; b < kChunk; ++b) out.q[c * kChunk + b] = codes[chunk_input(b)];
     for (int lane = 0; lane < 16; ++lane) out.scale[c * 16 + lane] = d[lane % 2];
     out.sum[c * 2] = s[0];
