@@ -2,6 +2,9 @@
 // one element at a time (~145 us a row here) where its max reduction is vectorised (~9 us): this is
 // the vectorised max, then a scan for the first position holding it. Same answer as torch.argmax: the
 // first maximal index, and the first NaN where a row has one.
+//
+// Levels: avx512, avx2 and neon run both passes on simd.h's vectors and lane sets (16, 8, 8 lanes), the
+// portable build in scalar loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -9,11 +12,50 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
+
+#ifdef TOKENLOOM_SIMD
+using namespace tokenloom::simd;
+
+// The row's maximum over x[0..*done), *done a multiple of four vectors, and whether that part has a NaN.
+// Four independent maxima, so consecutive compares do not wait on each other.
+float max_body(const float* x, int64_t n, int64_t* done, bool* nan) {
+  constexpr int64_t kStep = 4 * kLanes;
+  vf acc[4];
+  for (auto& a : acc) a = vset1(-std::numeric_limits<float>::infinity());
+  lanes unordered = nan_lanes(vzero());
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep)
+    for (int a = 0; a < 4; ++a) {
+      const vf v = vload(x + i + a * kLanes);
+      unordered = either(unordered, nan_lanes(v));
+      acc[a] = vmax(acc[a], v);
+    }
+  *done = i;
+  *nan = first_lane(unordered) >= 0;
+  return vmaxall(vmax(vmax(acc[0], acc[1]), vmax(acc[2], acc[3])));
+}
+
+// The first j in [0, n - n % kLanes) with x[j] == value, or that end (where to go on from).
+int64_t find_body(const float* x, int64_t n, float value) {
+  const vf target = vset1(value);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const int lane = first_lane(equal_lanes(vload(x + j), target));
+    if (lane >= 0) return j + lane;
+  }
+  return j;
+}
+#else
+float max_body(const float*, int64_t, int64_t* done, bool* nan) {
+  *done = 0;
+  *nan = false;
+  return -std::numeric_limits<float>::infinity();
+}
+int64_t find_body(const float*, int64_t, float) { return 0; }
+#endif
 
 int64_t first_nan(const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
@@ -22,36 +64,15 @@ int64_t first_nan(const float* x, int64_t n) {
 }
 
 int64_t argmax_row(const float* x, int64_t n) {
-  float best = -std::numeric_limits<float>::infinity();
-  bool nan = false;
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  // Four independent maxima, so consecutive compares do not wait on each other.
-  __m512 acc[4] = {_mm512_set1_ps(best), _mm512_set1_ps(best), _mm512_set1_ps(best), _mm512_set1_ps(best)};
-  __mmask16 unordered = 0;
-  for (; i + 64 <= n; i += 64)
-    for (int a = 0; a < 4; ++a) {
-      const __m512 v = _mm512_loadu_ps(x + i + 16 * a);
-      unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      acc[a] = _mm512_max_ps(acc[a], v);
-    }
-  best = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3])));
-  nan = unordered != 0;
-#endif
+  int64_t i;
+  bool nan;
+  float best = max_body(x, n, &i, &nan);
   for (; i < n; ++i) {
     nan = nan || std::isnan(x[i]);
     best = std::max(best, x[i]);
   }
   if (nan) return first_nan(x, n);
-  int64_t j = 0;
-#if defined(__AVX512F__)
-  const __m512 target = _mm512_set1_ps(best);
-  for (; j + 16 <= n; j += 16) {
-    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), target, _CMP_EQ_OQ);
-    if (hit) return j + __builtin_ctz(hit);
-  }
-#endif
-  for (; j < n; ++j)
+  for (int64_t j = find_body(x, n, best); j < n; ++j)
     if (x[j] == best) return j;
   return 0;  // an empty row
 }

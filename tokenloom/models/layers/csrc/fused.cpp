@@ -6,6 +6,8 @@
 //   add_rms_norm     residual + norm(update) (or + update), then the next block's input norm;
 //   qkv_rope_cache   split q|k|v, q/k RMSNorm (optional), rotary embedding, and the write of the new
 //                    keys and values into the paged cache.
+// Levels: plain loops the compiler vectorises at each level (as norm_row.h's): the work is a few
+// kilobytes a call, so the dispatches saved matter, not the vector width.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -6,7 +6,11 @@
 // row r of a tile of 16: one load gives 16 rows x 8 inputs, the activations are broadcast, the integer
 // sums of a group of 32 are scaled once for 16 rows, and the result of a tile is one store (about five
 // instructions per 64 weights). Same arithmetic as gq_linear: activations quantized to int8 per group of
-// 32, weight = code * d + m.
+// 32 (gq::quantize32, the same codes), weight = code * d + m.
+//
+// Levels (isa.h): the integer sums of a group are each level's own (gq_tile.h: vpdpbusd on avx512,
+// vpmaddubsw on avx2, sdot on neon), the float part is written once over gq_simd.h's vectors, kLanes rows
+// of a tile at a time; the portable level runs a scalar loop.
 //
 // Layout (rows padded to a multiple of 16):
 //   tiles uint8 [N / 16, K / 8, 64]: for inputs 8b..8b+7 of tile t, byte 4r + j holds the code of row
@@ -17,19 +21,18 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#include "quant_group.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
-#define TOKENLOOM_TILES_AVX512 1
-#endif
+#include "gq_simd.h"
+#include "gq_tile.h"
 
 namespace {
+
+using namespace tokenloom::gq;
 
 constexpr int64_t kTile = 16;
 constexpr int64_t kMaxRows = 8;
@@ -45,40 +48,30 @@ void quantize_natural(const T* x, int64_t k, NaturalRow& out) {
   out.q.resize(k);
   out.scale.resize(k / 32);
   out.sum.resize(k / 32);
-  for (int64_t g = 0; g < k / 32; ++g)
-    out.scale[g] = tokenloom::quantize_group32(x + 32 * g, out.q.data() + 32 * g, out.sum[g]);
+  for (int64_t g = 0; g < k / 32; ++g) out.scale[g] = quantize32(x + 32 * g, out.q.data() + 32 * g, out.sum[g]);
 }
 
-#ifdef TOKENLOOM_TILES_AVX512
+#ifdef TOKENLOOM_GQ_VECTOR
+// M activation rows x one tile into out[r * n + first_row ...], kLanes rows of the tile at a time.
 template <int M>
 void tile_rows(const uint8_t* tile, const c10::Half* d, const c10::Half* m, const NaturalRow* xs, int64_t groups,
                float* out, int64_t n, int64_t first_row) {
-  __m512 acc[M];
-  for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512i lo_sum[M], hi_sum[M];  // two integer chains per row: half the dependent latency
-    for (int r = 0; r < M; ++r) lo_sum[r] = hi_sum[r] = _mm512_setzero_si512();
-    for (int b = 0; b < 4; ++b) {
-      const __m512i v = _mm512_loadu_si512(tile + (4 * g + b) * 64);
-      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+  for (int part = 0; part < kTile / kLanes; ++part) {
+    vf acc[M];
+    for (int r = 0; r < M; ++r) acc[r] = vzero();
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* x[M];
+      for (int r = 0; r < M; ++r) x[r] = xs[r].q.data() + 32 * g;
+      vf dots[M];
+      group_dots<M>(tile + 4 * g * kTileBlock, part, x, dots);
+      const vf dv = vload(d + kTile * g + kLanes * part), mv = vload(m + kTile * g + kLanes * part);
       for (int r = 0; r < M; ++r) {
-        int32_t x0, x1;
-        std::memcpy(&x0, xs[r].q.data() + 32 * g + 8 * b, 4);
-        std::memcpy(&x1, xs[r].q.data() + 32 * g + 8 * b + 4, 4);
-        lo_sum[r] = _mm512_dpbusd_epi32(lo_sum[r], lo, _mm512_set1_epi32(x0));
-        hi_sum[r] = _mm512_dpbusd_epi32(hi_sum[r], hi, _mm512_set1_epi32(x1));
+        acc[r] = vfma(dots[r], vmul(dv, vset1(xs[r].scale[g])), acc[r]);
+        acc[r] = vfma(mv, vset1(xs[r].sum[g]), acc[r]);
       }
     }
-    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 16 * g)));
-    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 16 * g)));
-    for (int r = 0; r < M; ++r) {
-      const __m512 dots = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_sum[r], hi_sum[r]));
-      acc[r] = _mm512_fmadd_ps(dots, _mm512_mul_ps(dv, _mm512_set1_ps(xs[r].scale[g])), acc[r]);
-      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[r].sum[g]), acc[r]);
-    }
+    for (int r = 0; r < M; ++r) vstore(out + r * n + first_row + kLanes * part, acc[r]);
   }
-  for (int r = 0; r < M; ++r) _mm512_storeu_ps(out + r * n + first_row, acc[r]);
 }
 #endif
 
@@ -91,7 +84,7 @@ void tile_rows_scalar(const uint8_t* tile, const c10::Half* d, const c10::Half* 
         int32_t dot = 0;
         for (int b = 0; b < 4; ++b)
           for (int j = 0; j < 4; ++j) {
-            const uint8_t byte = tile[(4 * g + b) * 64 + 4 * lane + j];
+            const uint8_t byte = tile[(4 * g + b) * kTileBlock + 4 * lane + j];
             dot += (byte & 0x0F) * xs[r].q[32 * g + 8 * b + j] + (byte >> 4) * xs[r].q[32 * g + 8 * b + 4 + j];
           }
         total += static_cast<float>(dot) * (static_cast<float>(d[16 * g + lane]) * xs[r].scale[g]);
@@ -99,6 +92,19 @@ void tile_rows_scalar(const uint8_t* tile, const c10::Half* d, const c10::Half* 
       }
       out[r * n + first_row + lane] = total;
     }
+}
+
+// All rows x one tile: passes of at most kTileRows rows (a row's arithmetic is the same in any pass).
+void tile_all_rows(const uint8_t* tile, const c10::Half* d, const c10::Half* m, const NaturalRow* xs, int rows,
+                   int64_t groups, float* out, int64_t n, int64_t first_row) {
+#ifdef TOKENLOOM_GQ_VECTOR
+  for (int r0 = 0; r0 < rows; r0 += kTileRows)
+    with_rows<kTileRows>(std::min(kTileRows, rows - r0), [&](auto r) {
+      tile_rows<decltype(r)::value>(tile, d, m, xs + r0, groups, out + r0 * n, n, first_row);
+    });
+#else
+  tile_rows_scalar(tile, d, m, xs, rows, groups, out, n, first_row);
+#endif
 }
 
 }  // namespace
@@ -129,25 +135,9 @@ at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Ten
   const c10::Half* mp = m.data_ptr<c10::Half>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* tile = tp + t * (k / 8) * 64;
-      const c10::Half* dt = dp + t * groups * kTile;
-      const c10::Half* mt = mp + t * groups * kTile;
-#ifdef TOKENLOOM_TILES_AVX512
-      switch (rows) {
-        case 1: tile_rows<1>(tile, dt, mt, xs.data(), groups, op, n, t * kTile); continue;
-        case 2: tile_rows<2>(tile, dt, mt, xs.data(), groups, op, n, t * kTile); continue;
-        case 3: tile_rows<3>(tile, dt, mt, xs.data(), groups, op, n, t * kTile); continue;
-        case 4: tile_rows<4>(tile, dt, mt, xs.data(), groups, op, n, t * kTile); continue;
-        case 5: tile_rows<5>(tile, dt, mt, xs.data(), groups, op, n, t * kTile); continue;
-        case 6: tile_rows<6>(tile, dt, mt, xs.data(), groups, op, n, t * kTile); continue;
-        case 7: tile_rows<7>(tile, dt, mt, xs.data(), groups, op, n, t * kTile); continue;
-        case 8: tile_rows<8>(tile, dt, mt, xs.data(), groups, op, n, t * kTile); continue;
-        default: break;
-      }
-#endif
-      tile_rows_scalar(tile, dt, mt, xs.data(), static_cast<int>(rows), groups, op, n, t * kTile);
-    }
+    for (int64_t t = begin; t < end; ++t)
+      tile_all_rows(tp + t * (k / 8) * kTileBlock, dp + t * groups * kTile, mp + t * groups * kTile, xs.data(),
+                    static_cast<int>(rows), groups, op, n, t * kTile);
   });
   return out;
 }

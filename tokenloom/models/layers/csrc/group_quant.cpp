@@ -1,12 +1,19 @@
 // Group-quantized weight x activation products for steps of a few rows (decode): 4- and 5-bit codes x
-// int8 activations on AVX-512 VNNI, 8-bit codes x float activations; and the dequantization that larger
-// steps multiply with a dense GEMM.
+// int8 activations, 8-bit codes x float activations; and the dequantization that larger steps multiply
+// with a dense GEMM.
 //
 // Single-stream decode reads every weight once per token, so it is bound by memory bandwidth: the
 // format has to be small (5 bits a weight for int4 here: 4-bit codes, an fp16 scale and minimum per group
-// of 32; 6 for int5) and the arithmetic has to keep up with the bytes. Activations are quantized to int8 per group of
-// 32 on the fly (as llama.cpp's Q4_1 x Q8_1), so 64 weights cost one `vpdpbusd`; the group scales are
-// applied in float per lane. torch's `_weight_int4pack_mm_for_cpu` widens every weight to float instead.
+// of 32; 6 for int5) and the arithmetic has to keep up with the bytes. Activations are quantized to int8 per
+// group of 32 on the fly (as llama.cpp's Q4_1 x Q8_1), so 64 weights cost one `vpdpbusd` on AVX-512 VNNI;
+// the group scales are applied in float per lane. torch's `_weight_int4pack_mm_for_cpu` widens every
+// weight to float instead.
+//
+// Levels (isa.h): the kernels are written once over the vectors of gq_simd.h and the chunk operations of
+// gq_chunk.h (avx512: vpdpbusd; avx2: vpmaddubsw + vpmaddwd, as llama.cpp's AVX2 Q4_1 x Q8_1; neon: sdot).
+// Each level sums in its own order, so results differ between levels in the last bits; within a level, an
+// output does not depend on the other rows of the call. The portable level runs scalar loops, and
+// gq_linear_native() says false there: the Python side then multiplies the dequantized matrix instead.
 //
 // Layout, built by gq_pack (weight ~= code * d + m, code in 0..15, 0..31 with 5 bits, 0..255 with 8):
 //   codes  uint8 [N, K / 2]: per chunk of 64 inputs (two groups), 32 bytes; byte p holds the code of
@@ -16,26 +23,25 @@
 //   m      fp16  [N, K / 32]: per group its minimum.
 //   high   uint8 [N, K / 8] (5 bits only): per chunk 64 bits, bit b the fifth bit of vector position b.
 // "Vector position" b holds input 32 * ((b / 4) % 2) + 4 * (b / 8) + b % 4 of the chunk: 32-bit lanes
-// alternate between the two groups, so one broadcast pair (d0, d1) scales all 16 lanes.
+// alternate between the two groups, so one broadcast pair (d0, d1) scales all lanes of a vector.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
+#include <tuple>
 #include <vector>
 
-#include "quant_group.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
-#define TOKENLOOM_GQ_AVX512 1
-#endif
+#include "gq_chunk.h"
+#include "gq_simd.h"
 
 namespace {
+
+using namespace tokenloom::gq;
 
 constexpr int64_t kChunk = 64;
 constexpr int64_t kMaxRows = 8;
@@ -43,56 +49,18 @@ constexpr int64_t kMaxRows = 8;
 // Input index (within its chunk) of vector position b.
 inline int64_t chunk_input(int64_t b) { return 32 * ((b / 4) % 2) + 4 * (b / 8) + b % 4; }
 
+#ifndef TOKENLOOM_GQ_VECTOR
+inline void vector_order(const int8_t* natural, int8_t* out) {
+  for (int64_t b = 0; b < kChunk; ++b) out[b] = natural[chunk_input(b)];
+}
+#endif
+
 // Activations of one row, quantized per group of 32, in vector order.
 struct QuantizedRow {
   std::vector<int8_t> q;     // [chunks * 64]
-  std::vector<float> scale;  // [chunks * 16]: lane-wise group scale (d0, d1, d0, d1, ...)
+  std::vector<float> scale;  // [chunks * 16]: lane-wise group scale (d0, d1, d0, d1, ...); a level reads kLanes
   std::vector<float> sum;    // [groups]: scale * sum(q) of each group (what a minimum multiplies)
 };
-
-#if defined(TOKENLOOM_GQ_AVX512) && defined(__AVX512VBMI__)
-// chunk_input as a byte permutation: vector position b takes natural input chunk_input(b).
-alignas(64) constexpr uint8_t kVectorOrder[kChunk] = {
-    0,  1,  2,  3,  32, 33, 34, 35, 4,  5,  6,  7,  36, 37, 38, 39, 8,  9,  10, 11, 40, 41,
-    42, 43, 12, 13, 14, 15, 44, 45, 46, 47, 16, 17, 18, 19, 48, 49, 50, 51, 20, 21, 22, 23,
-    52, 53, 54, 55, 24, 25, 26, 27, 56, 57, 58, 59, 28, 29, 30, 31, 60, 61, 62, 63};
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// One chunk of 64 activations, quantized per group of 32 exactly as quantize_group32 does (float products,
-// round to nearest even), written in vector order. Returns false for types it does not load.
-template <typename T>
-bool quantize_chunk_avx512(const T* x, int8_t* q, float d[2], float s[2]) {
-  if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, c10::BFloat16> && !std::is_same_v<T, c10::Half>) {
-    return false;
-  } else {
-    __m128i bytes[4];
-    for (int g = 0; g < 2; ++g) {
-      const __m512 a = load16(x + 32 * g), b = load16(x + 32 * g + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-      d[g] = amax / 127.f;
-      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
-      s[g] = d[g] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
-      bytes[2 * g] = _mm512_cvtepi32_epi8(qa);
-      bytes[2 * g + 1] = _mm512_cvtepi32_epi8(qb);
-    }
-    __m512i natural = _mm512_castsi128_si512(bytes[0]);
-    natural = _mm512_inserti32x4(natural, bytes[1], 1);
-    natural = _mm512_inserti32x4(natural, bytes[2], 2);
-    natural = _mm512_inserti32x4(natural, bytes[3], 3);
-    _mm512_storeu_si512(q, _mm512_permutexvar_epi8(_mm512_load_si512(kVectorOrder), natural));
-    return true;
-  }
-}
-#endif
 
 template <typename T>
 void quantize_row(const T* x, int64_t k, QuantizedRow& out) {
@@ -101,21 +69,11 @@ void quantize_row(const T* x, int64_t k, QuantizedRow& out) {
   out.scale.resize(chunks * 16);
   out.sum.resize(chunks * 2);
   for (int64_t c = 0; c < chunks; ++c) {
-    float d[2], s[2];
-#if defined(TOKENLOOM_GQ_AVX512) && defined(__AVX512VBMI__)
-    if (quantize_chunk_avx512(x + c * kChunk, out.q.data() + c * kChunk, d, s)) {
-      for (int lane = 0; lane < 16; ++lane) out.scale[c * 16 + lane] = d[lane % 2];
-      out.sum[c * 2] = s[0];
-      out.sum[c * 2 + 1] = s[1];
-      continue;
-    }
-#endif
-    int8_t codes[kChunk];
-    for (int g = 0; g < 2; ++g) d[g] = tokenloom::quantize_group32(x + c * kChunk + 32 * g, codes + 32 * g, s[g]);
-    for (int64_t b = 0; b < kChunk; ++b) out.q[c * kChunk + b] = codes[chunk_input(b)];
+    int8_t natural[kChunk];
+    float d[2];
+    for (int g = 0; g < 2; ++g) d[g] = quantize32(x + c * kChunk + 32 * g, natural + 32 * g, out.sum[c * 2 + g]);
+    vector_order(natural, out.q.data() + c * kChunk);
     for (int lane = 0; lane < 16; ++lane) out.scale[c * 16 + lane] = d[lane % 2];
-    out.sum[c * 2] = s[0];
-    out.sum[c * 2 + 1] = s[1];
   }
 }
 
@@ -148,182 +106,85 @@ inline float min_term(const c10::Half* m, const float* sums, int64_t groups) {
   return total;
 }
 
-#ifdef TOKENLOOM_GQ_AVX512
-// 32 bytes of nibbles → 64 codes: the bytes loaded into both halves, the upper half shifted down by 4,
-// then masked. Decode of a few rows is bound by instructions per chunk (one core does ~17 GB/s of 4-bit
-// weights, two ~34), so this is three instructions rather than five.
-inline __m512i load_codes(const uint8_t* p) {
-  const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_and_si512(_mm512_mask_srli_epi16(both, 0xFFFF0000u, both, 4), _mm512_set1_epi8(0x0F));
-}
-
-inline __m512 load_scales(const c10::Half* d) {
-  int32_t pair;
-  std::memcpy(&pair, d, 4);
-  return _mm512_cvtph_ps(_mm256_set1_epi32(pair));
-}
-
-// The sums of four vectors: [sum(a), sum(b), sum(c), sum(d)], each in an order that does not depend on
-// the other three (so one vector summed alone gives the same float).
-inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  auto halves = [](__m512 v) {
-    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  };
-  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(halves(a), halves(b)), _mm256_hadd_ps(halves(c), halves(d)));
-  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
-// One accumulator per activation row, chunks in order, the minimums last, then reduce4: the same
-// arithmetic, in the same order, as dot_rows4, so an output does not depend on which of the two
-// computed it (nor, therefore, on how many rows the step has).
-template <int M, int Bits>
-void dot_rows(const uint8_t* codes, const uint8_t* high, const c10::Half* d, const c10::Half* m,
-              const QuantizedRow* xs, int64_t chunks, float* out) {
-  __m512 acc[M];
-  for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i sixteen = _mm512_set1_epi8(16);
+#ifdef TOKENLOOM_GQ_VECTOR
+// W consecutive weight rows (rows row_bytes apart) x M activation rows, into out[i][r]. One accumulator
+// per (weight row, activation row), chunks in order, the minimums last, then vsum4: an output gets the
+// same arithmetic in the same order whatever W and M are, so it does not depend on how many rows the step
+// has nor on which call computed it.
+//
+// W = 4 serves one or two activation rows (single-stream decode). Per row of weights, W = 1 spends as much
+// on its ending (the horizontal sum, the minimums) as on ten chunks of 64; with four rows each activation
+// chunk serves four rows, the four rows' sums are reduced together, and four independent accumulators per
+// activation row keep the FMA units busy. 4-bit LM head of gemma-3-270m, one row,
+// 2 threads, AVX-512: 3.0-3.2 -> 2.85 ms.
+template <int W, int M, int Bits>
+void dot_rows(const uint8_t* codes, int64_t row_bytes, const uint8_t* high, const c10::Half* d, const c10::Half* m,
+              const QuantizedRow* xs, int64_t chunks, float (*out)[kMaxRows]) {
+  vf acc[W][M];
+  for (int i = 0; i < W; ++i)
+    for (int r = 0; r < M; ++r) acc[i][r] = vzero();
+  // Rows four calls ahead with W = 1, two with W = 4 (a 64-byte line holds two chunks of codes).
+  constexpr int kAhead = W == 1 ? 4 : 2 * W;
   for (int64_t c = 0; c < chunks; ++c) {
-    if ((c & 1) == 0)  // the codes of the row four ahead (rows are chunks * 32 bytes apart)
-      _mm_prefetch(reinterpret_cast<const char*>(codes + 4 * chunks * 32 + c * 32), _MM_HINT_T0);
-    __m512i w = load_codes(codes + c * 32);
-    if constexpr (Bits == 5) {
-      uint64_t bits;
-      std::memcpy(&bits, high + c * 8, 8);
-      w = _mm512_or_si512(w, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits), sixteen));
-    }
-    const __m512 scales = load_scales(d + c * 2);
-    for (int r = 0; r < M; ++r) {
-      const __m512i dot = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(xs[r].q.data() + c * kChunk));
-      const __m512 scale = _mm512_mul_ps(scales, _mm512_loadu_ps(xs[r].scale.data() + c * 16));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
-    }
-  }
-  // The minimums' part, 16 groups at a time, folded into the same horizontal sum.
-  const int64_t groups = chunks * 2;
-  for (int64_t g = 0; g < groups; g += 16) {
-    const __mmask16 mask = groups - g >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                            : static_cast<__mmask16>((1u << (groups - g)) - 1);
-    const __m512 mins = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m + g));
-    for (int r = 0; r < M; ++r)
-      acc[r] = _mm512_fmadd_ps(mins, _mm512_maskz_loadu_ps(mask, xs[r].sum.data() + g), acc[r]);
-  }
-  for (int r = 0; r < M; ++r) out[r] = _mm_cvtss_f32(reduce4(acc[r], acc[r], acc[r], acc[r]));
-}
-#endif
-
-#ifdef TOKENLOOM_GQ_AVX512
-// dot_rows for four consecutive weight rows at once (one or two activation rows: single-stream decode).
-// Per row of weights, dot_rows spends as much on its ending (the horizontal sum, the minimums) as on
-// ten chunks of 64; here each activation chunk is loaded once for four rows, the four rows' sums are
-// reduced together, and four independent accumulators per activation row keep the FMA unit busy.
-// 4-bit LM head of gemma-3-270m, one row, 2 threads: 3.0-3.2 -> 2.85 ms.
-template <int M, int Bits>
-void dot_rows4(const uint8_t* codes, int64_t row_bytes, const uint8_t* high, const c10::Half* d, const c10::Half* m,
-               const QuantizedRow* xs, int64_t chunks, float (*out)[kMaxRows]) {
-  __m512 acc[4][M];
-  for (int i = 0; i < 4; ++i)
-    for (int r = 0; r < M; ++r) acc[i][r] = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i sixteen = _mm512_set1_epi8(16);
-  for (int64_t c = 0; c < chunks; ++c) {
-    __m512i xq[M];
-    __m512 xscale[M];
-    for (int r = 0; r < M; ++r) {
-      xq[r] = _mm512_loadu_si512(xs[r].q.data() + c * kChunk);
-      xscale[r] = _mm512_loadu_ps(xs[r].scale.data() + c * 16);
-    }
-    // Software prefetch of the same chunk two groups of rows ahead (a 64-byte line holds two chunks of
-    // codes): the hardware prefetchers ramp up on each of the many short streams of a call, and in a
-    // decode step, where every matrix streams from memory once, this was 7-10% of the products' time.
+    // Software prefetch: the hardware prefetchers ramp up on each of the many short streams of a call,
+    // and in a decode step, where every matrix streams from memory once, this was 7-10% of the products' time.
     if ((c & 1) == 0)
-      for (int i = 8; i < 12; ++i) _mm_prefetch(reinterpret_cast<const char*>(codes + i * row_bytes + c * 32), _MM_HINT_T0);
-    for (int i = 0; i < 4; ++i) {
-      __m512i w = load_codes(codes + i * row_bytes + c * 32);
-      if constexpr (Bits == 5) {
-        uint64_t bits;
-        std::memcpy(&bits, high + i * (chunks * 8) + c * 8, 8);
-        w = _mm512_or_si512(w, _mm512_maskz_mov_epi8(_cvtu64_mask64(bits), sixteen));
-      }
-      const __m512 scales = load_scales(d + i * chunks * 2 + c * 2);
+      for (int i = 0; i < W; ++i) prefetch(codes + (kAhead + i) * row_bytes + c * 32);
+    for (int i = 0; i < W; ++i) {
+      const Chunk w = load_codes<Bits>(codes + i * row_bytes + c * 32, Bits == 5 ? high + (i * chunks + c) * 8 : nullptr);
+      const vf scales = chunk_scales(d + (i * chunks + c) * 2);
       for (int r = 0; r < M; ++r) {
-        const __m512i dot = _mm512_dpbusd_epi32(zero, w, xq[r]);
-        acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales, xscale[r]), acc[i][r]);
+        const vf scale = vmul(scales, vload(xs[r].scale.data() + c * 16));
+        acc[i][r] = vfma(dot(w, load_chunk(xs[r].q.data() + c * kChunk)), scale, acc[i][r]);
       }
     }
   }
+  // The minimums' part, kLanes groups at a time, folded into the same horizontal sum.
   const int64_t groups = chunks * 2;
-  for (int64_t g = 0; g < groups; g += 16) {
-    const __mmask16 mask = groups - g >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                            : static_cast<__mmask16>((1u << (groups - g)) - 1);
-    __m512 sums[M];
-    for (int r = 0; r < M; ++r) sums[r] = _mm512_maskz_loadu_ps(mask, xs[r].sum.data() + g);
-    for (int i = 0; i < 4; ++i) {
-      const __m512 mins = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m + i * groups + g));
-      for (int r = 0; r < M; ++r) acc[i][r] = _mm512_fmadd_ps(mins, sums[r], acc[i][r]);
+  for (int64_t g = 0; g < groups; g += kLanes) {
+    const int count = static_cast<int>(std::min<int64_t>(kLanes, groups - g));
+    vf sums[M];
+    for (int r = 0; r < M; ++r) sums[r] = vload_first(xs[r].sum.data() + g, count);
+    for (int i = 0; i < W; ++i) {
+      const vf mins = vload_first(m + i * groups + g, count);
+      for (int r = 0; r < M; ++r) acc[i][r] = vfma(mins, sums[r], acc[i][r]);
     }
   }
   for (int r = 0; r < M; ++r) {
-    alignas(16) float total[4];
-    _mm_store_ps(total, reduce4(acc[0][r], acc[1][r], acc[2][r], acc[3][r]));
-    for (int i = 0; i < 4; ++i) out[i][r] = total[i];
+    float total[4];
+    const int last = W - 1;  // W = 1: the one vector four times
+    vsum4(acc[0][r], acc[std::min(1, last)][r], acc[std::min(2, last)][r], acc[last][r], total);
+    for (int i = 0; i < W; ++i) out[i][r] = total[i];
   }
 }
-#endif
 
-#ifdef TOKENLOOM_GQ_AVX512
-// 8-bit codes x float activations. Float lane e of a 16-code quarter holds vector position 16q + e, of
-// group (e / 4) % 2, so one blended pair of scales serves every quarter of a chunk.
+// 8-bit codes x float activations. float_scales gives the lane scales of a chunk's even and odd float
+// vectors (on NEON a vector is all one group, elsewhere the groups alternate every 4 lanes).
 template <int M>
 void dot_rows_float(const uint8_t* codes, const c10::Half* d, const c10::Half* m, const FloatRow* xs, int64_t chunks,
                     float* out) {
-  __m512 acc[M][2];
-  for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  constexpr int n = kChunk / kLanes;
+  vf acc[M][2];
+  for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = vzero();
   for (int64_t c = 0; c < chunks; ++c) {
-    const __m512 scales = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(static_cast<float>(d[c * 2])),
-                                               _mm512_set1_ps(static_cast<float>(d[c * 2 + 1])));
-    _mm_prefetch(reinterpret_cast<const char*>(codes + 4 * chunks * kChunk + c * kChunk), _MM_HINT_T0);
-    __m512 w[4];
-    for (int q = 0; q < 4; ++q)
-      w[q] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + c * kChunk + 16 * q))));
+    prefetch(codes + 4 * chunks * kChunk + c * kChunk);  // the row four ahead
+    vf even, odd, w[n];
+    float_scales(d + c * 2, even, odd);
+    for (int q = 0; q < kChunk / 16; ++q) vwiden16(codes + c * kChunk + 16 * q, w + q * (16 / kLanes));
     for (int r = 0; r < M; ++r) {
       const float* x = xs[r].x.data() + c * kChunk;
-      __m512 t0 = _mm512_mul_ps(w[0], _mm512_loadu_ps(x));
-      __m512 t1 = _mm512_mul_ps(w[1], _mm512_loadu_ps(x + 16));
-      t0 = _mm512_fmadd_ps(w[2], _mm512_loadu_ps(x + 32), t0);
-      t1 = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(x + 48), t1);
-      acc[r][c & 1] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), scales, acc[r][c & 1]);
+      vf t0 = vmul(w[0], vload(x)), t1 = vmul(w[1], vload(x + kLanes));
+      for (int q = 2; q < n; q += 2) {
+        t0 = vfma(w[q], vload(x + q * kLanes), t0);
+        t1 = vfma(w[q + 1], vload(x + (q + 1) * kLanes), t1);
+      }
+      acc[r][c & 1] = vfma(t0, even, vfma(t1, odd, acc[r][c & 1]));
     }
   }
   for (int r = 0; r < M; ++r)
-    out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + min_term(m, xs[r].sum.data(), chunks * 2);
+    out[r] = vsum(vadd(acc[r][0], acc[r][1])) + min_term(m, xs[r].sum.data(), chunks * 2);
 }
 #endif
-
-void dot_rows_float_any(const uint8_t* codes, const c10::Half* d, const c10::Half* m, const FloatRow* xs, int rows,
-                        int64_t chunks, float* out) {
-#ifdef TOKENLOOM_GQ_AVX512
-  switch (rows) {
-    case 1: return dot_rows_float<1>(codes, d, m, xs, chunks, out);
-    case 2: return dot_rows_float<2>(codes, d, m, xs, chunks, out);
-    case 3: return dot_rows_float<3>(codes, d, m, xs, chunks, out);
-    case 4: return dot_rows_float<4>(codes, d, m, xs, chunks, out);
-    case 5: return dot_rows_float<5>(codes, d, m, xs, chunks, out);
-    case 6: return dot_rows_float<6>(codes, d, m, xs, chunks, out);
-    case 7: return dot_rows_float<7>(codes, d, m, xs, chunks, out);
-    case 8: return dot_rows_float<8>(codes, d, m, xs, chunks, out);
-    default: break;
-  }
-#endif
-  for (int r = 0; r < rows; ++r) {
-    float total = 0.f;
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t b = 0; b < kChunk; ++b)
-        total += codes[c * kChunk + b] * static_cast<float>(d[c * 2 + (b / 4) % 2]) * xs[r].x[c * kChunk + b];
-    out[r] = total + min_term(m, xs[r].sum.data(), chunks * 2);
-  }
-}
 
 // Portable path: the same quantized arithmetic, one lane at a time.
 // The code of vector position b of chunk c.
@@ -354,27 +215,43 @@ void dot_rows_scalar(const uint8_t* codes, const uint8_t* high, int bits, const 
   }
 }
 
-void dot_rows_any(const uint8_t* codes, const uint8_t* high, int bits, const c10::Half* d, const c10::Half* m,
-                  const QuantizedRow* xs, int rows, int64_t chunks, float* out) {
-#ifdef TOKENLOOM_GQ_AVX512
-#define TOKENLOOM_GQ_CASE(R)                                                         \
-  case R:                                                                            \
-    return high ? dot_rows<R, 5>(codes, high, d, m, xs, chunks, out)                 \
-                : dot_rows<R, 4>(codes, high, d, m, xs, chunks, out);
-  switch (rows) {
-    TOKENLOOM_GQ_CASE(1)
-    TOKENLOOM_GQ_CASE(2)
-    TOKENLOOM_GQ_CASE(3)
-    TOKENLOOM_GQ_CASE(4)
-    TOKENLOOM_GQ_CASE(5)
-    TOKENLOOM_GQ_CASE(6)
-    TOKENLOOM_GQ_CASE(7)
-    TOKENLOOM_GQ_CASE(8)
-    default: break;
+void dot_rows_float_scalar(const uint8_t* codes, const c10::Half* d, const c10::Half* m, const FloatRow* xs, int rows,
+                           int64_t chunks, float* out) {
+  for (int r = 0; r < rows; ++r) {
+    float total = 0.f;
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t b = 0; b < kChunk; ++b)
+        total += codes[c * kChunk + b] * static_cast<float>(d[c * 2 + (b / 4) % 2]) * xs[r].x[c * kChunk + b];
+    out[r] = total + min_term(m, xs[r].sum.data(), chunks * 2);
   }
-#undef TOKENLOOM_GQ_CASE
+}
+
+// W weight rows (4 needs a vectorised level) x `rows` activation rows of 4 or 5 bits into out[i][r].
+template <int W, int MaxRows>
+void dot_rows_any(const uint8_t* codes, int64_t row_bytes, const uint8_t* high, const c10::Half* d,
+                  const c10::Half* m, const QuantizedRow* xs, int rows, int64_t chunks, float (*out)[kMaxRows]) {
+#ifdef TOKENLOOM_GQ_VECTOR
+  with_rows<MaxRows>(rows, [&](auto r) {
+    constexpr int R = decltype(r)::value;
+    if (high)
+      dot_rows<W, R, 5>(codes, row_bytes, high, d, m, xs, chunks, out);
+    else
+      dot_rows<W, R, 4>(codes, row_bytes, high, d, m, xs, chunks, out);
+  });
+#else
+  static_assert(W == 1, "rows in fours need a vectorised level");
+  static_cast<void>(row_bytes);
+  dot_rows_scalar(codes, high, high ? 5 : 4, d, m, xs, rows, chunks, out[0]);
 #endif
-  dot_rows_scalar(codes, high, bits, d, m, xs, rows, chunks, out);
+}
+
+void dot_rows_float_any(const uint8_t* codes, const c10::Half* d, const c10::Half* m, const FloatRow* xs, int rows,
+                        int64_t chunks, float* out) {
+#ifdef TOKENLOOM_GQ_VECTOR
+  with_rows<kMaxRows>(rows, [&](auto r) { dot_rows_float<decltype(r)::value>(codes, d, m, xs, chunks, out); });
+#else
+  dot_rows_float_scalar(codes, d, m, xs, rows, chunks, out);
+#endif
 }
 
 template <typename T, typename O>
@@ -384,48 +261,44 @@ void gq_linear_kernel(const T* x, const uint8_t* codes, const uint8_t* high, int
   const int64_t row_bytes = bits == 8 ? k : k / 2;
   std::vector<QuantizedRow> xs(bits == 8 ? 0 : rows);
   std::vector<FloatRow> fs(bits == 8 ? rows : 0);
-  for (int64_t m = 0; m < rows; ++m) {
+  for (int64_t r = 0; r < rows; ++r) {
     if (bits == 8)
-      float_row(x + m * k, k, fs[m]);
+      float_row(x + r * k, k, fs[r]);
     else
-      quantize_row(x + m * k, k, xs[m]);
+      quantize_row(x + r * k, k, xs[r]);
   }
+  const int count = static_cast<int>(rows);
   // Enough outputs per task that the threads' fork/join is small against the bytes each one reads.
   const int64_t grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(k, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    float result[kMaxRows];
-    int64_t j = begin;
-#ifdef TOKENLOOM_GQ_AVX512
-    if (bits != 8 && rows <= 2) {
-      float four[4][kMaxRows];
-      for (; j + 4 <= end; j += 4) {
-        const uint8_t* hj = high ? high + j * (k / 8) : nullptr;
-        if (rows == 1)
-          high ? dot_rows4<1, 5>(codes + j * row_bytes, row_bytes, hj, d + j * chunks * 2, m + j * chunks * 2,
-                                 xs.data(), chunks, four)
-               : dot_rows4<1, 4>(codes + j * row_bytes, row_bytes, hj, d + j * chunks * 2, m + j * chunks * 2,
-                                 xs.data(), chunks, four);
-        else
-          high ? dot_rows4<2, 5>(codes + j * row_bytes, row_bytes, hj, d + j * chunks * 2, m + j * chunks * 2,
-                                 xs.data(), chunks, four)
-               : dot_rows4<2, 4>(codes + j * row_bytes, row_bytes, hj, d + j * chunks * 2, m + j * chunks * 2,
-                                 xs.data(), chunks, four);
-        for (int i = 0; i < 4; ++i) {
-          const float b = bias ? bias[j + i] : 0.f;
-          for (int64_t r = 0; r < rows; ++r) out[r * n + j + i] = static_cast<O>(four[i][r] + b);
-        }
+    float result[4][kMaxRows];
+    // Weight rows j..j+width-1 from result, plus the bias.
+    auto emit = [&](int64_t j, int width) {
+      for (int i = 0; i < width; ++i) {
+        const float b = bias ? bias[j + i] : 0.f;
+        for (int64_t r = 0; r < rows; ++r) out[r * n + j + i] = static_cast<O>(result[i][r] + b);
       }
-    }
+    };
+    auto args = [&](int64_t j) {  // where weight row j starts in each array
+      return std::make_tuple(codes + j * row_bytes, high ? high + j * (k / 8) : nullptr, d + j * chunks * 2,
+                             m + j * chunks * 2);
+    };
+    int64_t j = begin;
+#ifdef TOKENLOOM_GQ_VECTOR
+    if (bits != 8 && rows <= 2)
+      for (; j + 4 <= end; j += 4) {
+        const auto [cj, hj, dj, mj] = args(j);
+        dot_rows_any<4, 2>(cj, row_bytes, hj, dj, mj, xs.data(), count, chunks, result);
+        emit(j, 4);
+      }
 #endif
     for (; j < end; ++j) {
+      const auto [cj, hj, dj, mj] = args(j);
       if (bits == 8)
-        dot_rows_float_any(codes + j * row_bytes, d + j * chunks * 2, m + j * chunks * 2, fs.data(),
-                           static_cast<int>(rows), chunks, result);
+        dot_rows_float_any(cj, dj, mj, fs.data(), count, chunks, result[0]);
       else
-        dot_rows_any(codes + j * row_bytes, high ? high + j * (k / 8) : nullptr, bits, d + j * chunks * 2,
-                     m + j * chunks * 2, xs.data(), static_cast<int>(rows), chunks, result);
-      const float b = bias ? bias[j] : 0.f;
-      for (int64_t m = 0; m < rows; ++m) out[m * n + j] = static_cast<O>(result[m] + b);
+        dot_rows_any<1, kMaxRows>(cj, row_bytes, hj, dj, mj, xs.data(), count, chunks, result);
+      emit(j, 1);
     }
   });
 }
@@ -480,36 +353,53 @@ void fit_group(const float* w, float levels, uint8_t* codes, float& d_out, float
   m_out = best_m;
 }
 
-#ifdef TOKENLOOM_GQ_AVX512
-// fit_group on two vectors of 16: the same candidates and arithmetic per weight; the sums are taken in a
+#ifdef TOKENLOOM_GQ_VECTOR
+// Sum over i of a[i] * b[i], the last product first (with two vectors: a0 * b0 + a1 * b1 in one FMA).
+template <int N>
+inline vf products(const vf (&a)[N], const vf (&b)[N]) {
+  vf acc = vmul(a[N - 1], b[N - 1]);
+  for (int i = N - 2; i >= 0; --i) acc = vfma(a[i], b[i], acc);
+  return acc;
+}
+
+template <int N>
+inline vf total(const vf (&a)[N]) {
+  vf acc = a[0];
+  for (int i = 1; i < N; ++i) acc = vadd(acc, a[i]);
+  return acc;
+}
+
+// fit_group on 32 / kLanes vectors: the same candidates and arithmetic per weight; the sums are taken in a
 // tree, so a near-tie between two candidates can go the other way (the fit's error is the same to float
-// rounding). With rows widened one at a time, a 262k x 640 bf16 LM head packs at 4 bits in 0.33 s (was 1.23 s).
-void fit_group_avx512(const float* w, float levels, uint8_t* codes, float& d_out, float& m_out) {
-  const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-  const float low = _mm512_reduce_min_ps(_mm512_min_ps(w0, w1));
-  const float high = _mm512_reduce_max_ps(_mm512_max_ps(w0, w1));
-  const float span = high - low;
-  const float sw = _mm512_reduce_add_ps(_mm512_add_ps(w0, w1));
-  const __m512 zero = _mm512_setzero_ps(), top = _mm512_set1_ps(levels);
-  auto codes_of = [&](__m512 x, __m512 lo, __m512 inv) {
-    const __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(x, lo), inv),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return _mm512_min_ps(top, _mm512_max_ps(zero, c));
-  };
+// rounding). With rows widened one at a time, a 262k x 640 bf16 LM head packs at 4 bits in 0.33 s on
+// AVX-512 (was 1.23 s).
+void fit_group_simd(const float* w, float levels, uint8_t* codes, float& d_out, float& m_out) {
+  constexpr int n = 32 / kLanes;
+  vf v[n];
+  for (int i = 0; i < n; ++i) v[i] = vload(w + i * kLanes);
+  vf lowest = v[0], highest = v[0];
+  for (int i = 1; i < n; ++i) {
+    lowest = vmin(lowest, v[i]);
+    highest = vmax(highest, v[i]);
+  }
+  const float low = vminall(lowest), high = vmaxall(highest), span = high - low;
+  const float sw = vsum(total(v));
+  const vf zero = vzero(), top = vset1(levels);
+  auto codes_of = [&](vf x, vf lo, vf inv) { return vmin(top, vmax(zero, vround(vmul(vsub(x, lo), inv)))); };
   float best_err = INFINITY, best_d = 0.f, best_m = low;
   for (const auto& clip : kClips) {
     const float lo = low + clip[0] * span, hi = high - clip[1] * span;
-    const __m512 vlo = _mm512_set1_ps(lo), inv = _mm512_set1_ps(hi > lo ? levels / (hi - lo) : 0.f);
-    const __m512 c0 = codes_of(w0, vlo, inv), c1 = codes_of(w1, vlo, inv);
-    const float sc = _mm512_reduce_add_ps(_mm512_add_ps(c0, c1));
-    const float scc = _mm512_reduce_add_ps(_mm512_fmadd_ps(c0, c0, _mm512_mul_ps(c1, c1)));
-    const float scw = _mm512_reduce_add_ps(_mm512_fmadd_ps(c0, w0, _mm512_mul_ps(c1, w1)));
+    const vf vlo = vset1(lo), inv = vset1(hi > lo ? levels / (hi - lo) : 0.f);
+    vf c[n];
+    for (int i = 0; i < n; ++i) c[i] = codes_of(v[i], vlo, inv);
+    const float sc = vsum(total(c)), scc = vsum(products(c, c)), scw = vsum(products(c, v));
     const float det = 32.f * scc - sc * sc;
     const float d = round_half(det > 0.f ? (32.f * scw - sc * sw) / det : 0.f);
     const float m = round_half((sw - d * sc) / 32.f);
-    const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
-    const __m512 e0 = _mm512_sub_ps(_mm512_fmadd_ps(c0, vd, vm), w0), e1 = _mm512_sub_ps(_mm512_fmadd_ps(c1, vd, vm), w1);
-    const float err = _mm512_reduce_add_ps(_mm512_fmadd_ps(e0, e0, _mm512_mul_ps(e1, e1)));
+    const vf vd = vset1(d), vm = vset1(m);
+    vf e[n];
+    for (int i = 0; i < n; ++i) e[i] = vsub(vfma(c[i], vd, vm), v[i]);
+    const float err = vsum(products(e, e));
     if (err < best_err) {
       best_err = err;
       best_d = d;
@@ -517,10 +407,8 @@ void fit_group_avx512(const float* w, float levels, uint8_t* codes, float& d_out
     }
   }
   // Codes against the scale and minimum actually stored.
-  const __m512 vm = _mm512_set1_ps(best_m), inv = _mm512_set1_ps(best_d > 0.f ? 1.f / best_d : 0.f);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(codes_of(w0, vm, inv))));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16),
-                   _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(codes_of(w1, vm, inv))));
+  const vf vm = vset1(best_m), inv = vset1(best_d > 0.f ? 1.f / best_d : 0.f);
+  for (int i = 0; i < n; ++i) vstore_bytes(codes + i * kLanes, vint(codes_of(v[i], vm, inv)));
   d_out = best_d;
   m_out = best_m;
 }
@@ -529,7 +417,7 @@ void fit_group_avx512(const float* w, float levels, uint8_t* codes, float& d_out
 }  // namespace
 
 bool gq_linear_native() {
-#ifdef TOKENLOOM_GQ_AVX512
+#ifdef TOKENLOOM_GQ_VECTOR
   return true;
 #else
   return false;
@@ -564,50 +452,25 @@ at::Tensor optional_contiguous(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
-// Weights of one row in natural input order: out[i] = code(i) * d(group) + m(group).
+// Weights of one row in natural input order: out[i] = code(i) * d(group) + m(group) (exact in float:
+// a code has at most 8 bits and d 11, so one rounding, of the sum, whether fused or not).
 template <typename T>
 void dequant_row(const uint8_t* codes, const uint8_t* high, int bits, const c10::Half* d, const c10::Half* m,
                  int64_t chunks, T* out) {
-#if defined(TOKENLOOM_GQ_AVX512) && defined(__AVX512VBMI__)
-  // Vector position of each natural input (the inverse of chunk_input), for a byte permute.
-  alignas(64) static const uint8_t kInverse[kChunk] = {
-      0,  1,  2,  3,  8,  9,  10, 11, 16, 17, 18, 19, 24, 25, 26, 27, 32, 33, 34, 35, 40, 41,
-      42, 43, 48, 49, 50, 51, 56, 57, 58, 59, 4,  5,  6,  7,  12, 13, 14, 15, 20, 21, 22, 23,
-      28, 29, 30, 31, 36, 37, 38, 39, 44, 45, 46, 47, 52, 53, 54, 55, 60, 61, 62, 63};
-  const __m512i inverse = _mm512_load_si512(kInverse);
-  const __m512i sixteen = _mm512_set1_epi8(16);
+#ifdef TOKENLOOM_GQ_VECTOR
   for (int64_t c = 0; c < chunks; ++c) {
-    __m512i w;
-    if (bits == 8) {
-      w = _mm512_loadu_si512(codes + c * kChunk);
-    } else {
-      w = load_codes(codes + c * 32);
-      if (bits == 5) {
-        uint64_t hb;
-        std::memcpy(&hb, high + c * 8, 8);
-        w = _mm512_or_si512(w, _mm512_maskz_mov_epi8(_cvtu64_mask64(hb), sixteen));
-      }
-    }
-    const __m512i natural = _mm512_permutexvar_epi8(inverse, w);
-    for (int q = 0; q < 4; ++q) {  // 16 inputs at a time; the first two quarters are group 0
-      const int g = q / 2;
-      __m128i part;
-      switch (q) {
-        case 0: part = _mm512_extracti32x4_epi32(natural, 0); break;
-        case 1: part = _mm512_extracti32x4_epi32(natural, 1); break;
-        case 2: part = _mm512_extracti32x4_epi32(natural, 2); break;
-        default: part = _mm512_extracti32x4_epi32(natural, 3); break;
-      }
-      const __m512 values = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part)),
-                                            _mm512_set1_ps(static_cast<float>(d[c * 2 + g])),
-                                            _mm512_set1_ps(static_cast<float>(m[c * 2 + g])));
-      T* dst = out + c * kChunk + 16 * q;
-      if constexpr (std::is_same_v<T, float>) {
-        _mm512_storeu_ps(dst, values);
-      } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(values));
-      } else {
-        for (int i = 0; i < 16; ++i) dst[i] = static_cast<T>(values[i]);
+    const Chunk w = bits == 8   ? load_chunk(codes + c * kChunk)
+                    : bits == 5 ? load_codes<5>(codes + c * 32, high + c * 8)
+                                : load_codes<4>(codes + c * 32, nullptr);
+    alignas(64) uint8_t natural[kChunk];
+    natural_order(w, natural);
+    for (int g = 0; g < 2; ++g) {
+      const vf scale = vset1(static_cast<float>(d[c * 2 + g])), low = vset1(static_cast<float>(m[c * 2 + g]));
+      for (int h = 0; h < 2; ++h) {  // 16 inputs at a time
+        vf v[16 / kLanes];
+        vwiden16(natural + 32 * g + 16 * h, v);
+        for (int i = 0; i < 16 / kLanes; ++i)
+          vstore(out + c * kChunk + 32 * g + 16 * h + i * kLanes, vfma(v[i], scale, low));
       }
     }
   }
@@ -622,7 +485,6 @@ void dequant_row(const uint8_t* codes, const uint8_t* high, int bits, const c10:
 }
 
 }  // namespace
-
 // x [M, K] float32/bfloat16/float16 with M <= 8 and K % 64 == 0; codes uint8 [N, K / 2] (or [N, K] for 8
 // bits); d float16 [N, K / 64, 2]; m float16 [N, K / 32]; high uint8 [N, K / 8] (5 bits) or None; bias [N]
 // or None. Returns [M, N] in x's dtype, or in float32 with float_out (logits: no rounding, no conversion).
@@ -716,8 +578,8 @@ std::vector<at::Tensor> gq_pack(at::Tensor weight, int64_t bits) {
         const int64_t base = row * k + chunk * kChunk;
         const float* wc = w.data() + chunk * kChunk;
         for (int g = 0; g < 2; ++g) {
-#ifdef TOKENLOOM_GQ_AVX512
-          fit_group_avx512(wc + 32 * g, levels, natural + 32 * g, scale[g], low[g]);
+#ifdef TOKENLOOM_GQ_VECTOR
+          fit_group_simd(wc + 32 * g, levels, natural + 32 * g, scale[g], low[g]);
 #else
           fit_group(wc + 32 * g, levels, natural + 32 * g, scale[g], low[g]);
 #endif

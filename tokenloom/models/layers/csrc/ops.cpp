@@ -1,6 +1,8 @@
 // Python bindings of the CPU kernels (one extension module, built by models/layers/kernels.py).
 #include <torch/extension.h>
 
+#include "isa.h"
+
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_table,
                                   at::Tensor lens, double scale, int64_t window);
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, double offset);
@@ -15,14 +17,15 @@ at::Tensor qkv_rope_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, 
                           int64_t kv_heads);
 std::vector<at::Tensor> gq_pack(at::Tensor weight, int64_t bits);
 at::Tensor argmax_rows(at::Tensor x);
-at::Tensor bf16_rows_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, bool float_out);
-bool bf16_rows_native();
+at::Tensor dense_rows_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, bool float_out);
+bool dense_rows_supported(at::ScalarType x, at::ScalarType w);
 at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Tensor m);
 std::vector<int64_t> bind_threads(std::vector<int64_t> cpus);
 at::Tensor gq_dequant(at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high,
                       at::ScalarType dtype);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa_level", [] { return std::string(TOKENLOOM_ISA_NAME); }, "the instruction-set level this module is built for");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm, Llama (offset 0) or Gemma (offset 1) convention");
   m.def("gq_linear", &gq_linear, "4/5/8-bit group-quantized weight x int8 activation product for a few rows",
@@ -34,10 +37,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gq_dequant", &gq_dequant, "the dense matrix a gq_linear weight stands for", py::arg("codes"), py::arg("d"),
         py::arg("m"), py::arg("high") = py::none(), py::arg("dtype") = at::kFloat);
   m.def("gq_tiles_linear", &gq_tiles_linear, "4-bit group-quantized rows in tiles of 16 x int8 activations (LM head)");
-  m.def("bf16_rows_linear", &bf16_rows_linear, "bf16 matrix x up to 8 bf16 rows (VDPBF16PS, float32 sums)",
+  m.def("dense_rows_linear", &dense_rows_linear, "bf16 or fp32 matrix x up to 8 activation rows (float32 sums)",
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("float_out") = false);
-  m.def("bf16_rows_native", &bf16_rows_native, "whether bf16_rows_linear is built (AVX-512 BF16)");
+  m.def("dense_rows_supported", &dense_rows_supported,
+        "whether dense_rows_linear has a kernel at this level for (x dtype, w dtype)", py::arg("x"), py::arg("w"));
   m.def("argmax_rows", &argmax_rows, "row-wise argmax of float32 logits (torch.argmax's answer, vectorised)");
   m.def("bind_threads", &bind_threads, "pin the calling thread's intra-op pool, thread i to cpus[i % n]");
-  m.def("gq_linear_native", &gq_linear_native, "whether gq_linear runs on AVX-512 VNNI (else a scalar loop)");
+  m.def("gq_linear_native", &gq_linear_native, "whether gq_linear is vectorised (AVX-512, AVX2 or NEON; else a scalar loop)");
 }

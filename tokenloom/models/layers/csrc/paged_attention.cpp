@@ -4,6 +4,10 @@
 // history into a padded tensor each step (a copy the size of the cache in use, per layer); this kernel
 // walks each sequence's block table instead and reads every cached key and value exactly once.
 // Work is split over (sequence, kv head); the query heads of one group share each key/value row read.
+//
+// Levels: at avx512, avx2 and neon (simd.h's vectors of 16, 8 and 8 lanes) head sizes that are a
+// multiple of two vectors (32, 16, 16) and groups of 1, 2, 4 or 8 query heads take the vector path;
+// everything else, and the portable build, the scalar loops below.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -13,9 +17,7 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -36,109 +38,141 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
 }
 
-#ifdef __AVX512F__
-// AVX-512 path for head sizes that are a multiple of 32: each key/value row is loaded and widened to
-// float once per 16 lanes and used by every query head of the group from registers; the softmax's
-// exponentials are vectorized; slots are looked up once per sequence.
+// One (sequence, head group) task in scalar loops: any head size and group size, and the portable build.
+// Writes the group's normalised outputs to acc [sub, dim]; scores is scratch [sub, n].
 template <typename T>
-inline __m512 load16(const T* p);
-template <>
-inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-template <>
-inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-template <>
-inline __m512 load16<c10::Half>(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+void decode_task_scalar(int64_t sub, const float* qf, const T* k_cache, const T* v_cache, const int64_t* slots,
+                        int64_t n, int64_t kv_heads, int64_t h, int64_t dim, float scale, float* scores, float* acc) {
+  std::vector<float> row(dim), maxes(sub, -INFINITY), inv(sub);
+  for (int64_t i = 0; i < n; ++i) {
+    to_float(k_cache + (slots[i] * kv_heads + h) * dim, row.data(), dim);
+    for (int64_t g = 0; g < sub; ++g) {
+      const float s = dot(qf + g * dim, row.data(), dim) * scale;
+      scores[g * n + i] = s;
+      maxes[g] = std::max(maxes[g], s);
+    }
+  }
+  for (int64_t g = 0; g < sub; ++g) {
+    float total = 0.f;
+    float* sg = scores + g * n;
+    for (int64_t i = 0; i < n; ++i) {
+      sg[i] = std::exp(sg[i] - maxes[g]);
+      total += sg[i];
+    }
+    inv[g] = 1.f / total;
+  }
+  std::fill(acc, acc + sub * dim, 0.f);
+  for (int64_t i = 0; i < n; ++i) {
+    to_float(v_cache + (slots[i] * kv_heads + h) * dim, row.data(), dim);
+    for (int64_t g = 0; g < sub; ++g) axpy(scores[g * n + i], row.data(), acc + g * dim, dim);
+  }
+  for (int64_t g = 0; g < sub; ++g)
+    for (int64_t i = 0; i < dim; ++i) acc[g * dim + i] *= inv[g];
 }
 
-// exp(x) as 2^n * 2^f, f in [-0.5, 0.5], 2^f by its degree-6 Taylor polynomial (relative error ~1e-7).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381610e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
+#ifdef TOKENLOOM_SIMD
+using namespace tokenloom::simd;
+
+// Each key/value row is loaded and widened to float once per vector and used by every query head of
+// the group from registers; the softmax's exponentials are vectorised; slots are looked up once per
+// sequence.
 
 // Softmax numerators of s[0..n) in place (s - max, exponentiated); returns their sum.
 inline float exp_shifted(float* s, int64_t n, float max) {
-  const __m512 m = _mm512_set1_ps(max);
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), m));
-    _mm512_mask_storeu_ps(s + i, k, e);
-    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(k, e));
+  const vf m = vset1(max);
+  vf total = vzero();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf e = vexp(vsub(vload(s + i), m));
+    vstore(s + i, e);
+    total = vadd(total, e);
   }
-  return _mm512_reduce_add_ps(total);
+  float sum = vsum(total);
+  if (i < n) {  // the last n % kLanes scores through a padded vector, so they get the same exp
+    float tail[kLanes];
+    std::fill(tail, tail + kLanes, max);
+    std::copy(s + i, s + n, tail);
+    vstore(tail, vexp(vsub(vload(tail), m)));
+    for (int64_t j = 0; i + j < n; ++j) {
+      s[i + j] = tail[j];
+      sum += tail[j];
+    }
+  }
+  return sum;
 }
 
+// Scaled scores q_g . k_i of the SUB query heads against the n keys; returns each head's maximum.
 template <typename T, int SUB>
-void decode_task_avx512(const float* qf, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t n,
-                        int64_t kv_heads, int64_t h, int64_t dim, float scale, float* scores, float* acc) {
-  float maxes[SUB];
+void scores_of(const float* qf, const T* k_cache, const int64_t* slots, int64_t n, int64_t kv_heads, int64_t h,
+               int64_t dim, float scale, float* scores, float* maxes) {
   for (int g = 0; g < SUB; ++g) maxes[g] = -INFINITY;
   for (int64_t i = 0; i < n; ++i) {
     const T* krow = k_cache + (slots[i] * kv_heads + h) * dim;
-    __m512 a[SUB];
-    for (int g = 0; g < SUB; ++g) a[g] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < dim; c += 16) {
-      const __m512 k = load16(krow + c);
-      for (int g = 0; g < SUB; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * dim + c), k, a[g]);
+    vf a[SUB];
+    for (int g = 0; g < SUB; ++g) a[g] = vzero();
+    for (int64_t c = 0; c < dim; c += kLanes) {
+      const vf k = vload(krow + c);
+      for (int g = 0; g < SUB; ++g) a[g] = vfma(vload(qf + g * dim + c), k, a[g]);
     }
     for (int g = 0; g < SUB; ++g) {
-      const float sc = _mm512_reduce_add_ps(a[g]) * scale;
+      const float sc = vsum(a[g]) * scale;
       scores[g * n + i] = sc;
       maxes[g] = std::max(maxes[g], sc);
     }
   }
-  float inv[SUB];
-  for (int g = 0; g < SUB; ++g) inv[g] = 1.f / exp_shifted(scores + g * n, n, maxes[g]);
-  for (int64_t c = 0; c < dim; c += 32) {
-    __m512 lo[SUB], hi[SUB];
-    for (int g = 0; g < SUB; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
+}
+
+// acc_g = sum_i p_gi v_i * inv_g, V vectors of the head dimension at a time: two where the register
+// file holds 2 * SUB accumulators besides the value and weight vectors, else one.
+template <typename T, int SUB>
+void weighted_values(const float* probs, const float* inv, const T* v_cache, const int64_t* slots, int64_t n,
+                     int64_t kv_heads, int64_t h, int64_t dim, float* acc) {
+  constexpr int V = 2 * SUB + 3 <= kRegs ? 2 : 1;
+  for (int64_t c = 0; c < dim; c += V * kLanes) {
+    vf o[SUB][V];
+    for (int g = 0; g < SUB; ++g)
+      for (int u = 0; u < V; ++u) o[g][u] = vzero();
     for (int64_t i = 0; i < n; ++i) {
       const T* vrow = v_cache + (slots[i] * kv_heads + h) * dim + c;
-      const __m512 v0 = load16(vrow), v1 = load16(vrow + 16);
+      vf v[V];
+      for (int u = 0; u < V; ++u) v[u] = vload(vrow + u * kLanes);
       for (int g = 0; g < SUB; ++g) {
-        const __m512 w = _mm512_set1_ps(scores[g * n + i]);
-        lo[g] = _mm512_fmadd_ps(w, v0, lo[g]);
-        hi[g] = _mm512_fmadd_ps(w, v1, hi[g]);
+        const vf w = vset1(probs[g * n + i]);
+        for (int u = 0; u < V; ++u) o[g][u] = vfma(w, v[u], o[g][u]);
       }
     }
-    for (int g = 0; g < SUB; ++g) {
-      const __m512 s = _mm512_set1_ps(inv[g]);
-      _mm512_storeu_ps(acc + g * dim + c, _mm512_mul_ps(lo[g], s));
-      _mm512_storeu_ps(acc + g * dim + c + 16, _mm512_mul_ps(hi[g], s));
-    }
+    for (int g = 0; g < SUB; ++g)
+      for (int u = 0; u < V; ++u) vstore(acc + g * dim + c + u * kLanes, vmul(o[g][u], vset1(inv[g])));
   }
 }
 
-// Runs one (sequence, head group) task on the AVX-512 path; false when this shape has no such path.
+template <typename T, int SUB>
+void decode_task_simd(const float* qf, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t n,
+                      int64_t kv_heads, int64_t h, int64_t dim, float scale, float* scores, float* acc) {
+  float maxes[SUB], inv[SUB];
+  scores_of<T, SUB>(qf, k_cache, slots, n, kv_heads, h, dim, scale, scores, maxes);
+  for (int g = 0; g < SUB; ++g) inv[g] = 1.f / exp_shifted(scores + g * n, n, maxes[g]);
+  weighted_values<T, SUB>(scores, inv, v_cache, slots, n, kv_heads, h, dim, acc);
+}
+
+// Runs one (sequence, head group) task on the vector path; false when this shape has no such path.
 template <typename T>
 bool decode_task_fast(int64_t sub, const float* qf, const T* k_cache, const T* v_cache, const int64_t* slots,
                       int64_t n, int64_t kv_heads, int64_t h, int64_t dim, float scale, float* scores, float* acc) {
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
-  if (dim % 32 != 0) return false;
-  switch (sub) {
-    case 1: decode_task_avx512<T, 1>(qf, k_cache, v_cache, slots, n, kv_heads, h, dim, scale, scores, acc); return true;
-    case 2: decode_task_avx512<T, 2>(qf, k_cache, v_cache, slots, n, kv_heads, h, dim, scale, scores, acc); return true;
-    case 4: decode_task_avx512<T, 4>(qf, k_cache, v_cache, slots, n, kv_heads, h, dim, scale, scores, acc); return true;
-    case 8: decode_task_avx512<T, 8>(qf, k_cache, v_cache, slots, n, kv_heads, h, dim, scale, scores, acc); return true;
-    default: return false;
-  }
+    if (dim % (2 * kLanes) != 0) return false;
+    auto task = decode_task_simd<T, 1>;
+    switch (sub) {
+      case 1: break;
+      case 2: task = decode_task_simd<T, 2>; break;
+      case 4: task = decode_task_simd<T, 4>; break;
+      case 8: task = decode_task_simd<T, 8>; break;
+      default: return false;
+    }
+    task(qf, k_cache, v_cache, slots, n, kv_heads, h, dim, scale, scores, acc);
+    return true;
   }
 }
 #else
@@ -166,7 +200,7 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
       }
   const int64_t sub = group / parts;
   at::parallel_for(0, rows * kv_heads * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(sub * dim), acc(sub * dim), row(dim), scores, maxes(sub), sums(sub);
+    std::vector<float> qf(sub * dim), acc(sub * dim), scores;
     std::vector<int64_t> slots;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / (kv_heads * parts), h = (task / parts) % kv_heads, part = task % parts;
@@ -175,45 +209,16 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t n = len - first;
       to_float(q + (r * heads + first_head) * dim, qf.data(), sub * dim);
-      scores.assign(sub * n, 0.f);
-      const int64_t* blocks_r = table + r * max_blocks;
-      slots.resize(n);
-      for (int64_t p = first; p < len; ++p) slots[p - first] = blocks_r[p / block_size] * block_size + p % block_size;
-      if (decode_task_fast(sub, qf.data(), k_cache, v_cache, slots.data(), n, kv_heads, h, dim, scale, scores.data(),
-                           acc.data())) {
-        T* o = out + (r * heads + first_head) * dim;
-        for (int64_t i = 0; i < sub * dim; ++i) o[i] = static_cast<T>(acc[i]);
-        continue;
-      }
-      std::fill(maxes.begin(), maxes.end(), -INFINITY);
+      scores.resize(sub * n);
       const int64_t* blocks = table + r * max_blocks;
-      for (int64_t p = first; p < len; ++p) {
-        const int64_t slot = blocks[p / block_size] * block_size + p % block_size;
-        to_float(k_cache + (slot * kv_heads + h) * dim, row.data(), dim);
-        for (int64_t g = 0; g < sub; ++g) {
-          const float s = dot(qf.data() + g * dim, row.data(), dim) * scale;
-          scores[g * n + (p - first)] = s;
-          maxes[g] = std::max(maxes[g], s);
-        }
-      }
-      for (int64_t g = 0; g < sub; ++g) {
-        float total = 0.f;
-        float* sg = scores.data() + g * n;
-        for (int64_t i = 0; i < n; ++i) {
-          sg[i] = std::exp(sg[i] - maxes[g]);
-          total += sg[i];
-        }
-        sums[g] = 1.f / total;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p = first; p < len; ++p) {
-        const int64_t slot = blocks[p / block_size] * block_size + p % block_size;
-        to_float(v_cache + (slot * kv_heads + h) * dim, row.data(), dim);
-        for (int64_t g = 0; g < sub; ++g) axpy(scores[g * n + (p - first)], row.data(), acc.data() + g * dim, dim);
-      }
+      slots.resize(n);
+      for (int64_t p = first; p < len; ++p) slots[p - first] = blocks[p / block_size] * block_size + p % block_size;
+      if (!decode_task_fast(sub, qf.data(), k_cache, v_cache, slots.data(), n, kv_heads, h, dim, scale,
+                            scores.data(), acc.data()))
+        decode_task_scalar(sub, qf.data(), k_cache, v_cache, slots.data(), n, kv_heads, h, dim, scale, scores.data(),
+                           acc.data());
       T* o = out + (r * heads + first_head) * dim;
-      for (int64_t g = 0; g < sub; ++g)
-        for (int64_t i = 0; i < dim; ++i) o[g * dim + i] = static_cast<T>(acc[g * dim + i] * sums[g]);
+      for (int64_t i = 0; i < sub * dim; ++i) o[i] = static_cast<T>(acc[i]);
     }
   });
 }

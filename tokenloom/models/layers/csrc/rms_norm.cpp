@@ -1,7 +1,8 @@
 // RMSNorm in one pass per row, in the two conventions checkpoints use (see models/layers/norm.py).
 //
-// The row formula is in norm_row.h. torch's CPU rms_norm runs as five or six separate ops (each a pass over the
-// data and a dispatch); at decode, with one 640-wide row, the dispatches cost more than the arithmetic.
+// The row formula, and how it vectorises at each instruction-set level, are in norm_row.h. torch's CPU
+// rms_norm runs as five or six separate ops (each a pass over the data and a dispatch); at decode, with
+// one 640-wide row, the dispatches cost more than the arithmetic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
