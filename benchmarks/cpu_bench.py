@@ -1,7 +1,8 @@
 """CPU benchmark: tokenloom vs llama.cpp (through llama-cpp-python) on the same GGUF, side by side in one run.
 
 Run by hand (never in CI), e.g.
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cpu_bench.py --quantization none,int8,int4 --json cpu.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cpu_bench.py --quantization auto,int8,none:bfloat16 --json cpu.json
+    TOKENLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ... cpu_bench.py  # an AVX2 machine's paths
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cpu_bench.py --concurrency 1,4 --reps 1 --skip-llamacpp  # smoke
 
 Workloads, all greedy with EOS ignored on random prompt token ids >= 10 from a seeded generator, with fresh
@@ -18,6 +19,9 @@ prompts for every measurement (no prefix cache can help) and the same prompts fo
                by llama_sampler_sample (llama-batched-bench with real sampling)
   coldstart    a fresh `python -c` from its start to its first generated token: `LLM(...)` / `Llama(...)` and a
                1-token completion of "Hello"; each runs twice, the second (warm page cache) counts
+Each column is a weight format, optionally with a dtype (`int4`, `none:float32`; `auto` is the default
+quantization, with --dtype, also auto by default: what `tokenloom serve` runs with no flags). The report names
+the CPU's instruction-set level, the level our kernels ran at (TOKENLOOM_ISA lowers it) and torch's own.
 Each system runs in its own worker process (this script with the hidden --worker flag, printing JSON), so
 llama.cpp's and torch's OpenMP thread pools never share a process, and every quantization starts fresh.
 """
@@ -54,7 +58,8 @@ RESULT_MARK = "CPU_BENCH_RESULT "
 LLAMA_LOG_ERROR = 4  # enum ggml_log_level (llama-cpp-python's _logger still maps the old numbering)
 INSTALL_HINT = ('llama-cpp-python is not installed: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python '
                 "(compiles llama.cpp, ~20 min on 2 cores); running tokenloom only")
-# Issue 4's goals: tokenloom / llama.cpp throughput at least this, or cold start at most this many seconds.
+# Issue 13's goals for the best mode (defaults: >= 1.0x on every row): tokenloom / llama.cpp throughput at
+# least this, or cold start at most this many seconds.
 GOALS: dict[str, tuple[str, float]] = {"prefill": ("ratio", 1.5), "decode": ("ratio", 1.3),
                                        "concurrency 64": ("ratio", 2.0), "coldstart": ("seconds", 5.0)}
 
@@ -122,9 +127,11 @@ def tokenloom_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from tokenloom.llm import LLM
+    from tokenloom.models import ops
 
     torch.set_num_threads(spec["threads"])
-    llm, load_s = timed(lambda: LLM(spec["model"], quantization=spec["quantization"], dtype=spec["dtype"],
+    quantization, _, dtype = spec["quantization"].partition(":")
+    llm, load_s = timed(lambda: LLM(spec["model"], quantization=quantization, dtype=dtype or spec["dtype"],
                                     num_threads=spec["threads"]))
     vocab = llm.engine.vocab_size
     prompts = make_prompts(spec["seed"], vocab, spec["reps"], spec["concurrency"])
@@ -150,7 +157,9 @@ def tokenloom_worker(spec: dict[str, Any]) -> dict[str, Any]:
             _log(f"tokenloom {spec['quantization']}: concurrency {n} {n * CONC_OUTPUT_LEN / seconds:.1f} tok/s")
     limits = physical_limits(llm, llm.engine.loaded.dtype, spec["bandwidth_gbs"])
     return {"system": "tokenloom", "quantization": spec["quantization"], "dtype": str(llm.engine.loaded.dtype),
-            "vocab": vocab, "load_s": load_s, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "resolved": llm.engine.loaded.quantization, "isa": ops.describe(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "vocab": vocab, "load_s": load_s,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "limits": limits, "results": results}
 
 
@@ -345,8 +354,10 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-def tokenloom_coldstart_code(model: str, quantization: str, dtype: str, threads: int) -> str:
+def tokenloom_coldstart_code(model: str, variant: str, dtype: str, threads: int) -> str:
     """`python -c` source: build the LLM, generate one token, print it."""
+    quantization, _, own_dtype = variant.partition(":")
+    dtype = own_dtype or dtype
     return ("from tokenloom import LLM, SamplingParams\n"
             f"llm = LLM({model!r}, quantization={quantization!r}, dtype={dtype!r}, num_threads={threads})\n"
             "out = llm.generate('Hello', SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)\n"
@@ -497,6 +508,10 @@ def print_report(machine: dict[str, Any], ours: dict[str, dict[str, Any]], ref: 
           f"1-min load average at start {machine['loadavg_start']:.2f}, at end {machine['loadavg_end']:.2f}")
     if ref is not None:
         print(f"llama.cpp: {ref['system_info']}; {ref['context']}")
+    isa = next(iter(ours.values()))["isa"]
+    print(f"instruction sets: CPU {isa['cpu_isa']} ({machine['cpu_flags']}); tokenloom kernels {isa['isa_in_use']}; "
+          f"torch {next(iter(ours.values()))['torch_cpu_capability']}; " + ", ".join(
+              f"{q} = {w['resolved']} {w['dtype'].removeprefix('torch.')}" for q, w in ours.items()))
     first = next(iter(ours.values()))["limits"]
     print(f"limits: decode <= {first['bandwidth_gbs']:.0f} GB/s / weight bytes read per step:", ", ".join(
         f"tokenloom {q} {w['limits']['weight_bytes'] / 2**20:.0f} MiB -> {w['limits']['decode_tok_s_max']:.0f} tok/s"
@@ -540,9 +555,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma-3-270m", help="a model whose source is a GGUF file")
-    p.add_argument("--quantization", default="none",
-                   help="tokenloom's weight formats, comma-separated, e.g. none,int8,int4")
-    p.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float32", "float16"])
+    p.add_argument("--quantization", default="auto",
+                   help="tokenloom's weight formats, comma-separated, each optionally :dtype (auto,int8,none:float32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="the dtype of the formats that name none")
     p.add_argument("--threads", type=int, default=physical_cores(), help="threads for both systems (physical cores)")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--concurrency", type=_int_list, default=[1, 4, 16, 64], help="concurrent requests, e.g. 1,4,16,64")
@@ -566,12 +582,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _isa_flags() -> str:
+    """The CPU's vector instruction-set flags that matter here (AVX2, AVX-512 and its extensions, AMX, NEON)."""
+    from tokenloom.models.ops import isa
+
+    wanted = ("avx2", "fma", "f16c", "avx512", "amx", "avx_vnni", "asimd", "sve", "bf16", "i8mm")
+    return " ".join(sorted(f for f in isa.cpu_flags() if f.startswith(wanted))) or "none reported"
+
+
 def _gguf_path(args: argparse.Namespace) -> str | None:
     """The model's GGUF file (None for another format); also checks the quantizations tokenloom knows."""
     from tokenloom.config import QUANTIZATIONS  # imports torch: only in this (the parent) process
     from tokenloom.loader.sources import resolve_model
 
-    unknown = [q for q in args.quantization if q not in QUANTIZATIONS]
+    unknown = [q for q in args.quantization if q.partition(":")[0] not in QUANTIZATIONS]
     if unknown:
         sys.exit(f"--quantization: unknown {unknown}; tokenloom knows {', '.join(QUANTIZATIONS)}")
     source = resolve_model(args.model)
@@ -638,8 +662,9 @@ def main(argv: list[str] | None = None) -> None:
             notes.append(f"llama.cpp worker failed: {exc}")
         if ref is not None and ref["vocab"] != vocab:
             notes.append(f"vocabularies differ: tokenloom {vocab}, llama.cpp {ref['vocab']}; prompts use ids < {vocab}")
-    machine = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
-               "threads": args.threads, **_versions(), "date": datetime.datetime.now().isoformat(timespec="minutes"),
+    machine = {"cpu": cpu_model(), "cpu_flags": _isa_flags(), "logical_cpus": os.cpu_count(),
+               "physical_cores": physical_cores(), "threads": args.threads, **_versions(),
+               "date": datetime.datetime.now().isoformat(timespec="minutes"),
                "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()[0]}
     names = row_names(args.workloads, args.concurrency)
     rows = build_rows(names, ours, ref, cold)

@@ -130,7 +130,7 @@ def hf_pad_id(hf: torch.nn.Module) -> int:
 def hf_generate(hf: torch.nn.Module, prompts: list[list[int]], new_tokens: int, pad_id: int) -> list[list[int]]:
     """One left-padded batch, greedy, exactly `new_tokens` per row; returns the generated ids."""
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=hf.device)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(prompt)
@@ -235,6 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (use physical cores)")
     p.add_argument("--bandwidth-gbs", type=float, default=30.0, help="memory bandwidth for the decode limit")
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both systems)")
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--json", help="also write the results to this file")
@@ -250,14 +251,14 @@ def _load_tokenloom(args: argparse.Namespace) -> LLM:
     llm, seconds = timed(lambda: LLM(args.model, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
                                       max_num_seqs=args.max_num_seqs, num_threads=args.threads,
                                       max_num_batched_tokens=args.max_num_batched_tokens,
-                                      quantization=args.quantization))
+                                      quantization=args.quantization, device=args.device))
     print(f"tokenloom loaded {args.model} in {seconds:.1f} s", flush=True)
     tokenloom_generate(llm, [[MIN_TOKEN_ID + i for i in range(8)]] * 2, [4, 4])  # warm-up
     return llm
 
 
 def _load_hf(args: argparse.Namespace) -> tuple[torch.nn.Module, int]:
-    hf, seconds = timed(lambda: load_hf(args.model, DTYPES[args.dtype]))
+    hf, seconds = timed(lambda: load_hf(args.model, DTYPES[args.dtype]).to(args.device))
     print(f"transformers loaded {args.model} in {seconds:.1f} s", flush=True)
     pad_id = hf_pad_id(hf)
     hf_generate(hf, [[MIN_TOKEN_ID + i for i in range(8)], [MIN_TOKEN_ID + 1] * 6], 4, pad_id)  # warm-up

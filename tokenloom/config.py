@@ -29,14 +29,16 @@ class ModelConfig:
     dtype: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
-    quantization: str = "none"
+    quantization: str = "auto"
 
-    def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-        """Resolve `dtype` to a torch dtype; `auto` keeps a float16/bfloat16/float32 checkpoint's own
-        (float16 becomes bfloat16 on CPU, where half matmuls are slow)."""
+    def torch_dtype(self, checkpoint_dtype: torch.dtype | None, bf16_fast: bool = True) -> torch.dtype:
+        """Resolve `dtype` to a torch dtype. `auto` keeps a float32 checkpoint's float32; any other
+        (bfloat16, float16, a GGUF file) runs in bfloat16 where the device multiplies it fast
+        (`bf16_fast`: CUDA, AVX512_BF16), else in float32 (a CPU without native bf16 emulates it, ~6x
+        slower than float32 at this model size)."""
         if self.dtype == "auto":
-            if checkpoint_dtype in (torch.bfloat16, torch.float32):
-                return checkpoint_dtype
+            if checkpoint_dtype == torch.float32 or not bf16_fast:
+                return torch.float32
             return torch.bfloat16
         return _DTYPES[self.dtype]
 
@@ -75,7 +77,9 @@ class DeviceConfig:
         return torch.device(self.device)
 
 
-QUANTIZATIONS = ("none", "int8", "int5", "int4")
+# auto: a GGUF file's block-quantized matrices stay quantized (int4 when it stores 4/5-bit blocks, int8
+# for 8-bit ones), repacked exactly; float checkpoints run unquantized.
+QUANTIZATIONS = ("auto", "none", "int8", "int5", "int4")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GROUPS = {"model_config": ModelConfig, "cache_config": CacheConfig,
            "scheduler_config": SchedulerConfig, "device_config": DeviceConfig}

@@ -124,7 +124,10 @@ def estimate_bytes(spec: ModelSpec) -> int:
     config = EngineConfig.from_kwargs(model=spec.source, **spec.engine_options)
     hf_config = read_hf_config(source.path) if source.kind == "hf" else None
     saved = checkpoint_dtype(hf_config) if hf_config is not None else None
-    element = torch.tensor([], dtype=config.model_config.torch_dtype(saved)).element_size()
+    from tokenloom.models import ops
+
+    bf16_fast = ops.bf16_is_fast(config.device_config.torch_device())
+    element = torch.tensor([], dtype=config.model_config.torch_dtype(saved, bf16_fast)).element_size()
     kv = 0 if hf_config is not None and _is_encoder_only(hf_config) else int(config.cache_config.kv_cache_gib * 2**30)
     return count_parameters(source) * element + kv
 

@@ -11,7 +11,7 @@ from tokenloom import SamplingParams
 from tokenloom.config import ConfigError
 from tokenloom.engine.threads import parse_cpu_bind, physical_cores
 from tokenloom.llm import LLM
-from tokenloom.models.layers.kernels import cpu_kernels
+from tokenloom.models import ops
 
 
 def test_cpu_bind_specs():
@@ -26,7 +26,7 @@ def test_a_bad_cpu_bind_is_a_config_error(tiny_models):
         LLM(str(tiny_models["llama"]), kv_cache_gib=0.01, cpu_bind="all of them")
 
 
-@pytest.mark.skipif(cpu_kernels() is None, reason="pinning runs through the native kernels")
+@pytest.mark.skipif(ops.kernels() is None, reason="pinning runs through the native kernels")
 def test_the_stepping_thread_is_pinned_and_outputs_do_not_change(tiny_models):
     """Run in a thread of its own, so the test process's main thread stays unpinned."""
     before = os.sched_getaffinity(0)

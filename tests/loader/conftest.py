@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture(scope="package", autouse=True)
 def isolated_tokenloom_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """TOKENLOOM_CACHE for this package's tests: package scope, so module fixtures see it too."""
-    from tokenloom.models.layers.kernels import cache_dir as kernels_dir
+    from tokenloom.models.ops.native import cache_dir as kernels_dir
 
     root = tmp_path_factory.mktemp("tokenloom-cache")
     kernels = kernels_dir()

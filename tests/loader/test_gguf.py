@@ -433,7 +433,7 @@ def test_quantizing_a_gguf_repacks_its_blocks_exactly(tiny, case, qtype, method,
     from tokenloom.models.layers.quantized import GroupQuantLinear, QuantizedLMHead, unpack_group_quant
 
     _, path = tiny(case, qtype)
-    dense = LLM(str(path), dtype="float32", kv_cache_gib=0.01).engine.loaded.model
+    dense = LLM(str(path), dtype="float32", kv_cache_gib=0.01, quantization="none").engine.loaded.model
     model = LLM(str(path), dtype="float32", kv_cache_gib=0.01, quantization=method).engine.loaded.model
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (GroupQuantLinear, QuantizedLMHead))}
     assert isinstance(model.lm_head, QuantizedLMHead) and len(layers) > 4

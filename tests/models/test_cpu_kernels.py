@@ -6,20 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokenloom.models import ops
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
-from tokenloom.models.layers.kernels import cpu_kernels
-
-kernels = cpu_kernels()
-pytestmark = pytest.mark.skipif(kernels is None, reason="no C++ compiler: the kernel could not be built")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
 @pytest.mark.parametrize("heads,kv_heads,window,dim", [(4, 1, None, 32), (4, 2, 24, 32), (6, 6, None, 32),
                                                        (8, 2, 5, 32), (4, 1, None, 256), (16, 2, None, 64),
                                                        (6, 2, None, 48)])
-def test_kernel_matches_the_torch_path(dtype, tol, heads, kv_heads, window, dim):
-    """dim 32/64/256 with groups of 1, 2, 4, 8 take the AVX-512 path where the CPU has it; 48 and a group
-    of 3 the portable one."""
+def test_kernel_matches_the_torch_path(kernels, dtype, tol, heads, kv_heads, window, dim):
+    """dim 32/64/256 with groups of 1, 2, 4, 8 take the vectorised paths; 48 and a group of 3 the scalar one."""
     torch.manual_seed(heads * 10 + kv_heads)
     block_size, rows = 16, 7
     lens = torch.tensor([1, 2, 15, 16, 17, 40, 95])
@@ -39,7 +35,7 @@ def test_kernel_matches_the_torch_path(dtype, tol, heads, kv_heads, window, dim)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
-def test_kernel_rejects_mismatched_inputs():
+def test_kernel_rejects_mismatched_inputs(kernels):
     q = torch.randn(2, 4, 32)
     cache = torch.randn(4, 16, 1, 32)
     table, lens = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long)
@@ -52,7 +48,7 @@ def test_kernel_rejects_mismatched_inputs():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 @pytest.mark.parametrize("shape", [(1, 640), (5, 3, 32), (300, 64)])
-def test_rms_norm_kernel_matches_the_torch_path(dtype, tol, offset, shape):
+def test_rms_norm_kernel_matches_the_torch_path(kernels, dtype, tol, offset, shape):
     from tokenloom.models.layers.norm import RMSNorm
 
     torch.manual_seed(len(shape))
@@ -72,7 +68,7 @@ def test_rms_norm_kernel_matches_the_torch_path(dtype, tol, offset, shape):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 @pytest.mark.parametrize("normed_update", [False, True])
-def test_add_rms_norm_kernel_matches_the_torch_path(dtype, tol, offset, normed_update):
+def test_add_rms_norm_kernel_matches_the_torch_path(kernels, dtype, tol, offset, normed_update):
     from tokenloom.models.layers.norm import RMSNorm
 
     torch.manual_seed(11)
@@ -91,7 +87,7 @@ def test_add_rms_norm_kernel_matches_the_torch_path(dtype, tol, offset, normed_u
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads,qk_norm,offset", [(4, 1, True, 1.0), (4, 2, False, 0.0), (2, 2, True, 0.0)])
-def test_qkv_rope_cache_kernel_matches_the_torch_path(dtype, tol, heads, kv_heads, qk_norm, offset):
+def test_qkv_rope_cache_kernel_matches_the_torch_path(kernels, dtype, tol, heads, kv_heads, qk_norm, offset):
     from tokenloom.models.layers.norm import RMSNorm
     from tokenloom.models.layers.rotary import RotaryEmbedding
 
@@ -129,11 +125,11 @@ def test_qkv_rope_cache_kernel_matches_the_torch_path(dtype, tol, heads, kv_head
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "mistral"])
-def test_models_give_the_same_output_without_the_kernels(arch, tiny_models, monkeypatch):
-    """The torch-ops paths (other devices, no compiler) against the kernels, through the whole engine."""
+def test_models_give_the_same_output_without_the_kernels(kernels, arch, tiny_models):
+    """The torch-ops paths (other devices, no compiler) against the kernels of each level, through the
+    whole engine."""
     from tokenloom import SamplingParams
     from tokenloom.llm import LLM
-    from tokenloom.models.layers import attention, norm, quantized
 
     prompts = [[5, 17, 42, 99, 7, 3, 25], [11, 12, 13], list(range(3, 40))]
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, prompt_logprobs=0)
@@ -143,9 +139,8 @@ def test_models_give_the_same_output_without_the_kernels(arch, tiny_models, monk
         return llm.generate(prompts, params, use_tqdm=False)
 
     fused = run()
-    for module in (attention, norm, quantized):
-        monkeypatch.setattr(module, "cpu_kernels", lambda: None)
-    plain = run()
+    with ops.use_level("torch"):
+        plain = run()
     for a, b in zip(fused, plain):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         got = [lp[t].logprob for lp, t in zip(a.prompt_logprobs[1:], a.prompt_token_ids[1:])]

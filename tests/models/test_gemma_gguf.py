@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from tests.models.conftest import LEVELS
 from tokenloom import SamplingParams
 from tokenloom.llm import LLM
 from tokenloom.loader.sources import resolve_model
+from tokenloom.models import ops
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "Water boils at a temperature of"]
@@ -17,7 +19,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 @pytest.fixture(scope="module")
 def ours() -> LLM:
-    return LLM("gemma-3-270m", dtype="float32", kv_cache_gib=0.25)
+    return LLM("gemma-3-270m", dtype="float32", quantization="none", kv_cache_gib=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +93,24 @@ GREEDY_PROMPTS = PROMPTS + ["The main causes of the First World War were", "To m
 
 
 def _variant(variant: str, step_tokens: int | None) -> LLM:
-    kwargs = {"dtype": variant} if variant in ("bfloat16", "float32") else {"dtype": "float32", "quantization": variant}
+    kwargs = {"dtype": variant, "quantization": "none"} if variant in ("bfloat16", "float32") else {
+        "dtype": "float32", "quantization": variant}
     if step_tokens:
         kwargs["max_num_batched_tokens"] = step_tokens
     return LLM("gemma-3-270m", kv_cache_gib=0.25, **kwargs)
 
 
-@pytest.mark.parametrize("step_tokens", STEP_TOKENS)
-@pytest.mark.parametrize("variant,bound", [("bfloat16", 0.01), ("int8", 0.01), ("int4", 0.05)])
-def test_perplexity_stays_within_the_bounds_of_fp32(ours, variant, bound, step_tokens):
+# The best instruction-set level at both step sizes; the lower ones (an AVX-512 machine also runs AVX2 and
+# portable) at 4-token steps, where their kernels run (whole-prompt steps are torch's GEMM at every level),
+# for the quantized formats (their kernels differ most between levels; CI's time is bounded).
+BEST = LEVELS[-1] if LEVELS else "torch"
+GUARDS = [("bfloat16", 0.01), ("int8", 0.01), ("int4", 0.05)]
+GUARD_CASES = ([(v, b, BEST, step) for v, b in GUARDS for step in STEP_TOKENS]
+               + [(v, b, lvl, 4) for v, b in GUARDS[1:] for lvl in LEVELS[:-1]])
+
+
+@pytest.mark.parametrize("variant,bound,level,step_tokens", GUARD_CASES)
+def test_perplexity_stays_within_the_bounds_of_fp32(ours, variant, bound, level, step_tokens):
     """Issue 4's accuracy guards on a fixed text (165 tokens). Measured 2026-11-25 against fp32 (16.99), at
     whole-prompt / 4-token steps: bf16 -0.16% / +0.50% (the latter through the VDPBF16PS decode kernel);
     int8 +0.24% (the file's blocks repacked exactly at 8 bits, activations unrounded; only the Q6_K
@@ -108,17 +119,21 @@ def test_perplexity_stays_within_the_bounds_of_fp32(ours, variant, bound, step_t
     Re-fitting the Q5_0 layers at 4 bits, as before, cost +24% on this text's first sentence."""
     from tokenloom.evaluation import perplexity
 
-    llm = _variant(variant, step_tokens)
-    want, got = perplexity(ours, GUARD_TEXT).perplexity, perplexity(llm, GUARD_TEXT).perplexity
+    want = perplexity(ours, GUARD_TEXT).perplexity
+    with ops.use_level(level):
+        llm = _variant(variant, step_tokens)
+        got = perplexity(llm, GUARD_TEXT).perplexity
     assert abs(got / want - 1) <= bound, (variant, want, got)
     if variant != "bfloat16":
         assert llm.engine.loaded.weight_bytes < ours.engine.loaded.weight_bytes
 
 
-@pytest.mark.parametrize("step_tokens", STEP_TOKENS)
-def test_int8_greedy_outputs_agree_with_fp32(ours, step_tokens):
+@pytest.mark.parametrize("level,step_tokens", [(BEST, step) for step in STEP_TOKENS] + [("avx2", 4)] * (
+    "avx2" in LEVELS[:-1]))
+def test_int8_greedy_outputs_agree_with_fp32(ours, level, step_tokens):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in ours.generate(GREEDY_PROMPTS, params, use_tqdm=False)]
-    got = [o.outputs[0].token_ids for o in _variant("int8", step_tokens).generate(GREEDY_PROMPTS, params,
-                                                                                   use_tqdm=False)]
+    with ops.use_level(level):
+        got = [o.outputs[0].token_ids for o in _variant("int8", step_tokens).generate(GREEDY_PROMPTS, params,
+                                                                                       use_tqdm=False)]
     assert got == want

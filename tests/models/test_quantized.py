@@ -10,8 +10,7 @@ from torch import nn
 from tokenloom import SamplingParams
 from tokenloom.config import ConfigError
 from tokenloom.llm import LLM
-from tokenloom.models.layers import quantized
-from tokenloom.models.layers.kernels import cpu_kernels
+from tokenloom.models import ops
 from tokenloom.models.layers.linear import MergedLinear
 from tokenloom.models.layers.quantized import (
     GroupQuantLinear,
@@ -91,15 +90,12 @@ def test_group_quant_fit_is_no_worse_than_plain_min_max(bits):
 
 
 @pytest.mark.parametrize("bits", [4, 5, 8])
-def test_native_packing_matches_the_torch_one(bits, monkeypatch):
-    kernels = cpu_kernels()
-    if kernels is None:
-        pytest.skip("no native kernels")
+def test_native_packing_matches_the_torch_one(kernels, bits):
     torch.manual_seed(7)
     w = torch.randn(96, 320 // 64 * 64) * torch.rand(96, 1)
     native = pack_group_quant(w, bits)
-    monkeypatch.setattr(quantized, "cpu_kernels", lambda: None)
-    reference = pack_group_quant(w, bits)
+    with ops.use_level("torch"):
+        reference = pack_group_quant(w, bits)
     # Same fit; float summation order may flip a near-tie between two candidate ranges here and there.
     assert (native.codes == reference.codes).float().mean() > (0.97 if bits == 8 else 0.99)
     if bits == 5:
@@ -109,20 +105,16 @@ def test_native_packing_matches_the_torch_one(bits, monkeypatch):
     err = [((unpack_group_quant(p) - w).norm() / w.norm()).item() for p in (native, reference)]
     # The native dequantization (what large steps multiply) is the torch one, in every dtype.
     for dtype in (torch.float32, torch.bfloat16):
-        monkeypatch.undo()
         fast = unpack_group_quant(native, dtype)
-        monkeypatch.setattr(quantized, "cpu_kernels", lambda: None)
-        assert torch.equal(fast, unpack_group_quant(native, dtype))
+        with ops.use_level("torch"):
+            assert torch.equal(fast, unpack_group_quant(native, dtype))
     assert err[0] == pytest.approx(err[1], rel=0.01)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [4, 5, 8])
-def test_group_quant_kernel_matches_the_dequantized_product(rows, dtype, bits):
-    kernels = cpu_kernels()
-    if kernels is None:
-        pytest.skip("no native kernels")
+def test_group_quant_kernel_matches_the_dequantized_product(kernels, rows, dtype, bits):
     torch.manual_seed(6)
     packed = pack_group_quant(torch.randn(83, 192) * 0.05, bits)  # 83: rows in fours and a tail
     x, bias = torch.randn(rows, 192).to(dtype), torch.randn(83)
@@ -131,16 +123,14 @@ def test_group_quant_kernel_matches_the_dequantized_product(rows, dtype, bits):
     assert got.dtype == dtype and got.shape == (rows, 83)
     # 4 and 5 bits: the kernel quantizes activations to int8 per group of 32, a few per mille; 8 bits: none.
     assert _relative_error(got, want) < (0.01 if bits < 8 or dtype == torch.bfloat16 else 1e-6)
-    assert torch.equal(group_quant_matmul(x, packed, bias), got)
+    if kernels.gq_linear_native():  # the layers run the kernel; the scalar (portable) loop is left to tests
+        assert torch.equal(group_quant_matmul(x, packed, bias), got)
     # Each row's result is independent of the other rows in the call.
     alone = torch.cat([kernels.gq_linear(x[i:i + 1], *packed, bias) for i in range(rows)])
     assert torch.equal(alone, got)
 
 
-def test_group_quant_kernel_rejects_bad_shapes():
-    kernels = cpu_kernels()
-    if kernels is None:
-        pytest.skip("no native kernels")
+def test_group_quant_kernel_rejects_bad_shapes(kernels):
     packed = pack_group_quant(torch.randn(16, 128))
     with pytest.raises(RuntimeError, match="multiple of 64"):
         kernels.gq_linear(torch.randn(1, 96), packed.codes, packed.d, packed.m)
@@ -197,12 +187,12 @@ def test_unknown_quantization_is_a_config_error():
 
 
 @pytest.mark.parametrize("bits", [4, 5, 8])
-def test_group_quant_matmul_without_the_kernel_is_the_dequantized_product(bits, monkeypatch):
+def test_group_quant_matmul_without_the_kernel_is_the_dequantized_product(bits):
     torch.manual_seed(8)
     packed = pack_group_quant(torch.randn(48, 128) * 0.05, bits)
     x, bias = torch.randn(3, 128).bfloat16(), torch.randn(48)
-    monkeypatch.setattr(quantized, "_native_gq_linear", lambda: None)
-    got = group_quant_matmul(x, packed, bias)
+    with ops.use_level("torch"):
+        got = group_quant_matmul(x, packed, bias)
     assert got.dtype == torch.bfloat16
     want = x.float() @ unpack_group_quant(packed).t() + bias
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
@@ -259,7 +249,7 @@ def test_stored_blocks_are_repacked_not_refitted(method, qkv_bits, repacked):
 
 
 @pytest.mark.parametrize("rows", [64, 83])  # 83: the last tile padded
-def test_row_tiles_hold_the_same_weight_and_give_the_same_products(rows):
+def test_row_tiles_hold_the_same_weight_and_give_the_same_products(kernels, rows):
     from tokenloom.models.layers.quantized import tile_group_quant, untile_group_quant
 
     torch.manual_seed(10)
@@ -267,9 +257,6 @@ def test_row_tiles_hold_the_same_weight_and_give_the_same_products(rows):
     tiled = tile_group_quant(packed)
     assert tiled.tiles.shape == (-(-rows // 16), 192 // 8, 64)
     assert all(torch.equal(a, b) for a, b in zip(untile_group_quant(tiled, rows)[:3], packed[:3]))
-    kernels = cpu_kernels()
-    if kernels is None:
-        pytest.skip("no native kernels")
     x = torch.randn(8, 192).bfloat16()
     got = kernels.gq_tiles_linear(x, *tiled)[:, :rows]
     # The same int8-activation arithmetic as gq_linear, summed in another order.
@@ -278,9 +265,8 @@ def test_row_tiles_hold_the_same_weight_and_give_the_same_products(rows):
     assert torch.equal(alone, got)  # a row's logits do not depend on the other rows of the step
 
 
-def test_a_4_bit_head_runs_on_row_tiles():
-    kernels = cpu_kernels()
-    if kernels is None or not kernels.gq_linear_native():
+def test_a_4_bit_head_runs_on_row_tiles(kernels):
+    if not kernels.gq_linear_native():
         pytest.skip("row tiles need the vectorised kernels")
     torch.manual_seed(11)
     dense = nn.Linear(128, 200, bias=False)
@@ -293,13 +279,12 @@ def test_a_4_bit_head_runs_on_row_tiles():
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_bf16_vocab_projection_of_a_few_rows_is_float32_and_exactly_summed(rows):
+def test_bf16_vocab_projection_of_a_few_rows_is_float32_and_exactly_summed(kernels, rows):
     """The few-rows kernel sums bf16 products in float32 (torch's bf16 GEMM rounds each logit to bf16)."""
     from tokenloom.models.layers.linear import LMHead, vocab_projection
 
-    kernels = cpu_kernels()
-    if kernels is None or not kernels.bf16_rows_native():
-        pytest.skip("needs AVX-512 BF16")
+    if not kernels.dense_rows_supported(torch.bfloat16, torch.bfloat16):
+        pytest.skip("no vectorised few-rows kernel at this level")
     torch.manual_seed(12)
     weight, x = torch.randn(83, 96).bfloat16(), torch.randn(rows, 96).bfloat16()
     got = vocab_projection(x, weight)
@@ -314,12 +299,11 @@ def test_bf16_vocab_projection_of_a_few_rows_is_float32_and_exactly_summed(rows)
     assert vocab_projection(many, weight).dtype == torch.bfloat16
 
 
-def test_bf16_linear_layers_of_a_few_rows_take_the_native_kernel():
+def test_bf16_linear_layers_of_a_few_rows_take_the_native_kernel(kernels):
     from tokenloom.models.layers.linear import Linear, MergedLinear
 
-    kernels = cpu_kernels()
-    if kernels is None or not kernels.bf16_rows_native():
-        pytest.skip("needs AVX-512 BF16")
+    if not kernels.dense_rows_supported(torch.bfloat16, torch.bfloat16):
+        pytest.skip("no vectorised few-rows kernel at this level")
     torch.manual_seed(13)
     layer = Linear(64, 40, bias=True).bfloat16()
     x = torch.randn(2, 3, 64).bfloat16()  # 6 rows in a 3-d batch
@@ -332,3 +316,24 @@ def test_bf16_linear_layers_of_a_few_rows_take_the_native_kernel():
     assert gate.shape == up.shape == (3, 24)
     many = torch.randn(20, 64).bfloat16()  # more rows than decode: torch's GEMM
     torch.testing.assert_close(layer(many), torch.nn.functional.linear(many, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("k", [64, 640])
+def test_few_rows_dense_kernel_sums_in_float32_independently_of_the_other_rows(kernels, x_dtype, w_dtype, k):
+    """float32 weights (torch's GEMV streams them at half the bandwidth), bf16 weights with float32
+    activations (the default on CPUs without native bf16) and bf16 x bf16."""
+    if not kernels.dense_rows_supported(x_dtype, w_dtype):
+        pytest.skip(f"no vectorised {x_dtype} x {w_dtype} kernel at this level")
+    torch.manual_seed(14)
+    weight, bias = torch.randn(83, k).to(w_dtype), torch.randn(83)  # 83 rows: fours and a tail
+    for rows in range(1, 9):
+        x = torch.randn(rows, k).to(x_dtype)
+        got = kernels.dense_rows_linear(x, weight, bias, True)
+        assert got.dtype == torch.float32 and got.shape == (rows, 83)
+        want = x.double() @ weight.double().t() + bias.double()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+        alone = torch.cat([kernels.dense_rows_linear(x[i:i + 1], weight, bias, True) for i in range(rows)])
+        assert torch.equal(alone, got)
+        assert kernels.dense_rows_linear(x, weight, bias, False).dtype == x_dtype

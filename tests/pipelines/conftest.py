@@ -18,8 +18,11 @@ def tiny_llm(tiny_models) -> LLM:
 
 @pytest.fixture(scope="session")
 def gemma() -> LLM:
-    """The real gemma-3-270m."""
-    return LLM("gemma-3-270m", kv_cache_gib=0.25)
+    """The real gemma-3-270m, dense float32 (not the machine's defaults), so that results computed in
+    different batches or from the prefix cache agree to float32 rounding on every CPU: bf16 GEMMs differ
+    by batch shape (e.g. on AMX), and quantized steps of up to 8 rows round activations to int8 where
+    larger ones do not."""
+    return LLM("gemma-3-270m", dtype="float32", quantization="none", kv_cache_gib=0.25)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from tokenloom.config import ConfigError, EngineConfig
-from tokenloom.models.layers.kernels import cpu_kernels
+from tokenloom.models import ops
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +75,10 @@ class ThreadBinder:
         if not self.cpus or self._thread == threading.get_ident():
             return
         self._thread = threading.get_ident()
-        kernels = cpu_kernels()
-        if kernels is None:
+        bound = ops.bind_threads(self.cpus)
+        if bound is None:
             logger.warning("cpu_bind needs the native kernels (disabled or not built): threads are not pinned")
             return
-        bound = kernels.bind_threads(self.cpus)
         if -1 in bound:
             logger.warning("could not pin every thread (pinned: %s; asked for CPUs %s)", bound, self.cpus)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,11 +16,14 @@ from torch import nn
 from tokenloom.config import ConfigError, ModelConfig
 from tokenloom.loader.hf import hf_tokenizer
 from tokenloom.loader.tokenizer import Tokenizer
-from tokenloom.models.layers.quantized import quantize_model
+from tokenloom.models import ops
+from tokenloom.models.layers.quantized import default_quantization, quantize_model
 from tokenloom.models.registry import model_class_for
 
 if TYPE_CHECKING:
     from tokenloom.loader.sources import ModelSource
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +39,7 @@ class LoadedModel:
     device: torch.device
     max_model_len: int
     load_seconds: float
+    quantization: str = "none"
 
     @property
     def num_parameters(self) -> int:
@@ -93,13 +98,18 @@ def load_model(model_config: ModelConfig, device: torch.device) -> LoadedModel:
         exact = None
     tokenizer = hf_tokenizer(Path(model_config.tokenizer)) if model_config.tokenizer else default_tokenizer()
     max_len = _max_model_len(hf_config, model_config.max_model_len)
-    dtype = model_config.torch_dtype(saved_dtype)
+    dtype = model_config.torch_dtype(saved_dtype, ops.bf16_is_fast(device))
     model = build_model(hf_config, max_len, dtype, device)
     with _one_thread():
         model.load_weights(weights(_parameter_dtype(model)))
-    quantize_model(model, model_config.quantization, exact)
+    quantization = model_config.quantization
+    if quantization == "auto":
+        quantization = default_quantization(model, exact)
+    quantize_model(model, quantization, exact)
+    logger.info("%s: %s, quantization %s, kernels %s (CPU %s)", source.name, str(dtype).removeprefix("torch."),
+                quantization, ops.level_in_use(), ops.isa.best_level())
     return LoadedModel(model, tokenizer, hf_config, source.name, source.path, dtype, device, max_len,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, quantization)
 
 
 def build_model(hf_config: Any, max_model_len: int, dtype: torch.dtype, device: torch.device) -> nn.Module:

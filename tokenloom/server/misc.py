@@ -56,9 +56,11 @@ async def health(request: Request) -> Response:
 
 
 @router.get("/version")
-async def version() -> dict[str, str]:
-    """The tokenloom version."""
-    return {"version": tokenloom.__version__}
+async def version() -> dict[str, object]:
+    """The tokenloom version, and the CPU's instruction-set level with the level the kernels run at."""
+    from tokenloom.models import ops
+
+    return {"version": tokenloom.__version__, **ops.describe()}
 
 
 @router.get("/metrics")

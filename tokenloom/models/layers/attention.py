@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenloom.models.layers.kernels import cpu_kernels
+from tokenloom.models import ops
 from tokenloom.models.layers.norm import RMSNorm
 from tokenloom.models.layers.rotary import RotaryEmbedding
 from tokenloom.models.layers.seq2seq import CrossAttentionMetadata
@@ -116,18 +116,18 @@ class PagedAttention(nn.Module):
         """A fused q|k|v projection's output [tokens, (heads + 2 kv_heads) * dim] → q, k, v per head, with
         the optional q/k norms and RoPE applied; on CPU one kernel call that also writes k and v into the
         cache (the returned flag says so; pass it to `forward` as `kv_cached`)."""
-        kernels = cpu_kernels() if qkv.device.type == "cpu" else None
         norms_fusable = q_norm is None or (
             k_norm is not None and (q_norm.eps, q_norm.offset) == (k_norm.eps, k_norm.offset))
-        if kernels is not None and norms_fusable and rotary.rotary_dim == self.head_dim:
+        if norms_fusable and rotary.rotary_dim == self.head_dim and qkv.device.type == "cpu":
             cos, sin = rotary.tables(qkv.device, qkv.dtype)
             eps, offset = (q_norm.eps, q_norm.offset) if q_norm is not None else (0.0, 0.0)
-            out = kernels.qkv_rope_cache(
+            out = ops.qkv_rope_cache(
                 qkv, positions, cos, sin, None if q_norm is None else q_norm.weight,
                 None if k_norm is None else k_norm.weight, eps, offset, self.kv_cache[0], self.kv_cache[1],
                 meta.slot_mapping, self.num_heads, self.num_kv_heads)
-            q, k, v = out.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
-            return q, k, v, True
+            if out is not None:
+                q, k, v = out.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+                return q, k, v, True
         q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                              self.num_kv_heads * self.head_dim], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
@@ -142,11 +142,11 @@ class PagedAttention(nn.Module):
                 kv_cached: bool = False) -> torch.Tensor:
         """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] → [tokens, heads * dim]; k and v are written
         into the cache at the step's slots unless `kv_cached` says they already are."""
-        kernels = cpu_kernels() if q.device.type == "cpu" else None
-        if kv_cached and not meta.prefills and kernels is not None:  # a decode-only step: one call
-            return kernels.paged_decode_attention(q, self.kv_cache[0], self.kv_cache[1], meta.decode_block_table,
-                                                  meta.decode_lens, self.scale, self.sliding_window or 0
-                                                  ).view(q.shape[0], -1)
+        if kv_cached and not meta.prefills:  # a decode-only step whose keys the kernels wrote: one call
+            out = ops.paged_decode_attention(q, self.kv_cache[0], self.kv_cache[1], meta.decode_block_table,
+                                             meta.decode_lens, self.scale, self.sliding_window)
+            if out is not None:
+                return out.view(q.shape[0], -1)
         k_flat = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)
         v_flat = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         if not kv_cached:
@@ -159,12 +159,11 @@ class PagedAttention(nn.Module):
                                                 span, meta, k_flat, v_flat)
         if meta.decode_block_table is not None:
             q_decode = q[meta.num_prefill_tokens:]
-            if kernels is not None:
-                out[meta.num_prefill_tokens:] = kernels.paged_decode_attention(
-                    q_decode, self.kv_cache[0], self.kv_cache[1], meta.decode_block_table, meta.decode_lens,
-                    self.scale, self.sliding_window or 0)
-            else:
-                out[meta.num_prefill_tokens:] = self._decode(q_decode, meta, k_flat, v_flat)
+            decoded = ops.paged_decode_attention(q_decode, self.kv_cache[0], self.kv_cache[1],
+                                                 meta.decode_block_table, meta.decode_lens, self.scale,
+                                                 self.sliding_window)
+            out[meta.num_prefill_tokens:] = decoded if decoded is not None else self._decode(q_decode, meta, k_flat,
+                                                                                          v_flat)
         return out.view(q.shape[0], -1)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan, meta: AttentionMetadata,

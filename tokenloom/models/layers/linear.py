@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import cache
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenloom.models.layers.kernels import cpu_kernels
+from tokenloom.models import ops
 
 
 class ShardedOutput:
@@ -23,37 +20,22 @@ class ShardedOutput:
         return out.split([w for _, w in self.shard_offsets.values()], dim=-1)
 
 
-@cache
-def _bf16_rows_kernel() -> Callable[..., torch.Tensor] | None:
-    """The native bf16 few-rows kernel where it is built (looked up once: it runs ~75 times a step)."""
-    kernels = cpu_kernels()
-    return kernels.bf16_rows_linear if kernels is not None and kernels.bf16_rows_native() else None
-
-
-def _few_bf16_rows(x: torch.Tensor, weight: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-    """The native bf16 kernel if it takes this product (CPU, bf16, up to 8 rows: decode), else None."""
-    if (x.dtype == weight.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= 8
-            and x.device.type == "cpu" and weight.shape[1] % 32 == 0):
-        return _bf16_rows_kernel()
-    return None
-
-
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, except for a few bf16 rows on CPU (decode): a native kernel (float32 sums of bf16 products,
-    csrc/bf16_rows.cpp) that streams the weights at about twice the rate of torch's bf16 GEMM here."""
+    """F.linear, except for a few rows on CPU (decode): a native kernel (`ops.dense_rows`: float32 sums,
+    csrc/dense_rows.cpp) that streams bf16 or float32 weights at close to memory bandwidth, where torch's
+    GEMM reads them at about half that rate."""
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    kernel = _few_bf16_rows(rows, weight)
-    if kernel is not None:
-        out = kernel(rows, weight, bias, False)
+    out = ops.dense_rows(rows, weight, bias) if rows.shape[0] <= ops.MAX_ROWS else None
+    if out is not None:
         return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
 def vocab_projection(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """hidden [tokens, K] @ weight [vocab, K].T: float32 logits from the native kernel for a few bf16 rows
+    """hidden [tokens, K] @ weight [vocab, K].T: float32 logits from the native kernel for a few rows
     (torch's bf16 GEMM would also round each logit to bf16), else F.linear in the weight's dtype."""
-    kernel = _few_bf16_rows(hidden, weight)
-    return kernel(hidden, weight, None, True) if kernel is not None else F.linear(hidden, weight)
+    out = ops.dense_rows(hidden, weight, None, True)
+    return out if out is not None else F.linear(hidden, weight)
 
 
 class Linear(nn.Linear):

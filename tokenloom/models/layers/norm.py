@@ -1,4 +1,4 @@
-"""RMSNorm in the two conventions checkpoints use: a native one-pass kernel on CPU, torch ops elsewhere."""
+"""RMSNorm in the two conventions checkpoints use: a native one-pass kernel (ops) on CPU, torch ops elsewhere."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenloom.models.layers.kernels import cpu_kernels
+from tokenloom.models import ops
 
 
 class RMSNorm(nn.Module):
@@ -25,10 +25,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension."""
-        kernels = cpu_kernels() if x.device.type == "cpu" else None
-        if kernels is not None:
-            return kernels.rms_norm(x, self.weight, self.eps, self.offset)
-        return self.reference(x)
+        out = ops.rms_norm(x, self.weight, self.eps, self.offset)
+        return out if out is not None else self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The torch-ops computation (any device); the kernel matches it."""
@@ -49,10 +47,10 @@ def add_rms_norm(residual: torch.Tensor, update: torch.Tensor, update_norm: RMSN
                  norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """`residual + update_norm(update)` (or `+ update`) and `norm` of that sum: the residual step between
     two blocks, one kernel call on CPU where both norms share eps and convention."""
-    kernels = cpu_kernels() if residual.device.type == "cpu" else None
-    same_kind = update_norm is None or (update_norm.eps, update_norm.offset) == (norm.eps, norm.offset)
-    if kernels is not None and same_kind:
+    if update_norm is None or (update_norm.eps, update_norm.offset) == (norm.eps, norm.offset):
         weight = None if update_norm is None else update_norm.weight
-        return tuple(kernels.add_rms_norm(residual, update, weight, norm.weight, norm.eps, norm.offset))
+        out = ops.add_rms_norm(residual, update, weight, norm.weight, norm.eps, norm.offset)
+        if out is not None:
+            return out
     residual = residual + (update if update_norm is None else update_norm(update))
     return residual, norm(residual)

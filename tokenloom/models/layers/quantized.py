@@ -5,8 +5,9 @@ every `nn.Linear` whose input width is a multiple of 64 becomes a `GroupQuantLin
 `QuantizedLMHead`. One format for all widths: groups of 32 weights along the input, each weight
 `code * d + m` with an fp16 scale d and minimum m per group; codes of 4, 5 or 8 bits (5, 6 or 9 bits a
 weight with the scales). Steps of up to 8 rows (decode, where the bytes of weights read bound the
-speed) run on a native kernel (csrc/group_quant.cpp: codes x int8 activations per group of 32 on
-AVX-512 VNNI, as llama.cpp's k-quant x Q8 dot products); larger steps (prefill, many sequences) are
+speed) run on a native kernel (`ops.group_quant_rows`, csrc/group_quant.cpp: codes x int8 activations
+per group of 32 with VNNI on AVX-512, maddubs on AVX2 and sdot on NEON, as llama.cpp's k-quant x Q8 dot
+products); larger steps (prefill, many sequences) are
 bound by arithmetic and multiply the dequantized matrix (in the activations' dtype, built per step, never
 kept) with the dense GEMM. So a layer holds one copy of its weights, and its results do not depend on
 the rest of the batch within either regime.
@@ -17,24 +18,21 @@ raw blocks (`ExactWeights`) gets them repacked rather than re-fitted, since a se
 coarser grid is what costs accuracy. A tensor already stored at 5 bits or fewer keeps its own width
 (int4 keeps a Q5_0 tensor at 5 bits: re-fitting it to 4 costs +24% perplexity on Gemma 3 270M); wider
 or non-block tensors (Q6_K, Q8_0 under int4/int5, floats) are fitted at the method's width.
-On devices without the native kernels every step multiplies the dequantized matrix (same format, no
+On devices (or ISA levels) without the vectorised kernels every step multiplies the dequantized matrix (same format, no
 speed-up).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import cache
+from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenloom.models.layers.kernels import cpu_kernels
+from tokenloom.models import ops
 from tokenloom.models.layers.linear import MergedLinear, ShardedOutput
-
-_GQ_MAX_ROWS = 8  # the native kernel takes up to 8 rows; larger steps multiply the dequantized matrix
 
 # Input index (within a chunk of 64) held by each vector position of the packed layout: 32-bit lanes
 # alternate between the chunk's two groups (see csrc/group_quant.cpp).
@@ -141,9 +139,9 @@ def pack_group_quant(weight: torch.Tensor, bits: int = 4) -> GroupQuantWeight:
     native kernel's layout (natively where the kernels are built, else with torch ops: the same fit)."""
     if bits not in GQ_BITS:
         raise ValueError(f"group quantization takes 4, 5 or 8 bits, not {bits}")
-    kernels = cpu_kernels()
-    if kernels is not None and weight.device.type == "cpu":
-        return GroupQuantWeight(*kernels.gq_pack(weight.detach(), bits))
+    native = ops.group_quant_pack(weight, bits)
+    if native is not None:
+        return GroupQuantWeight(*native)
     n, k = weight.shape
     parts = []
     for start in range(0, n, _GQ_PACK_ROWS):
@@ -157,9 +155,9 @@ def pack_group_quant(weight: torch.Tensor, bits: int = 4) -> GroupQuantWeight:
 def unpack_group_quant(weight: GroupQuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The [N, K] matrix that a `GroupQuantWeight` stands for, in `dtype` (natively where the kernels are
     built: what large steps multiply with)."""
-    kernels = cpu_kernels()
-    if kernels is not None and weight.codes.device.type == "cpu":
-        return kernels.gq_dequant(weight.codes, weight.d, weight.m, weight.high, dtype)
+    native = ops.group_quant_dequant(weight.codes, weight.d, weight.m, weight.high, dtype)
+    if native is not None:
+        return native
     n, k = weight.codes.shape[0], weight.in_features
     groups = _natural_codes(weight).float().view(n, k // 32, 32)
     groups = groups * weight.d.float().view(n, -1, 1) + weight.m.float().view(n, -1, 1)
@@ -218,21 +216,14 @@ def untile_group_quant(tiled: TiledWeight, rows: int) -> GroupQuantWeight:
     return pack_group_codes(codes.contiguous(), per_row(tiled.d), per_row(tiled.m), 4)
 
 
-@cache
-def _native_gq_linear() -> Callable[..., torch.Tensor] | None:
-    """The native kernel where it is built and vectorised (looked up once: it runs ~75 times a step)."""
-    kernels = cpu_kernels()
-    return kernels.gq_linear if kernels is not None and kernels.gq_linear_native() else None
-
-
 def group_quant_matmul(x: torch.Tensor, weight: GroupQuantWeight, bias: torch.Tensor | None = None,
                        float_out: bool = False) -> torch.Tensor:
     """x [M, K] @ the quantized weight.T (+ bias) → [M, N] in x's dtype (float32 with `float_out`): the
     native kernel (activations quantized to int8 per group of 32) for up to 8 rows on CPU where it is
     vectorised, else the dequantized matrix in x's dtype with the dense GEMM."""
-    native = _native_gq_linear()
-    if native is not None and x.shape[0] <= _GQ_MAX_ROWS and x.device.type == "cpu":
-        return native(x, weight.codes, weight.d, weight.m, weight.high, bias, float_out)
+    native = ops.group_quant_rows(x, weight.codes, weight.d, weight.m, weight.high, bias, float_out)
+    if native is not None:
+        return native
     out = F.linear(x, unpack_group_quant(weight, x.dtype), None if bias is None else bias.to(x.dtype))
     return out.float() if float_out else out
 
@@ -288,7 +279,7 @@ class QuantizedLMHead(nn.Module):
     def __init__(self, dense: nn.Module, weight: GroupQuantWeight) -> None:
         super().__init__()
         self.dense, self.bits, self.out_features = dense, weight.bits, weight.codes.shape[0]
-        self.tiled = weight.bits == 4 and weight.codes.device.type == "cpu" and _native_gq_linear() is not None
+        self.tiled = weight.bits == 4 and weight.codes.device.type == "cpu" and ops.vectorised_group_quant()
         fields = tile_group_quant(weight) if self.tiled else weight
         for name, value in zip(fields._fields, fields):
             self.register_buffer(name, value)
@@ -305,11 +296,14 @@ class QuantizedLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [M, K] → logits [M, vocab]: float32 from the quantized kernel (the logits are wanted in
         float32), else hidden's dtype."""
-        if hidden.shape[0] <= _GQ_MAX_ROWS and _native_gq_linear() is not None and hidden.device.type == "cpu":
-            if self.tiled:
-                logits = cpu_kernels().gq_tiles_linear(hidden, self.tiles, self.d, self.m)
+        if self.tiled:
+            logits = ops.group_quant_tiles(hidden, self.tiles, self.d, self.m)
+            if logits is not None:
                 return logits if logits.shape[1] == self.out_features else logits[:, :self.out_features]
-            return group_quant_matmul(hidden, self.packed, float_out=True)
+        elif hidden.shape[0] <= ops.MAX_ROWS:
+            logits = ops.group_quant_rows(hidden, self.codes, self.d, self.m, self.high, None, True)
+            if logits is not None:
+                return logits
         return self.dense(hidden)
 
 
@@ -348,6 +342,37 @@ def _pack_layer(weight: torch.Tensor, names: list[tuple[str, int, int]], method:
     return concat_group_quant(parts)
 
 
+def _quantizable(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear, list[tuple[str, int, int]]]]:
+    """The linear layers a quantization pass swaps (not the LM head): (parent, attribute, layer, the
+    checkpoint matrices it holds as (name, first row, rows))."""
+    head = getattr(model, "lm_head", None)
+    for path, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or child is head or not _group_quant_supported(child.weight):
+                continue
+            prefix = f"{path}.{name}" if path else name
+            if isinstance(child, MergedLinear):
+                stem = prefix.rsplit(".", 1)[0] + "." if "." in prefix else ""
+                names = [(f"{stem}{shard}.weight", start, rows) for shard, (start, rows) in child.shard_offsets.items()]
+            else:
+                names = [(f"{prefix}.weight", 0, child.weight.shape[0])]
+            yield parent, name, child, names
+
+
+def default_quantization(model: nn.Module, exact: ExactWeights | None) -> str:
+    """What `quantization=auto` means for this model: a generative model whose file stores block-quantized
+    matrices (a GGUF) keeps them quantized, repacked exactly (`int4` where any is stored at 4 or 5 bits,
+    `int8` where they are 8-bit), as llama.cpp runs the file; everything else runs unquantized, and so does
+    every model on a GPU (the few-rows kernels are CPU ones: there, every step would dequantize)."""
+    if exact is None or getattr(model, "lm_head", None) is None or model.lm_head.weight.device.type != "cpu":
+        return "none"
+    stored = [bits for *_, names in _quantizable(model) for name, _, _ in names
+              if (bits := exact.native_bits(name)) is not None]
+    if not stored:
+        return "none"
+    return "int4" if min(stored) <= 5 else "int8"
+
+
 def quantize_model(model: nn.Module, method: str, exact: ExactWeights | None = None) -> nn.Module:
     """Swap the model's linear layers and LM head for group-quantized ones, in place; returns the model.
 
@@ -363,19 +388,10 @@ def quantize_model(model: nn.Module, method: str, exact: ExactWeights | None = N
         raise ValueError(f"quantization={method} is for generative models (it quantizes the layers and the LM "
                          f"head); {type(model).__name__} has no LM head: run it with quantization=none and "
                          f"dtype bfloat16 or float32")
-    for path, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or child is head or not _group_quant_supported(child.weight):
-                continue
-            prefix = f"{path}.{name}" if path else name
-            if isinstance(child, MergedLinear):
-                stem = prefix.rsplit(".", 1)[0] + "." if "." in prefix else ""
-                names = [(f"{stem}{shard}.weight", start, rows) for shard, (start, rows) in child.shard_offsets.items()]
-            else:
-                names = [(f"{prefix}.weight", 0, child.weight.shape[0])]
-            packed = _pack_layer(child.weight, names, method, exact)
-            offsets = child.shard_offsets if isinstance(child, MergedLinear) else None
-            setattr(parent, name, GroupQuantLinear(packed, child.bias, offsets))
+    for parent, name, child, names in _quantizable(model):
+        packed = _pack_layer(child.weight, names, method, exact)
+        offsets = child.shard_offsets if isinstance(child, MergedLinear) else None
+        setattr(parent, name, GroupQuantLinear(packed, child.bias, offsets))
     if _group_quant_supported(head.weight):
         packed = _pack_layer(head.weight, [("lm_head.weight", 0, head.weight.shape[0])], method, exact)
         model.lm_head = QuantizedLMHead(head, packed)

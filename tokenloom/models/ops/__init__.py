@@ -1,0 +1,190 @@
+"""Operations with native CPU kernels: one entry per operation, the only place that picks a kernel.
+
+Each entry returns its result when a native kernel takes the call (a CPU tensor, a shape and dtype the
+kernel handles, at the instruction-set level in use) and None otherwise; the caller then runs its own
+torch path, which is also the reference the kernels are tested against. The kernel module is the one
+built for the CPU's best level (`isa.requested_level()`, lowered with `TOKENLOOM_ISA`), resolved once
+on first use; `use_level` swaps it for tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+import torch
+
+from tokenloom.models.ops import isa
+from tokenloom.models.ops.native import kernels_enabled, load_level
+
+__all__ = ["isa", "kernels", "level_in_use", "describe", "use_level", "bf16_is_fast", "rms_norm", "add_rms_norm",
+           "qkv_rope_cache", "paged_decode_attention", "dense_rows", "group_quant_rows", "group_quant_tiles",
+           "group_quant_pack", "group_quant_dequant", "vectorised_group_quant", "argmax_rows", "bind_threads"]
+
+MAX_ROWS = 8  # the few-rows products (decode) take up to 8 rows; larger steps use a GEMM
+
+
+class _Active:
+    """The kernel module in use and what it supports (plain attributes: ops run ~300 times a step)."""
+
+    resolved = False
+    kernels: ModuleType | None = None
+    level = "torch"
+    vectorised_gq = False
+    dense_pairs: dict[tuple[torch.dtype, torch.dtype], bool] = {}
+
+
+_active = _Active()
+
+
+def _select(module: ModuleType | None) -> None:
+    _active.kernels = module
+    _active.level = module.isa_level() if module is not None else "torch"
+    _active.vectorised_gq = module is not None and module.gq_linear_native()
+    _active.dense_pairs = {}
+    _active.resolved = True
+
+
+def kernels() -> ModuleType | None:
+    """The kernel module in use (built on first call), or None."""
+    if not _active.resolved:
+        _select(load_level(isa.requested_level()))
+    return _active.kernels
+
+
+def level_in_use() -> str:
+    """The level the kernels run at (`portable`, `avx2`, `avx512`, `neon`), or `torch` without kernels."""
+    kernels()
+    return _active.level
+
+
+def describe() -> dict[str, object]:
+    """The CPU's best level, the level in use and whether kernels are on: for logs, /version, benchmarks."""
+    return {**isa.describe(), "isa_in_use": level_in_use(), "kernels": kernels_enabled()}
+
+
+@contextmanager
+def use_level(level: str) -> Iterator[ModuleType | None]:
+    """Run the ops at `level` (or on their torch paths with `torch`) inside the block: tests run each
+    level this machine supports against the torch reference."""
+    saved = (_active.resolved, _active.kernels, _active.level, _active.vectorised_gq, _active.dense_pairs)
+    module = None if level == "torch" else load_level(level)
+    if level != "torch" and module is None:
+        raise RuntimeError(f"no {level} kernels on this machine (supported: {isa.supported_levels()})")
+    _select(module)
+    try:
+        yield module
+    finally:
+        (_active.resolved, _active.kernels, _active.level, _active.vectorised_gq, _active.dense_pairs) = saved
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively: CUDA with bf16 support, a CPU at the avx512 level
+    (AVX512_BF16). Elsewhere bf16 is emulated and float32 is the faster dtype."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return isa.native_bf16() if device.type == "cpu" else True
+
+
+def _cpu(t: torch.Tensor) -> ModuleType | None:
+    return kernels() if t.device.type == "cpu" else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor | None:
+    """RMSNorm of the last dimension in one pass (models/layers/norm.py has the conventions)."""
+    k = _cpu(x)
+    return k.rms_norm(x, weight, eps, offset) if k is not None else None
+
+
+def add_rms_norm(residual: torch.Tensor, update: torch.Tensor, update_weight: torch.Tensor | None,
+                 next_weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(residual + norm(update) or + update, the next norm of that sum) in one call."""
+    k = _cpu(residual)
+    return tuple(k.add_rms_norm(residual, update, update_weight, next_weight, eps, offset)) if k is not None else None
+
+
+def qkv_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, offset: float,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, heads: int,
+                   kv_heads: int) -> torch.Tensor | None:
+    """Split a fused q|k|v projection, q/k norms, RoPE and the KV cache write: [tokens, heads + 2 kv, dim]."""
+    k = _cpu(qkv)
+    if k is None:
+        return None
+    return k.qkv_rope_cache(qkv, positions, cos, sin, q_weight, k_weight, eps, offset, k_cache, v_cache, slots,
+                            heads, kv_heads)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                           lens: torch.Tensor, scale: float, window: int | None) -> torch.Tensor | None:
+    """One query token per sequence against its keys and values read in place through its block table."""
+    k = _cpu(q)
+    if k is None:
+        return None
+    return k.paged_decode_attention(q, k_cache, v_cache, block_table, lens, scale, window or 0)
+
+
+def dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               float_out: bool = False) -> torch.Tensor | None:
+    """x [rows <= 8, K] @ weight [N, K].T (+ bias), float32 sums, for decode steps: bf16 or float32 weights
+    streamed at close to memory bandwidth, where the level has a vectorised path for the dtypes."""
+    k = _cpu(x)
+    if k is None or x.dim() != 2 or x.shape[0] > MAX_ROWS or weight.shape[1] % 32:
+        return None
+    pair = (x.dtype, weight.dtype)
+    supported = _active.dense_pairs.get(pair)
+    if supported is None:
+        supported = _active.dense_pairs[pair] = k.dense_rows_supported(*pair)
+    return k.dense_rows_linear(x, weight, bias, float_out) if supported else None
+
+
+def vectorised_group_quant() -> bool:
+    """Whether the group-quantized few-rows kernels are vectorised at the level in use (the portable
+    level's scalar loop is slower than a GEMM over the dequantized matrix)."""
+    kernels()
+    return _active.vectorised_gq
+
+
+def group_quant_rows(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                     high: torch.Tensor | None, bias: torch.Tensor | None = None,
+                     float_out: bool = False) -> torch.Tensor | None:
+    """x [rows <= 8, K] @ a group-quantized weight.T (activations quantized to int8 per group of 32)."""
+    k = _cpu(x)
+    if k is None or not _active.vectorised_gq or x.shape[0] > MAX_ROWS:
+        return None
+    return k.gq_linear(x, codes, d, m, high, bias, float_out)
+
+
+def group_quant_tiles(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor | None:
+    """x [rows <= 8, K] @ a 4-bit weight in row tiles of 16 → float32 [rows, padded N]."""
+    k = _cpu(x)
+    if k is None or not _active.vectorised_gq or x.shape[0] > MAX_ROWS:
+        return None
+    return k.gq_tiles_linear(x, tiles, d, m)
+
+
+def group_quant_pack(weight: torch.Tensor, bits: int) -> list[torch.Tensor] | None:
+    """The native group fit of a float weight (codes, d, m[, high])."""
+    k = _cpu(weight)
+    return k.gq_pack(weight.detach(), bits) if k is not None else None
+
+
+def group_quant_dequant(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, high: torch.Tensor | None,
+                        dtype: torch.dtype) -> torch.Tensor | None:
+    """The dense [N, K] matrix of a packed weight, in `dtype`."""
+    k = _cpu(codes)
+    return k.gq_dequant(codes, d, m, high, dtype) if k is not None else None
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of logits [rows, vocab] (torch.argmax's answer: the first maximum, the first NaN):
+    natively for float32 on CPU (10 us against torch's 145 us a row of 262k), else torch.argmax."""
+    k = _cpu(x) if x.dtype == torch.float32 and x.dim() == 2 else None
+    return k.argmax_rows(x) if k is not None else x.argmax(dim=-1)
+
+
+def bind_threads(cpus: list[int]) -> list[int] | None:
+    """Pin the calling thread's intra-op pool, thread i to cpus[i % n]; None without the kernels."""
+    k = kernels()
+    return k.bind_threads(cpus) if k is not None else None
