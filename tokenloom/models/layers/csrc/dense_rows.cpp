@@ -87,7 +87,7 @@ struct DotBF16 {
 #endif
 
 // Sums of weight rows w[0..R) with activation rows x[0..G), all rows k long. Prefetches the R rows
-// after them into L2, a line per row per step.
+// after them into L2, one per cache line read.
 template <typename P, int R, int G>
 void block(const typename P::W* w, int64_t k, const typename P::X* x, float (*sums)[4]) {
   vf acc[G][R];
@@ -98,7 +98,7 @@ void block(const typename P::W* w, int64_t k, const typename P::X* x, float (*su
     for (int part = 0; part < P::kParts; ++part) {
       typename P::WV wv[R];
       for (int i = 0; i < R; ++i) wv[i] = P::load_w(w + i * k + c, part);
-      if (part == 0)
+      if (part == 0 && (c * sizeof(typename P::W)) % 64 == 0)  // a step is half a line at avx2 and neon
         for (int i = 0; i < R; ++i) __builtin_prefetch(w + (R + i) * k + c, 0, 2);
       for (int r = 0; r < G; ++r) {
         const typename P::XV xv = P::load_x(x + r * k + c, part);
