@@ -25,7 +25,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     csrc/dense_rows.cpp) that streams bf16 or float32 weights at close to memory bandwidth, where torch's
     GEMM reads them at about half that rate."""
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    out = ops.dense_rows(rows, weight, bias) if rows.shape[0] <= ops.MAX_ROWS else None
+    out = ops.dense_rows(rows, weight, bias)
     if out is not None:
         return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

@@ -300,7 +300,7 @@ class QuantizedLMHead(nn.Module):
             logits = ops.group_quant_tiles(hidden, self.tiles, self.d, self.m)
             if logits is not None:
                 return logits if logits.shape[1] == self.out_features else logits[:, :self.out_features]
-        elif hidden.shape[0] <= ops.MAX_ROWS:
+        else:
             logits = ops.group_quant_rows(hidden, self.codes, self.d, self.m, self.high, None, True)
             if logits is not None:
                 return logits

@@ -26,30 +26,23 @@ MAX_ROWS = 8  # the few-rows products (decode) take up to 8 rows; larger steps u
 
 
 class _Active:
-    """The kernel module in use and what it supports (plain attributes: ops run ~300 times a step)."""
+    """A kernel module and what it supports (plain attributes: ops run ~300 times a step)."""
 
-    resolved = False
-    kernels: ModuleType | None = None
-    level = "torch"
-    vectorised_gq = False
-    dense_pairs: dict[tuple[torch.dtype, torch.dtype], bool] = {}
-
-
-_active = _Active()
+    def __init__(self, module: ModuleType | None) -> None:
+        self.kernels = module
+        self.level = module.isa_level() if module is not None else "torch"
+        self.vectorised_gq = module is not None and module.gq_linear_native()
+        self.dense_pairs: dict[tuple[torch.dtype, torch.dtype], bool] = {}
 
 
-def _select(module: ModuleType | None) -> None:
-    _active.kernels = module
-    _active.level = module.isa_level() if module is not None else "torch"
-    _active.vectorised_gq = module is not None and module.gq_linear_native()
-    _active.dense_pairs = {}
-    _active.resolved = True
+_active: _Active | None = None  # resolved on first use
 
 
 def kernels() -> ModuleType | None:
     """The kernel module in use (built on first call), or None."""
-    if not _active.resolved:
-        _select(load_level(isa.requested_level()))
+    global _active
+    if _active is None:
+        _active = _Active(load_level(isa.requested_level()))
     return _active.kernels
 
 
@@ -68,15 +61,15 @@ def describe() -> dict[str, object]:
 def use_level(level: str) -> Iterator[ModuleType | None]:
     """Run the ops at `level` (or on their torch paths with `torch`) inside the block: tests run each
     level this machine supports against the torch reference."""
-    saved = (_active.resolved, _active.kernels, _active.level, _active.vectorised_gq, _active.dense_pairs)
+    global _active
     module = None if level == "torch" else load_level(level)
     if level != "torch" and module is None:
         raise RuntimeError(f"no {level} kernels on this machine (supported: {isa.supported_levels()})")
-    _select(module)
+    saved, _active = _active, _Active(module)
     try:
         yield module
     finally:
-        (_active.resolved, _active.kernels, _active.level, _active.vectorised_gq, _active.dense_pairs) = saved
+        _active = saved
 
 
 def bf16_is_fast(device: torch.device) -> bool:

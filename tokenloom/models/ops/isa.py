@@ -105,6 +105,5 @@ def native_bf16() -> bool:
 
 
 def describe() -> dict[str, object]:
-    """What `/version`, the CLI and benchmarks print: the CPU's best level and the level in use."""
-    return {"architecture": architecture(), "cpu_isa": best_level(), "isa_in_use": requested_level(),
-            "supported": list(supported_levels())}
+    """The architecture, the CPU's best level and every level it runs (`ops.describe` adds the level in use)."""
+    return {"architecture": architecture(), "cpu_isa": best_level(), "supported": list(supported_levels())}
