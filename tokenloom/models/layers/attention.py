@@ -204,7 +204,7 @@ class PagedAttention(nn.Module):
         # Fold kv heads into the batch (free with one kv head) so bmm reads K transposed in place.
         k = k_flat[meta.decode_slots].transpose(1, 2).reshape(rows * kv_heads, -1, self.head_dim)
         v = v_flat[meta.decode_slots].transpose(1, 2).reshape(rows * kv_heads, -1, self.head_dim)
-        scores = torch.bmm(q.view(rows * kv_heads, group, self.head_dim), k.transpose(1, 2)).float()
+        scores = torch.bmm(q.reshape(rows * kv_heads, group, self.head_dim), k.transpose(1, 2)).float()
         scores = scores.view(rows, kv_heads, group, -1)
         scores.mul_(self.scale).masked_fill_(~meta.decode_mask(self.sliding_window), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(v.dtype).view(rows * kv_heads, group, -1)
