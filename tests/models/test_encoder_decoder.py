@@ -252,3 +252,21 @@ def test_prefix_cache_hashes_are_salted_by_the_encoder_input():
     computed(1)
     assert kv.find_cached_prefix(Request("x", list(decoder), SamplingParams(), cache_salt=2)) == []
     assert len(kv.find_cached_prefix(Request("y", list(decoder), SamplingParams(), cache_salt=1))) == 2
+
+
+def test_t5_without_a_stated_context_length_defaults_to_its_training_length(tiny_seq2seq_models, tmp_path, caplog):
+    """T5 has relative positions and no n_positions in transformers' config: 512 by default (logged), and
+    max_model_len may raise it."""
+    import json
+    import shutil
+
+    path = tmp_path / "t5"
+    shutil.copytree(tiny_seq2seq_models["t5"], path)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("n_positions", None)
+    (path / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("INFO", logger="tokenloom.loader"):
+        assert load_model(ModelConfig(model=str(path), dtype="float32"), torch.device("cpu")).max_model_len == 512
+    assert "states no context length" in caplog.text
+    raised = load_model(ModelConfig(model=str(path), dtype="float32", max_model_len=2048), torch.device("cpu"))
+    assert raised.max_model_len == 2048

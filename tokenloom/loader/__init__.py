@@ -169,12 +169,24 @@ def _parameter_dtype(model: nn.Module) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
+# Relative-position models have no stated context length: their training length is the default, as in
+# transformers, and max_model_len may raise it (the position buckets extend to any distance).
+_RELATIVE_POSITION_DEFAULTS = {"t5": 512, "mt5": 512, "umt5": 512}
+
+
 def _max_model_len(hf_config: Any, requested: int | None) -> int:
     limit = None
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         limit = getattr(hf_config, key, None)
         if limit:
             break
+    default = _RELATIVE_POSITION_DEFAULTS.get(getattr(hf_config, "model_type", ""))
+    if limit is None and default is not None:
+        if requested is not None:
+            return requested
+        logger.info("%s states no context length (relative positions): max_model_len %d, its training length; "
+                    "set max_model_len to change it", hf_config.model_type, default)
+        return default
     if requested is None:
         if limit is None:
             raise ConfigError("the checkpoint does not state its context length; set max_model_len")
