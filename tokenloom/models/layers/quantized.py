@@ -4,13 +4,13 @@ Applied from outside the model code, after the weights are loaded (`quantize_mod
 every `nn.Linear` whose input width is a multiple of 64 becomes a `GroupQuantLinear` and the LM head a
 `QuantizedLMHead`. One format for all widths: groups of 32 weights along the input, each weight
 `code * d + m` with an fp16 scale d and minimum m per group; codes of 4, 5 or 8 bits (5, 6 or 9 bits a
-weight with the scales). Steps of up to 8 rows (decode, where the bytes of weights read bound the
-speed) run on a native kernel (`ops.group_quant_rows`, csrc/group_quant.cpp: codes x int8 activations
-per group of 32 with VNNI on AVX-512, maddubs on AVX2 and sdot on NEON, as llama.cpp's k-quant x Q8 dot
-products); larger steps (prefill, many sequences) are
-bound by arithmetic and multiply the dequantized matrix (in the activations' dtype, built per step, never
-kept) with the dense GEMM. So a layer holds one copy of its weights, and its results do not depend on
-the rest of the batch within either regime.
+weight with the scales). Steps of up to `ops.group_quant_max_rows()` rows (8 at the avx512 level, 64 at
+avx2 and neon: decode, and many sequences where no fast bf16 GEMM exists) run on a native kernel
+(`ops.group_quant_rows`, csrc/group_quant.cpp: codes x int8 activations per group of 32 with VNNI on
+AVX-512, maddubs on AVX2 and sdot on NEON, as llama.cpp's k-quant x Q8 dot products, in passes of 8 rows);
+larger steps (prefill) are bound by arithmetic and multiply the dequantized matrix (in the activations'
+dtype, built per step, never kept) with the dense GEMM. So a layer holds one copy of its weights, and its
+results do not depend on the rest of the batch within either regime.
 
 The format holds every GGUF block type of up to 8 bits with one scale per 32 weights (Q4_0/Q4_1/Q5_0/
 Q5_1/Q8_0, and Q4_K/Q5_K up to the fp16 rounding of their sub-block scales): a loader that passes its
@@ -219,8 +219,8 @@ def untile_group_quant(tiled: TiledWeight, rows: int) -> GroupQuantWeight:
 def group_quant_matmul(x: torch.Tensor, weight: GroupQuantWeight, bias: torch.Tensor | None = None,
                        float_out: bool = False) -> torch.Tensor:
     """x [M, K] @ the quantized weight.T (+ bias) → [M, N] in x's dtype (float32 with `float_out`): the
-    native kernel (activations quantized to int8 per group of 32) for up to 8 rows on CPU where it is
-    vectorised, else the dequantized matrix in x's dtype with the dense GEMM."""
+    native kernel (activations quantized to int8 per group of 32) for steps it takes on CPU (see
+    `ops.group_quant_max_rows`), else the dequantized matrix in x's dtype with the dense GEMM."""
     native = ops.group_quant_rows(x, weight.codes, weight.d, weight.m, weight.high, bias, float_out)
     if native is not None:
         return native
@@ -270,10 +270,10 @@ class GroupQuantLinear(ShardedOutput, nn.Module):
 
 
 class QuantizedLMHead(nn.Module):
-    """Vocabulary projection: the group-quantized matrix for up to 8 rows (decode reads the whole
-    vocabulary-sized matrix per step), the dense one for more (prefill samples few rows; many sequences
-    are bound by arithmetic). A tied head's dense matrix is the embedding table, kept for lookups anyway.
-    4-bit codes are kept in row tiles of 16 where the native kernel runs (csrc/gq_tiles.cpp: about half
+    """Vocabulary projection: the group-quantized matrix for the steps its kernel takes (decode reads the
+    whole vocabulary-sized matrix per step; `ops.group_quant_max_rows`), the dense one for more (bound by
+    arithmetic, where a native bf16 GEMM wins). A tied head's dense matrix is the embedding table, kept for
+    lookups anyway. 4-bit codes are kept in row tiles of 16 where the native kernel runs (csrc/gq_tiles.cpp: about half
     the instructions per weight of the general layout, which single-stream decode is bound by)."""
 
     def __init__(self, dense: nn.Module, weight: GroupQuantWeight) -> None:

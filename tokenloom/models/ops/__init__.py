@@ -20,9 +20,16 @@ from tokenloom.models.ops.native import kernels_enabled, load_level
 
 __all__ = ["isa", "kernels", "level_in_use", "describe", "use_level", "bf16_is_fast", "rms_norm", "add_rms_norm",
            "qkv_rope_cache", "paged_decode_attention", "dense_rows", "group_quant_rows", "group_quant_tiles",
-           "group_quant_pack", "group_quant_dequant", "vectorised_group_quant", "argmax_rows", "bind_threads"]
+           "group_quant_pack", "group_quant_dequant", "vectorised_group_quant", "group_quant_max_rows", "argmax_rows",
+           "bind_threads"]
 
-MAX_ROWS = 8  # the few-rows products (decode) take up to 8 rows; larger steps use a GEMM
+MAX_ROWS = 8  # the dense few-rows product (decode) takes up to 8 rows; larger steps use a GEMM
+# The largest step the group-quantized kernels take (passes of 8 rows, each weight row read once per step)
+# before a GEMM over the dequantized matrix is faster, per level, for the layers and for the 4-bit row-tiled
+# vocabulary projection. AVX2 and NEON have no fast bf16 GEMM and the layers' GEMM pays a dequantization of
+# every matrix every step; AVX-512 multiplies bf16 natively (AMX) once a step has a few dozen rows.
+# Measured in docs/benchmarks.md (2026-12-02, "steps of 9-64 rows").
+_GROUP_QUANT_ROWS = {"avx512": (8, 32), "avx2": (64, 256), "neon": (64, 256)}
 
 
 class _Active:
@@ -32,6 +39,7 @@ class _Active:
         self.kernels = module
         self.level = module.isa_level() if module is not None else "torch"
         self.vectorised_gq = module is not None and module.gq_linear_native()
+        self.gq_rows, self.tile_rows = _GROUP_QUANT_ROWS.get(self.level, (0, 0)) if self.vectorised_gq else (0, 0)
         self.dense_pairs: dict[tuple[torch.dtype, torch.dtype], bool] = {}
 
 
@@ -139,20 +147,28 @@ def vectorised_group_quant() -> bool:
     return _active.vectorised_gq
 
 
+def group_quant_max_rows(tiled: bool = False) -> int:
+    """The most rows a step may have for the group-quantized kernels at the level in use (0: none)."""
+    kernels()
+    return _active.tile_rows if tiled else _active.gq_rows
+
+
 def group_quant_rows(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
                      high: torch.Tensor | None, bias: torch.Tensor | None = None,
                      float_out: bool = False) -> torch.Tensor | None:
-    """x [rows <= 8, K] @ a group-quantized weight.T (activations quantized to int8 per group of 32)."""
+    """x [rows, K] @ a group-quantized weight.T (activations quantized to int8 per group of 32), for steps of
+    up to `group_quant_max_rows()` rows."""
     k = _cpu(x)
-    if k is None or not _active.vectorised_gq or x.shape[0] > MAX_ROWS:
+    if k is None or x.shape[0] > _active.gq_rows:
         return None
     return k.gq_linear(x, codes, d, m, high, bias, float_out)
 
 
 def group_quant_tiles(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor | None:
-    """x [rows <= 8, K] @ a 4-bit weight in row tiles of 16 → float32 [rows, padded N]."""
+    """x [rows, K] @ a 4-bit weight in row tiles of 16 → float32 [rows, padded N], for steps of up to
+    `group_quant_max_rows(tiled=True)` rows."""
     k = _cpu(x)
-    if k is None or not _active.vectorised_gq or x.shape[0] > MAX_ROWS:
+    if k is None or x.shape[0] > _active.tile_rows:
         return None
     return k.gq_tiles_linear(x, tiles, d, m)
 

@@ -35,7 +35,6 @@ namespace {
 using namespace tokenloom::gq;
 
 constexpr int64_t kTile = 16;
-constexpr int64_t kMaxRows = 8;
 
 struct NaturalRow {
   std::vector<int8_t> q;     // [K], natural order
@@ -109,10 +108,10 @@ void tile_all_rows(const uint8_t* tile, const c10::Half* d, const c10::Half* m, 
 
 }  // namespace
 
-// x [M <= 8, K] (float32/bfloat16/float16, K % 32 == 0) → float32 [M, N] with N = 16 * tiles.
+// x [M, K] (any M, in passes of kTileRows; float32/bfloat16/float16, K % 32 == 0) → float32 [M, N] with N = 16 * tiles.
 at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Tensor m) {
   TORCH_CHECK(x.device().is_cpu() && tiles.device().is_cpu(), "gq_tiles_linear: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "gq_tiles_linear: x must be [rows <= 8, K]");
+  TORCH_CHECK(x.dim() == 2, "gq_tiles_linear: x must be [rows, K]");
   const int64_t k = x.size(1), count = tiles.size(0), groups = k / 32;
   TORCH_CHECK(k % 32 == 0, "gq_tiles_linear: K must be a multiple of 32, got ", k);
   TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.dim() == 3 && tiles.size(1) == k / 8 && tiles.size(2) == 64,

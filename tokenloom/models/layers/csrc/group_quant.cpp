@@ -267,16 +267,15 @@ void gq_linear_kernel(const T* x, const uint8_t* codes, const uint8_t* high, int
     else
       quantize_row(x + r * k, k, xs[r]);
   }
-  const int count = static_cast<int>(rows);
   // Enough outputs per task that the threads' fork/join is small against the bytes each one reads.
   const int64_t grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(k, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     float result[4][kMaxRows];
-    // Weight rows j..j+width-1 from result, plus the bias.
-    auto emit = [&](int64_t j, int width) {
+    // Weight rows j..j+width-1 x activation rows r0..r0+count-1 from result, plus the bias.
+    auto emit = [&](int64_t j, int width, int64_t r0, int count) {
       for (int i = 0; i < width; ++i) {
         const float b = bias ? bias[j + i] : 0.f;
-        for (int64_t r = 0; r < rows; ++r) out[r * n + j + i] = static_cast<O>(result[i][r] + b);
+        for (int r = 0; r < count; ++r) out[(r0 + r) * n + j + i] = static_cast<O>(result[i][r] + b);
       }
     };
     auto args = [&](int64_t j) {  // where weight row j starts in each array
@@ -288,17 +287,22 @@ void gq_linear_kernel(const T* x, const uint8_t* codes, const uint8_t* high, int
     if (bits != 8 && rows <= 2)
       for (; j + 4 <= end; j += 4) {
         const auto [cj, hj, dj, mj] = args(j);
-        dot_rows_any<4, 2>(cj, row_bytes, hj, dj, mj, xs.data(), count, chunks, result);
-        emit(j, 4);
+        dot_rows_any<4, 2>(cj, row_bytes, hj, dj, mj, xs.data(), static_cast<int>(rows), chunks, result);
+        emit(j, 4, 0, static_cast<int>(rows));
       }
 #endif
+    // One weight row against the activation rows in passes of kMaxRows: the row's codes stay in L1 for
+    // every pass, and a row's arithmetic is the same in any pass.
     for (; j < end; ++j) {
       const auto [cj, hj, dj, mj] = args(j);
-      if (bits == 8)
-        dot_rows_float_any(cj, dj, mj, fs.data(), count, chunks, result[0]);
-      else
-        dot_rows_any<1, kMaxRows>(cj, row_bytes, hj, dj, mj, xs.data(), count, chunks, result);
-      emit(j, 1);
+      for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+        const int count = static_cast<int>(std::min(kMaxRows, rows - r0));
+        if (bits == 8)
+          dot_rows_float_any(cj, dj, mj, fs.data() + r0, count, chunks, result[0]);
+        else
+          dot_rows_any<1, kMaxRows>(cj, row_bytes, hj, dj, mj, xs.data() + r0, count, chunks, result);
+        emit(j, 1, r0, count);
+      }
     }
   });
 }
@@ -485,13 +489,13 @@ void dequant_row(const uint8_t* codes, const uint8_t* high, int bits, const c10:
 }
 
 }  // namespace
-// x [M, K] float32/bfloat16/float16 with M <= 8 and K % 64 == 0; codes uint8 [N, K / 2] (or [N, K] for 8
+// x [M, K] float32/bfloat16/float16 with K % 64 == 0 (any M, in passes of 8 rows); codes uint8 [N, K / 2] (or [N, K] for 8
 // bits); d float16 [N, K / 64, 2]; m float16 [N, K / 32]; high uint8 [N, K / 8] (5 bits) or None; bias [N]
 // or None. Returns [M, N] in x's dtype, or in float32 with float_out (logits: no rounding, no conversion).
 at::Tensor gq_linear(at::Tensor x, at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high,
                      c10::optional<at::Tensor> bias, bool float_out) {
   TORCH_CHECK(x.device().is_cpu(), "gq_linear: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "gq_linear: x must be [rows <= 8, K]");
+  TORCH_CHECK(x.dim() == 2, "gq_linear: x must be [rows, K]");
   const int64_t k = x.size(1), n = codes.size(0);
   at::Tensor h = optional_contiguous(high);
   const int bits = check_packed("gq_linear", codes, d, m, h, k);
