@@ -129,13 +129,15 @@ class LLMEngine:
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Stop requests (by user request id) and free their blocks."""
+        aborted = []
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
             parent = self.outputs.parents.get(rid)
             for child in parent.children if parent else []:
                 self.scheduler.finish(child.request, RequestStatus.FINISHED_ABORTED)
+                aborted.append(child.request.request_id)
             if parent:
                 self.outputs.forget(parent)
-        self.runner.release(self.scheduler.take_released())
+        self.runner.release(aborted)
 
     def has_unfinished_requests(self) -> bool:
         """True while any request waits or runs."""
@@ -144,58 +146,52 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one engine iteration and return the outputs it produced."""
         self._threads.ensure()
-        try:
-            return self._step()
-        finally:  # requests finished or preempted in this step no longer need their runner state
-            self.runner.release(self.scheduler.take_released())
-
-    def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        try:
+            return self._step(sched)
+        finally:  # requests finished or preempted in this step no longer need their runner state
+            self.runner.release(sched.released_req_ids)
+
+    def _step(self, sched: SchedulerOutput) -> list[RequestOutput]:
         if not sched.requests:
             return []
         try:
             result = self.runner.execute(sched)
         except Exception:  # the loop must survive: find the request that fails, keep the others
             logger.exception("model execution failed; retrying the batch's requests one by one")
-            sched, result, failed = self._execute_isolated(sched)
-            outputs = self._fail(failed)
+            result, failed = self._execute_isolated(sched)
+            outputs = self._fail(failed, sched)
             if not sched.requests:
                 return outputs
         else:
             outputs = []
-        self.scheduler.update(sched, result.sampled)
-        changed: list[Request] = []
         for request in sched.requests:
             plp = result.prompt_logprobs.get(request.request_id)
             if plp is not None:
                 self.outputs.on_prompt_logprobs(request, plp)
-            token = result.sampled.get(request.request_id)
-            if token is None:
-                continue
-            stop = self.outputs.on_token(request, token, result.logprobs.get(request.request_id))
-            if stop is not None and not request.is_finished:
-                request.stop_reason = stop
-                self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
-            changed.append(request)
-        return outputs + self._emit(changed)
 
-    def _execute_isolated(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, RunnerOutput,
-                                                                 list[tuple[Request, Exception]]]:
-        """Run each scheduled request alone; KV writes of the failed batch are simply redone."""
-        ok, merged, failed = SchedulerOutput(), RunnerOutput(), []
+        def text_stop(request: Request, token: int, ends: bool) -> str | None:
+            return self.outputs.on_token(request, token, result.logprobs.get(request.request_id), ends)
+
+        self.scheduler.update(sched, result.sampled, text_stop)
+        return outputs + self._emit([r for r in sched.requests if r.request_id in result.sampled])
+
+    def _execute_isolated(self, sched: SchedulerOutput) -> tuple[RunnerOutput, list[tuple[Request, Exception]]]:
+        """Run each scheduled request alone (KV writes of the failed batch are simply redone); the failed
+        ones leave `sched`."""
+        merged, failed, ok = RunnerOutput(), [], []
         for request, n in zip(sched.requests, sched.num_tokens):
-            single = SchedulerOutput([request], [n])
             try:
-                part = self.runner.execute(single)
+                part = self.runner.execute(SchedulerOutput([request], [n]))
             except Exception as exc:
                 failed.append((request, exc))
                 continue
-            ok.requests.append(request)
-            ok.num_tokens.append(n)
+            ok.append((request, n))
             merged.sampled.update(part.sampled)
             merged.logprobs.update(part.logprobs)
             merged.prompt_logprobs.update(part.prompt_logprobs)
-        return ok, merged, failed
+        sched.requests, sched.num_tokens = [r for r, _ in ok], [n for _, n in ok]
+        return merged, failed
 
     def _emit(self, changed: list[Request]) -> list[RequestOutput]:
         outputs = []
@@ -207,10 +203,9 @@ class LLMEngine:
                 outputs.append(out)
         return outputs
 
-    def _fail(self, failed: list[tuple[Request, Exception]]) -> list[RequestOutput]:
+    def _fail(self, failed: list[tuple[Request, Exception]], sched: SchedulerOutput) -> list[RequestOutput]:
         for request, exc in failed:
-            request.stop_reason = f"error: {type(exc).__name__}: {exc}"
-            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"error: {type(exc).__name__}: {exc}", sched)
         return self._emit([request for request, _ in failed])
 
     def stats(self) -> EngineStats:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenloom.engine.detokenizer import IncrementalDetokenizer
-from tokenloom.engine.request import Request, RequestStatus
+from tokenloom.engine.request import Request
 from tokenloom.loader.tokenizer import Tokenizer
 from tokenloom.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
@@ -22,6 +22,7 @@ class _Child:
     index: int = 0
     sent_tokens: int = 0
     sent_logprobs: int = 0
+    cumulative_logprob: float = 0.0
 
 
 @dataclass
@@ -60,15 +61,15 @@ class OutputProcessor:
             parent.prompt_logprobs = [None]
         self.parents[parent.request_id] = parent
 
-    def on_token(self, request: Request, token: int, logprobs: PositionLogprobs | None) -> str | None:
-        """Feed one sampled token; returns a stop string when one was hit."""
+    def on_token(self, request: Request, token: int, logprobs: PositionLogprobs | None, ends: bool) -> str | None:
+        """Feed one sampled token; returns a stop string when one was hit. `ends` says the token ended the
+        request by EOS or a stop token id: its text is hidden (the scheduler decides the stop)."""
         _, child = self.child_to_parent[request.request_id]
         if child.logprobs is not None and logprobs is not None:
             self._decode_logprob_tokens(logprobs)
             child.logprobs.append(logprobs)
-            request.cumulative_logprob += logprobs[token].logprob
-        # The scheduler has already applied token-level stops (EOS, stop_token_ids): hide that token's text.
-        return child.detokenizer.update([token], is_eos=request.status is RequestStatus.FINISHED_STOPPED)
+            child.cumulative_logprob += logprobs[token].logprob
+        return child.detokenizer.update([token], is_eos=ends)
 
     def on_prompt_logprobs(self, request: Request, logprobs: list[PositionLogprobs]) -> None:
         """Append a chunk's prompt logprobs (once per prompt, not again after a recompute)."""
@@ -118,7 +119,7 @@ class OutputProcessor:
                 child.detokenizer.get_delta(finished=True)  # flush held-back text into output_text
             text, token_ids, logprobs = child.detokenizer.output_text, list(r.output_token_ids), child.logprobs
         return CompletionOutput(child.index, text, token_ids,
-                                r.cumulative_logprob if child.logprobs is not None else None,
+                                child.cumulative_logprob if child.logprobs is not None else None,
                                 logprobs, r.finish_reason, r.stop_reason)
 
     def forget(self, parent: ParentState) -> None:

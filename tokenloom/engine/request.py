@@ -34,6 +34,8 @@ class Request:
 
     `num_computed_tokens` counts the tokens whose keys and values are in the cache; the scheduler's
     single rule is to bring it up to `num_tokens`. `block_ids` are the request's KV blocks in order.
+    Each field has one writer after creation: the scheduler (status, counts, output tokens, stop_reason),
+    the KV cache manager (blocks and their hashes).
     """
 
     request_id: str
@@ -52,10 +54,6 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None
-    # Per-token logprobs of the outputs and of the prompt, filled by the engine when asked for.
-    logprobs: list = field(default_factory=list)
-    prompt_logprobs: list = field(default_factory=list)
-    cumulative_logprob: float = 0.0
     # Encoder–decoder models: the prompt is the encoder's input; `prompt_token_ids` is then the decoder's
     # start ([decoder_start_token_id]). `cache_salt` seeds the prefix-cache hash chain (blocks computed
     # against another encoder input must not match).

@@ -14,22 +14,34 @@ encoder input does not fit what is left waits for the next step (or runs alone i
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenloom.config import SchedulerConfig
 from tokenloom.engine.kv_cache import KVCacheManager
 from tokenloom.engine.request import Request, RequestStatus
 
+# (request, its new token, whether that token ended the request by EOS or a stop token id) → a stop string
+# found in the text, or None. The output processor's detokenizer is the one implementation.
+TextStop = Callable[[Request, int, bool], "str | None"]
+
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    """What to run this step: each scheduled request and how many of its tokens to compute."""
+    """What to run this step: each scheduled request and how many of its tokens to compute; after the step,
+    which requests it finished. Preempted and finished requests' per-request runner state can go."""
 
     requests: list[Request] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     # (source block, destination block, slots): cached partial blocks copied before the step runs
     block_copies: list[tuple[int, int, int]] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)  # filled by Scheduler.update / finish(out=...)
+
+    @property
+    def released_req_ids(self) -> list[str]:
+        """Requests that hold no blocks after this step: finished or preempted."""
+        return self.finished_req_ids + [r.request_id for r in self.preempted]
 
     @property
     def total_tokens(self) -> int:
@@ -52,7 +64,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self.released: list[str] = []  # ids of requests freed (finished, aborted, preempted) since the last take
 
     def add(self, request: Request) -> None:
         """Queue a new request."""
@@ -91,7 +102,6 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
-        self.released.append(request.request_id)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
@@ -126,9 +136,12 @@ class Scheduler:
             out.num_tokens.append(n)
             budget -= n + enc
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens and finish requests that hit a token-level
-        stop (EOS, stop token, max_tokens, context length). Returns the requests that finished."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, int],
+               text_stop: TextStop | None = None) -> list[Request]:
+        """Advance computed counts, append sampled tokens and decide every stop, in this order: EOS and stop
+        token ids (after min_tokens), max_tokens and the context length, then a stop string that
+        `text_stop` (the detokenizer) finds in the new token's text. Returns the requests that finished,
+        also listed in `out.finished_req_ids`."""
         finished = []
         for request, n in zip(out.requests, out.num_tokens):
             if request.is_finished:
@@ -139,27 +152,31 @@ class Scheduler:
             if token is None:
                 continue
             request.output_token_ids.append(token)
-            status = self._stop_status(request, token)
+            status, reason = self._token_stop(request, token)
+            text = text_stop(request, token, status is RequestStatus.FINISHED_STOPPED) if text_stop else None
+            if status is None and text is not None:
+                status, reason = RequestStatus.FINISHED_STOPPED, text
             if status is not None:
-                self.finish(request, status)
+                self.finish(request, status, reason, out)
                 finished.append(request)
         return finished
 
-    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+    def _token_stop(self, request: Request, token: int) -> tuple[RequestStatus | None, int | None]:
         params = request.sampling_params
         num_out = len(request.output_token_ids)
         if num_out >= params.min_tokens:
             if not params.ignore_eos and token in request.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
+                return RequestStatus.FINISHED_STOPPED, None
             if token in params.stop_token_ids:
-                request.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
+                return RequestStatus.FINISHED_STOPPED, token
         if num_out >= request.max_tokens or request.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
 
-    def finish(self, request: Request, status: RequestStatus) -> None:
-        """End a request (stop string, abort, error): drop it from the queues, free its blocks."""
+    def finish(self, request: Request, status: RequestStatus, reason: int | str | None = None,
+               out: SchedulerOutput | None = None) -> None:
+        """End a request (a stop, an abort, an error): drop it from the queues, free its blocks, record
+        `reason` (the stop token or string, or the error) and list it in `out`'s finished ids."""
         if request.is_finished:
             return
         if request in self.running:
@@ -167,10 +184,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
+        request.stop_reason = reason
         self.kv.free(request)
-        self.released.append(request.request_id)
-
-    def take_released(self) -> list[str]:
-        """Ids of the requests freed since the last call, whose per-request runner state can go."""
-        released, self.released = self.released, []
-        return released
+        if out is not None:
+            out.finished_req_ids.append(request.request_id)
