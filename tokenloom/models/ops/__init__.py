@@ -28,7 +28,7 @@ MAX_ROWS = 8  # the dense few-rows product (decode) takes up to 8 rows; larger s
 # before a GEMM over the dequantized matrix is faster, per level, for the layers and for the 4-bit row-tiled
 # vocabulary projection. AVX2 and NEON have no fast bf16 GEMM and the layers' GEMM pays a dequantization of
 # every matrix every step; AVX-512 multiplies bf16 natively (AMX) once a step has a few dozen rows.
-# Measured in docs/benchmarks.md (2026-12-02, "steps of 9-64 rows").
+# Measured in docs/benchmarks.md (2026-12-02, second run: "steps of 9–64 rows").
 _GROUP_QUANT_ROWS = {"avx512": (8, 32), "avx2": (64, 256), "neon": (64, 256)}
 
 
