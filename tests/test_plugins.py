@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tokenloom import SamplingParams
-from tokenloom.plugins import PluginRegistry, load_plugins, registry
+from tokenloom.plugins import PluginRegistry, build_logits_processors, load_plugins, registry
 from tokenloom.sampling_params import SamplingParamsError
 
 PROMPTS = [[5, 17, 42, 99, 7], [11, 12, 13, 11, 12], list(range(3, 30))]
@@ -41,15 +41,18 @@ def test_no_repeat_ngram_equals_transformers(llama, tiny_models, hf_reference):
     assert any(o.outputs[0].token_ids != b.outputs[0].token_ids for o, b in zip(outs, plain))
 
 
-def test_unknown_processors_and_bad_args_are_named():
+def test_unknown_processors_and_bad_args_are_named(llama):
+    """Processors are resolved when a request is added (SamplingParams is a plain value)."""
     with pytest.raises(SamplingParamsError, match="unknown processor 'nope'; known: .*no_repeat_ngram"):
-        SamplingParams(logits_processors=["nope"])
+        build_logits_processors(["nope"])
     with pytest.raises(SamplingParamsError, match="size must be an integer >= 1; got 0"):
-        SamplingParams(logits_processors=[{"name": "no_repeat_ngram", "args": {"size": 0}}])
+        build_logits_processors([{"name": "no_repeat_ngram", "args": {"size": 0}}])
     with pytest.raises(SamplingParamsError, match="does not take these args"):
-        SamplingParams(logits_processors=[{"name": "no_repeat_ngram", "args": {"width": 2}}])
+        build_logits_processors([{"name": "no_repeat_ngram", "args": {"width": 2}}])
     with pytest.raises(SamplingParamsError, match="each entry must be a name or"):
-        SamplingParams(logits_processors=[{"processor": "no_repeat_ngram"}])
+        build_logits_processors([{"processor": "no_repeat_ngram"}])
+    with pytest.raises(ValueError, match="prompt 0: logits_processors: unknown processor 'nope'"):
+        llama.generate(PROMPTS[:1], SamplingParams(logits_processors=["nope"]), use_tqdm=False)
 
 
 def test_a_failing_processor_fails_only_its_own_request(llama):

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from tokenloom.cpus import physical_cores
+
 DEFAULT_MODEL = "gemma-3-270m"
 
 
@@ -125,9 +127,26 @@ class EngineConfig:
             raise ConfigError(f"max_num_batched_tokens must be >= 1; got {s.max_num_batched_tokens}")
         if s.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1; got {s.max_num_seqs}")
-        from tokenloom.engine.threads import parse_cpu_bind  # the one parser of the spec (raises ConfigError)
-
         parse_cpu_bind(self.device_config.cpu_bind)
+
+
+def parse_cpu_bind(spec: str) -> list[int] | None:
+    """`none` → None; `cores` → one CPU per physical core; `0,2,4` or `0-3` → those CPUs."""
+    spec = spec.strip().lower()
+    if spec == "none":
+        return None
+    if spec == "cores":
+        return physical_cores()
+    cpus: list[int] = []
+    try:
+        for part in spec.split(","):
+            low, dash, high = part.partition("-")
+            cpus.extend(range(int(low), int(high if dash else low) + 1))
+    except ValueError:
+        cpus = []
+    if not cpus or min(cpus) < 0:
+        raise ConfigError(f"cpu_bind must be none, cores, or CPU ids such as 0,2 or 0-3; got {spec!r}")
+    return cpus
 
 
 def option_names() -> list[str]:

@@ -17,6 +17,7 @@ from tokenloom.engine.factory import supported_tasks
 from tokenloom.engine.llm_engine import InvalidRequestError, LLMEngine
 from tokenloom.engine.pooling_engine import EncoderInput, PoolingEngine
 from tokenloom.models.pooling import with_overrides
+from tokenloom.models.registry import ModelKind
 from tokenloom.outputs import (
     AnswerOutput,
     ClassificationOutput,
@@ -43,9 +44,14 @@ class EncoderTasks:
         return supported_tasks(self.engine)
 
     @property
+    def kind(self) -> ModelKind:
+        """decoder, encoder-decoder or encoder."""
+        return self.engine.loaded.kind
+
+    @property
     def is_generative(self) -> bool:
         """True for models that generate text (decoders, encoder–decoders)."""
-        return not isinstance(self.engine, PoolingEngine)
+        return self.kind != "encoder"
 
     def embed(self, inputs: EmbedInput | Sequence[EmbedInput], *, truncate: bool = False, pooling: str | None = None,
               normalize: bool | None = None) -> list[EmbeddingOutput]:
@@ -136,7 +142,7 @@ class EncoderTasks:
 
     def _encoder(self, task: str) -> PoolingEngine:
         """The pooling engine, if the model can do `task`."""
-        if not isinstance(self.engine, PoolingEngine):
+        if self.kind != "encoder":
             name = self.engine.loaded.name
             raise InvalidRequestError(f"model {name} is generative: it supports {', '.join(self.supported_tasks)}, "
                                       f"not {task}; {task} needs an encoder-only model (e.g. all-minilm-l6-v2)")
@@ -145,7 +151,7 @@ class EncoderTasks:
 
     def _require_generative(self, what: str) -> None:
         """Raise unless the model generates text."""
-        if isinstance(self.engine, PoolingEngine):
+        if self.kind == "encoder":
             arch = type(self.engine.model).__name__
             raise InvalidRequestError(f"model {self.engine.loaded.name} is an encoder-only model ({arch}): it "
                                       f"supports {', '.join(self.supported_tasks)}, not {what}")

@@ -99,15 +99,8 @@ class _Entry:
 
 
 def engine_bytes(engine: LLMEngine | PoolingEngine) -> int:
-    """Bytes a running engine holds: its weights and its KV cache tensors."""
-    kv = sum(t.numel() * t.element_size() for attn in _attention_caches(engine) for t in attn)
-    return engine.loaded.weight_bytes + kv
-
-
-def _attention_caches(engine: LLMEngine | PoolingEngine) -> list[tuple[Any, Any]]:
-    from tokenloom.engine.model_runner import attention_layers
-
-    return [a.kv_cache for a in attention_layers(engine.loaded.model) if a.kv_cache is not None]
+    """Bytes a running engine holds, as it reports them (weights and KV cache)."""
+    return engine.memory_bytes()
 
 
 def estimate_bytes(spec: ModelSpec) -> int:
@@ -133,12 +126,12 @@ def estimate_bytes(spec: ModelSpec) -> int:
 
 
 def _is_encoder_only(hf_config: Any) -> bool:
-    """Whether the checkpoint's architecture runs on the pooling engine (no KV cache)."""
-    from tokenloom.models.encoder_heads import EncoderModel
-    from tokenloom.models.registry import UnsupportedModelError, model_class_for
+    """Whether the checkpoint's architecture is encoder-only (no KV cache)."""
+    from tokenloom.loader import resolve_model_class
+    from tokenloom.models.registry import UnsupportedModelError, model_kind
 
     try:
-        return issubclass(model_class_for(hf_config), EncoderModel)
+        return model_kind(resolve_model_class(hf_config)) == "encoder"
     except UnsupportedModelError:
         return False
 

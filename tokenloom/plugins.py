@@ -35,6 +35,8 @@ from typing import Any, Protocol
 
 import torch
 
+from tokenloom.sampling_params import SamplingParamsError
+
 logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "tokenloom.plugins"
 
@@ -104,10 +106,8 @@ class PluginRegistry:
         """Load checkpoints whose config names `architecture` with `model_class`."""
         from tokenloom.models import registry
 
-        previous = registry._MODELS.get(architecture)
-        registry.register_model(architecture, model_class)
-        self._record("models", architecture, lambda: registry._MODELS.__setitem__(architecture, previous)
-                     if previous is not None else registry._MODELS.pop(architecture, None))
+        previous = registry.register_model(architecture, model_class)
+        self._record("models", architecture, lambda: registry.unregister_model(architecture, previous))
 
     def add_step(self, kind: str, name: str, factory: Callable[..., Any]) -> None:
         """A pipeline step (`kind`: preprocessor, postprocessor or inference) usable by name in pipelines."""
@@ -194,6 +194,15 @@ def _register_function(target: Any) -> Callable[[PluginRegistry], None]:
 
 registry = PluginRegistry()
 _loaded_sources: set[str] = set()
+
+
+def build_logits_processors(specs: list[Any] | None) -> list[LogitsProcessor]:
+    """A request's logits processors from its `SamplingParams.logits_processors` (names resolved through
+    the registry, installed plugins loaded on a miss); a bad entry is a SamplingParamsError naming it."""
+    try:
+        return [registry.logits_processor(spec) for spec in specs or []]
+    except PluginError as exc:
+        raise SamplingParamsError(str(exc)) from exc
 
 
 def load_plugins(modules: Iterable[str] = (), entry_point_plugins: bool = True) -> list[PluginInfo]:

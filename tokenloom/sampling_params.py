@@ -43,9 +43,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: str = field(default="final")
+    # Plugins' decoding strategies: names, {"name", "args"}, or (offline) callables; resolved through the
+    # plugin registry when the request is added (`tokenloom.plugins.build_logits_processors`).
     logits_processors: list[Any] | None = None
-    # The processors built from `logits_processors` (names resolved through the plugin registry).
-    processors: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,8 +57,6 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
-        if self.logits_processors:
-            self.processors = _build_processors(self.logits_processors)
 
     def _validate(self) -> None:
         _check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1", self.n)
@@ -93,6 +91,8 @@ class SamplingParams:
             _check(-100.0 <= bias <= 100.0, "logit_bias", f"values must be in [-100, 100] (token {token})", bias)
         _check(self.output_kind in ("final", "delta", "cumulative"), "output_kind",
                "must be final, delta or cumulative", self.output_kind)
+        _check(self.logits_processors is None or isinstance(self.logits_processors, list), "logits_processors",
+               "must be a list of names or {name, args}", self.logits_processors)
 
     @property
     def greedy(self) -> bool:
@@ -127,16 +127,6 @@ class BeamSearchParams:
                self.max_tokens)
         _check(self.early_stopping in (True, False, "never"), "early_stopping", "must be true, false or 'never'",
                self.early_stopping)
-
-
-def _build_processors(specs: list[Any]) -> list[Any]:
-    from tokenloom.plugins import PluginError, registry
-
-    _check(isinstance(specs, list), "logits_processors", "must be a list of names or {name, args}", specs)
-    try:
-        return [registry.logits_processor(spec) for spec in specs]
-    except PluginError as exc:
-        raise SamplingParamsError(str(exc)) from exc
 
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:

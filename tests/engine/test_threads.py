@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from tokenloom import SamplingParams
-from tokenloom.config import ConfigError
-from tokenloom.engine.threads import parse_cpu_bind, physical_cores
+from tokenloom.config import ConfigError, parse_cpu_bind
+from tokenloom.cpus import physical_cores
 from tokenloom.llm import LLM
 from tokenloom.models import ops
 

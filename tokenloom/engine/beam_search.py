@@ -159,7 +159,7 @@ def engine_expander(engine: LLMEngine) -> Expander:
 def run_beam_search(engine: LLMEngine, prompts: Sequence[str | list[int]], params: BeamSearchParams
                     ) -> list[BeamSearchOutput]:
     """Beam search on a decoder-only engine for text or token-id prompts, with each hypothesis detokenized."""
-    if getattr(engine, "is_encoder_decoder", False):
+    if engine.loaded.kind != "decoder":
         raise ValueError("beam search runs on decoder-only models for now; this model is an encoder-decoder")
     eos_ids = frozenset(engine.tokenizer.eos_token_ids)
     width = candidates_per_step(params, eos_ids)

@@ -8,7 +8,6 @@ from tokenloom.config import EngineConfig
 from tokenloom.engine.llm_engine import LLMEngine
 from tokenloom.engine.pooling_engine import PoolingEngine
 from tokenloom.loader import LoadedModel, load_model
-from tokenloom.models.encoder_heads import is_encoder
 
 GENERATIVE_TASKS = ("generate", "chat")
 
@@ -19,7 +18,7 @@ def create_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LL
         if config.device_config.num_threads:
             torch.set_num_threads(config.device_config.num_threads)
         loaded = load_model(config.model_config, config.device_config.torch_device())
-    if is_encoder(loaded.model):
+    if loaded.kind == "encoder":
         return PoolingEngine(config, loaded)
     return LLMEngine(config, loaded)
 

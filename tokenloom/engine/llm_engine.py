@@ -17,6 +17,7 @@ from tokenloom.engine.scheduler import Scheduler, SchedulerOutput
 from tokenloom.engine.threads import ThreadBinder
 from tokenloom.loader import LoadedModel, load_model
 from tokenloom.outputs import RequestOutput
+from tokenloom.plugins import build_logits_processors
 from tokenloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.loaded.dtype, device)
-        self.is_encoder_decoder = self.runner.encoder_cache is not None
         self.outputs = OutputProcessor(self.tokenizer)
         self.device = device
 
@@ -76,7 +76,7 @@ class LLMEngine:
         max_tokens = self.check_lengths(len(decoder_ids), params.max_tokens)
         params.validate_vocab(self.vocab_size)
         parent = ParentState(request_id, prompt if isinstance(prompt, str) else None, token_ids)
-        encoder_ids = token_ids if self.is_encoder_decoder else None
+        encoder_ids = token_ids if self.loaded.kind == "encoder-decoder" else None
         children = [self._child(f"{i}_{request_id}" if params.n > 1 else request_id, decoder_ids, params, i,
                                 max_tokens, encoder_ids) for i in range(params.n)]
         self.outputs.add(parent, children)
@@ -101,7 +101,7 @@ class LLMEngine:
     def decoder_prompt(self, token_ids: list[int]) -> list[int]:
         """The tokens the decoder starts from: the prompt itself, or, for an encoder–decoder model (whose
         encoder reads the prompt), the decoder start token alone."""
-        if not self.is_encoder_decoder:
+        if self.loaded.kind != "encoder-decoder":
             return token_ids
         limit = self.loaded.max_model_len
         if len(token_ids) > limit:
@@ -125,6 +125,7 @@ class LLMEngine:
         eos = frozenset(self.tokenizer.eos_token_ids)
         salt = None if encoder_ids is None else hash(tuple(encoder_ids))
         return Request(request_id, list(token_ids), child_params, eos, max_tokens, generator=generator,
+                       logits_processors=build_logits_processors(params.logits_processors),
                        encoder_token_ids=encoder_ids, cache_salt=salt)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
@@ -207,6 +208,10 @@ class LLMEngine:
         for request, exc in failed:
             self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"error: {type(exc).__name__}: {exc}", sched)
         return self._emit([request for request, _ in failed])
+
+    def memory_bytes(self) -> int:
+        """Bytes this engine holds: the model's weights and the KV cache tensors."""
+        return self.loaded.weight_bytes + self.runner.kv_cache_bytes()
 
     def stats(self) -> EngineStats:
         """Current queue sizes, cache usage and prefix-cache counters."""

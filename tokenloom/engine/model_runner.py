@@ -24,6 +24,7 @@ from tokenloom.engine.request import Request
 from tokenloom.engine.sampler import Sampler, prompt_logprobs
 from tokenloom.engine.scheduler import SchedulerOutput
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention, PrefillSpan
+from tokenloom.models.registry import model_kind
 from tokenloom.outputs import PositionLogprobs
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,11 @@ class ModelRunner:
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
             attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
                              torch.zeros(shape, dtype=dtype, device=device))
-        self.encoder_cache = EncoderCache(model, device) if getattr(model, "is_encoder_decoder", False) else None
+        self.encoder_cache = EncoderCache(model, device) if model_kind(model) == "encoder-decoder" else None
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the paged KV cache tensors, every layer."""
+        return sum(t.numel() * t.element_size() for attn in self.attention for t in attn.kv_cache or ())
 
     def release(self, request_ids: list[str]) -> None:
         """Forget per-request state (encoder outputs) of requests that finished or were preempted."""

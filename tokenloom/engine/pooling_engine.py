@@ -21,7 +21,6 @@ from tokenloom.config import ConfigError, EngineConfig
 from tokenloom.engine.llm_engine import InvalidRequestError
 from tokenloom.engine.threads import ThreadBinder
 from tokenloom.loader import LoadedModel, load_model
-from tokenloom.models.encoder_heads import is_encoder
 from tokenloom.models.layers.encoder_attention import EncoderMetadata
 from tokenloom.models.pooling import PoolingConfig, pool, read_pooling_config
 
@@ -77,7 +76,7 @@ class PoolingEngine:
         self.config = config
         self.device = config.device_config.torch_device()
         self.loaded = loaded or load_model(config.model_config, self.device)
-        if not is_encoder(self.loaded.model):
+        if self.loaded.kind != "encoder":
             raise ConfigError(f"{self.loaded.name} is not an encoder-only model; it runs on LLMEngine")
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
@@ -88,6 +87,10 @@ class PoolingEngine:
         self._run_ids = itertools.count()
         self._tokenizer_lock = threading.Lock()
         self._threads = ThreadBinder.for_config(config)
+
+    def memory_bytes(self) -> int:
+        """Bytes this engine holds: the model's weights (an encoder has no KV cache)."""
+        return self.loaded.weight_bytes
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:

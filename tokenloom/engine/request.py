@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -54,6 +55,9 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    # The request's own logits processor objects, built from its params when it is added (a processor may
+    # keep per-sequence state, so each child of an n > 1 request has its own).
+    logits_processors: list[Any] = field(default_factory=list)
     # Encoder–decoder models: the prompt is the encoder's input; `prompt_token_ids` is then the decoder's
     # start ([decoder_start_token_id]). `cache_salt` seeds the prefix-cache hash chain (blocks computed
     # against another encoder input must not match).

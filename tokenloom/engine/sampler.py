@@ -41,7 +41,7 @@ class Sampler:
         pen_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0
                     or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        proc_rows = [i for i, p in enumerate(params) if p.processors]
+        proc_rows = [i for i, r in enumerate(requests) if r.logits_processors]
         # Copy only when we modify in place; an all-greedy plain batch is one argmax of the raw logits.
         x = logits.to(torch.float32, copy=bool(bias_rows or min_rows or pen_rows or random_rows or proc_rows),
                       memory_format=torch.contiguous_format)
@@ -81,7 +81,7 @@ def greedy_argmax(x: torch.Tensor) -> torch.Tensor:
 def _apply_processors(x: torch.Tensor, row: int, request: Request) -> None:
     """Run a request's logits processors (plugins' decoding strategies) on its row, in order."""
     view = out = x[row]
-    for processor in request.sampling_params.processors:
+    for processor in request.logits_processors:
         out = processor(request.prompt_token_ids, request.output_token_ids, out)
         if not isinstance(out, torch.Tensor) or out.shape != view.shape:
             raise TypeError(f"logits processor {processor!r} must return a tensor of shape {tuple(view.shape)}")

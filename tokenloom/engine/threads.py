@@ -11,49 +11,12 @@ one core share its vector units, which these GEMM and dot-product kernels satura
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from pathlib import Path
 
-from tokenloom.config import ConfigError, EngineConfig
+from tokenloom.config import EngineConfig, parse_cpu_bind
 from tokenloom.models import ops
 
 logger = logging.getLogger(__name__)
-
-
-def physical_cores() -> list[int]:
-    """One CPU per physical core this process may run on (the lowest-numbered sibling), in order."""
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    seen, cores = set(), []
-    for cpu in allowed:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            key = ((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip())
-        except OSError:
-            key = ("?", str(cpu))  # no topology: count every CPU as a core
-        if key not in seen:
-            seen.add(key)
-            cores.append(cpu)
-    return cores
-
-
-def parse_cpu_bind(spec: str) -> list[int] | None:
-    """`none` → None; `cores` → one CPU per physical core; `0,2,4` or `0-3` → those CPUs."""
-    spec = spec.strip().lower()
-    if spec == "none":
-        return None
-    if spec == "cores":
-        return physical_cores()
-    cpus: list[int] = []
-    try:
-        for part in spec.split(","):
-            low, dash, high = part.partition("-")
-            cpus.extend(range(int(low), int(high if dash else low) + 1))
-    except ValueError:
-        cpus = []
-    if not cpus or min(cpus) < 0:
-        raise ConfigError(f"cpu_bind must be none, cores, or CPU ids such as 0,2 or 0-3; got {spec!r}")
-    return cpus
 
 
 class ThreadBinder:

@@ -18,7 +18,7 @@ from tokenloom.loader.hf import hf_tokenizer
 from tokenloom.loader.tokenizer import Tokenizer
 from tokenloom.models import ops
 from tokenloom.models.layers.quantized import default_quantization, quantize_model
-from tokenloom.models.registry import model_class_for
+from tokenloom.models.registry import ModelKind, UnsupportedModelError, model_class_for, model_kind
 
 if TYPE_CHECKING:
     from tokenloom.loader.sources import ModelSource
@@ -40,6 +40,11 @@ class LoadedModel:
     max_model_len: int
     load_seconds: float
     quantization: str = "none"
+
+    @property
+    def kind(self) -> ModelKind:
+        """decoder, encoder-decoder or encoder: the one answer to "what kind of model is this"."""
+        return model_kind(self.model)
 
     @property
     def num_parameters(self) -> int:
@@ -112,9 +117,21 @@ def load_model(model_config: ModelConfig, device: torch.device) -> LoadedModel:
                        time.perf_counter() - start, quantization)
 
 
+def resolve_model_class(hf_config: Any) -> type[nn.Module]:
+    """The registered class for the checkpoint's architecture; on a miss, the installed plugins are
+    loaded (one may add it) and the registry asked again."""
+    try:
+        return model_class_for(hf_config)
+    except UnsupportedModelError:
+        from tokenloom.plugins import load_plugins
+
+        load_plugins()
+        return model_class_for(hf_config)
+
+
 def build_model(hf_config: Any, max_model_len: int, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Instantiate the architecture without initialising weights (meta device, then empty storage)."""
-    model_class = model_class_for(hf_config)
+    model_class = resolve_model_class(hf_config)
     with torch.device("meta"), _skip_init():
         model = model_class(hf_config, max_positions=max_model_len)
     # `to_empty` would do, but its `empty_like` of a meta tensor runs torch's Python reference

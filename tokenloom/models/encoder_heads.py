@@ -172,7 +172,3 @@ class EncoderForMaskedLM(EncoderModel):
             return None if has_own_bias else "lm_head.bias"
         return target
 
-
-def is_encoder(model: nn.Module) -> bool:
-    """True for the encoder-only models of this module (they run on the pooling engine)."""
-    return isinstance(model, EncoderModel)

@@ -15,13 +15,6 @@ if TYPE_CHECKING:
 Examples = list[dict[str, Any]] | None
 
 
-def model_kind(llm: LLM) -> str:
-    """decoder, encoder-decoder or encoder."""
-    if not getattr(llm, "is_generative", True):
-        return "encoder"
-    return "encoder-decoder" if getattr(llm.engine, "is_encoder_decoder", False) else "decoder"
-
-
 def prompt_step(template: str | None, template_file: str | None, default: str, examples: Examples,
                 chat: bool, system: str | None, **variables: Any) -> StepSpec:
     """A prompt step with the task's default template unless one is given."""
@@ -31,13 +24,13 @@ def prompt_step(template: str | None, template_file: str | None, default: str, e
 
 
 def _needs_generative(llm: LLM, task: str) -> None:
-    if model_kind(llm) == "encoder":
+    if llm.kind == "encoder":
         raise PipelineError(f"task {task!r} needs a generative model; {llm.engine.loaded.name} is encoder-only",
                             "model")
 
 
 def _needs_encoder(llm: LLM, task: str, *what: str) -> None:
-    if model_kind(llm) != "encoder" or not set(what) & set(llm.supported_tasks):
+    if llm.kind != "encoder" or not set(what) & set(llm.supported_tasks):
         raise PipelineError(f"task {task!r} needs an encoder-only model with {' or '.join(what)} support; "
                             f"{llm.engine.loaded.name} supports {', '.join(llm.supported_tasks)}", "model")
 
@@ -67,7 +60,7 @@ def summarization(llm: LLM, template: str | None = None, template_file: str | No
     few-shot prompt); `chunk_tokens` summarizes a long text piece by piece."""
     _needs_generative(llm, "summarization")
     steps = [StepSpec("chunk", {"max_tokens": chunk_tokens})] if chunk_tokens else []
-    if model_kind(llm) == "decoder" or template or template_file:
+    if llm.kind == "decoder" or template or template_file:
         steps.append(prompt_step(template, template_file, templates.SUMMARIZATION, examples, chat, system))
     return TaskPlan([*steps, StepSpec("generate")],
                     {"temperature": 0.0, "max_tokens": 128, "stop": ["\n"]})
@@ -80,7 +73,7 @@ def translation(llm: LLM, target_language: str = "French", source_language: str 
     few-shot prompt naming the two languages)."""
     _needs_generative(llm, "translation")
     steps = []
-    if model_kind(llm) == "decoder" or template or template_file:
+    if llm.kind == "decoder" or template or template_file:
         steps.append(prompt_step(template, template_file, templates.TRANSLATION, examples, chat, system,
                                  source_language=source_language, target_language=target_language))
     return TaskPlan([*steps, StepSpec("generate")], {"temperature": 0.0, "max_tokens": 128, "stop": ["\n"]})
@@ -91,7 +84,7 @@ def question_answering(llm: LLM, template: str | None = None, template_file: str
                        max_answer_len: int = 15, truncate: bool = True) -> TaskPlan:
     """Answer each item's `question` from its `context`: extractive with an encoder's QA head, else
     generated from a few-shot prompt and cut to its first line."""
-    if model_kind(llm) == "encoder":
+    if llm.kind == "encoder":
         _needs_encoder(llm, "question-answering", "qa")
         return TaskPlan([StepSpec("answer", {"max_answer_len": max_answer_len, "truncate": truncate})])
     return TaskPlan([prompt_step(template, template_file, templates.QUESTION_ANSWERING, examples, chat, system),
@@ -105,7 +98,7 @@ def text_classification(llm: LLM, labels: list[str] | None = None, template: str
                         truncate: bool = False) -> TaskPlan:
     """Label each item's `text` (and `text_pair`): with an encoder's classifier head, or zero-shot with a
     generative model by the log-likelihood of each of `labels` (or the item's own) after a few-shot prompt."""
-    if model_kind(llm) == "encoder":
+    if llm.kind == "encoder":
         _needs_encoder(llm, "text-classification", "classify")
         return TaskPlan([StepSpec("classify", {"truncate": truncate})])
     return zero_shot_classification(llm, labels, template, template_file, examples, chat, system, label_prefix,
@@ -117,9 +110,9 @@ def zero_shot_classification(llm: LLM, labels: list[str] | None = None, template
                              system: str | None = None, label_prefix: str = " ", length_normalize: bool = False
                              ) -> TaskPlan:
     """Zero-shot classification with a generative model (see `text_classification`)."""
-    if model_kind(llm) != "decoder":  # an encoder–decoder reads prompt + label in its encoder: nothing to score
+    if llm.kind != "decoder":  # an encoder–decoder reads prompt + label in its encoder: nothing to score
         raise PipelineError(f"zero-shot classification scores labels with a decoder-only model; "
-                            f"{llm.engine.loaded.name} is {model_kind(llm)}", "model")
+                            f"{llm.engine.loaded.name} is {llm.kind}", "model")
     variables = {"labels": labels} if labels else {}
     return TaskPlan([prompt_step(template, template_file, templates.CLASSIFICATION, examples, chat, system,
                                  **variables),

@@ -32,7 +32,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
     async with state_of(request).use_model(body) as lease:
         served = lease.model
         served.encoder("embed")
-        width = served.inner.loaded.hf_config.hidden_size  # every pooling mode keeps the hidden size
+        width = served.hf_config.hidden_size  # every pooling mode keeps the hidden size
         if body.dimensions is not None and body.dimensions != width:  # refused before any work is done
             raise APIError(400, f"model '{served.name}' does not support 'dimensions': its embeddings have {width} "
                                 f"dimensions and cannot be shortened", param="dimensions", code="unsupported_parameter")
@@ -56,7 +56,7 @@ async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
         served.encoder("classify")
         inputs = await _tokenize(served, items, body.truncate)
         results = await _run(served, inputs, "classify")
-        config = served.inner.loaded.hf_config
+        config = served.hf_config
         data = []
         for i, (inp, r) in enumerate(zip(inputs, results)):
             out = encoder_tasks.classification(r.data, config, inp)

@@ -23,6 +23,7 @@ from tokenloom.engine.factory import create_engine, supported_tasks
 from tokenloom.engine.llm_engine import LLMEngine
 from tokenloom.engine.pooling_engine import PoolingEngine
 from tokenloom.manager import ModelManager, ModelSpec, engine_bytes
+from tokenloom.models.registry import ModelKind
 from tokenloom.server.errors import APIError
 from tokenloom.server.tokenization import TokenizerPool
 
@@ -43,6 +44,16 @@ class ServedModel:
     def inner(self) -> LLMEngine | PoolingEngine:
         """The synchronous engine behind the async front."""
         return self.engine.engine if self.engine is not None else self.pooling.engine
+
+    @property
+    def kind(self) -> ModelKind:
+        """decoder, encoder-decoder or encoder."""
+        return self.inner.loaded.kind
+
+    @property
+    def hf_config(self) -> Any:
+        """The checkpoint's transformers config (labels, hidden size, ...), read-only."""
+        return self.inner.loaded.hf_config
 
     @property
     def max_model_len(self) -> int:
@@ -93,7 +104,7 @@ class ServedModel:
         """400 when the prompt, or the prompt plus max_tokens, does not fit the context. An encoder-decoder's
         prompt is its encoder input: the engine checks it against the encoder's limit, and max_tokens
         against the decoder's context."""
-        if getattr(self.inner, "is_encoder_decoder", False):
+        if self.kind == "encoder-decoder":
             return
         limit = self.max_model_len
         if num_prompt_tokens >= limit:
