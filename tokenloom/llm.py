@@ -11,8 +11,7 @@ from tqdm.auto import tqdm
 
 from tokenloom.config import EngineConfig
 from tokenloom.engine.beam_search import BeamSearchOutput, run_beam_search
-from tokenloom.engine.factory import create_engine
-from tokenloom.engine.llm_engine import InvalidRequestError
+from tokenloom.engine.llm_engine import InvalidRequestError, LLMEngine
 from tokenloom.llm_encoder import EncoderTasks
 from tokenloom.outputs import RequestOutput
 from tokenloom.sampling_params import BeamSearchParams, SamplingParams
@@ -26,14 +25,14 @@ class LLM(EncoderTasks):
 
     Keyword arguments are engine options (see `tokenloom.config`), e.g.
     `LLM("gemma-3-270m", dtype="float32", kv_cache_gib=2, max_num_seqs=64)`. Encoder-only models
-    (BERT, RoBERTa, DistilBERT, e.g. `LLM("all-minilm-l6-v2")`) run on the pooling engine and serve
-    `embed`, `classify`, `score` and the other methods of `EncoderTasks` instead of `generate`.
+    (BERT, RoBERTa, DistilBERT, e.g. `LLM("all-minilm-l6-v2")`) run pooling requests on the same engine
+    and serve `embed`, `classify`, `score` and the other methods of `EncoderTasks` instead of `generate`.
     """
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
         if model is not None:
             engine_options["model"] = model
-        self.engine = create_engine(EngineConfig.from_kwargs(**engine_options))
+        self.engine = LLMEngine(EngineConfig.from_kwargs(**engine_options))
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:

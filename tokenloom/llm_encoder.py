@@ -2,7 +2,7 @@
 answer (extractive QA) and fill_mask.
 
 Every input is tokenized and checked before any runs, so a bad one fails the call with its index
-named and no work is lost; the rest runs through the pooling engine in token-budget batches.
+named and no work is lost; the rest runs as pooling requests on the engine, in token-budget batches.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from typing import Any
 import torch
 
 from tokenloom.engine import encoder_tasks as tasks
-from tokenloom.engine.factory import supported_tasks
 from tokenloom.engine.llm_engine import InvalidRequestError, LLMEngine
-from tokenloom.engine.pooling_engine import EncoderInput, PoolingEngine
+from tokenloom.engine.pooling import EncoderInput
 from tokenloom.models.pooling import with_overrides
 from tokenloom.models.registry import ModelKind
 from tokenloom.outputs import (
@@ -35,13 +34,13 @@ class EncoderTasks:
     """Encoder-only tasks of `LLM`; each raises a ValueError naming what the model supports when the
     model cannot do the task (a generative model, or an encoder with another head)."""
 
-    engine: LLMEngine | PoolingEngine
+    engine: LLMEngine
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:
         """What the loaded model can do: generate/chat, or some of embed, classify, score,
         token_classify, qa, fill_mask."""
-        return supported_tasks(self.engine)
+        return self.engine.supported_tasks
 
     @property
     def kind(self) -> ModelKind:
@@ -140,7 +139,7 @@ class EncoderTasks:
         encoded, data = self._encode_all(engine, items, make, "fill_mask")
         return [tasks.fill_mask(d, e, engine.tokenizer, top_k) for e, d in zip(encoded, data)]
 
-    def _encoder(self, task: str) -> PoolingEngine:
+    def _encoder(self, task: str) -> LLMEngine:
         """The pooling engine, if the model can do `task`."""
         if self.kind != "encoder":
             name = self.engine.loaded.name
@@ -157,7 +156,7 @@ class EncoderTasks:
                                       f"supports {', '.join(self.supported_tasks)}, not {what}")
 
     @staticmethod
-    def _encode_all(engine: PoolingEngine, items: list[Any], make: Callable[[Any], EncoderInput], task: str,
+    def _encode_all(engine: LLMEngine, items: list[Any], make: Callable[[Any], EncoderInput], task: str,
              pooling: Any = None) -> tuple[list[EncoderInput], list[torch.Tensor]]:
         """Tokenize every item (errors name its index), run them all, fail if any input failed."""
         encoded = []
@@ -166,14 +165,14 @@ class EncoderTasks:
                 encoded.append(make(item))
             except ValueError as exc:
                 raise InvalidRequestError(f"input {i}: {exc}") from exc
-        results = engine.run(encoded, task, pooling)
+        results = engine.encode(encoded, task, pooling)
         failed = [f"input {i}: {r.error}" for i, r in enumerate(results) if r.error]
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(results)} inputs failed; " + "; ".join(failed[:3]))
         return encoded, [r.data for r in results]
 
 
-def _tokenize(engine: PoolingEngine, item: TextOrPair, truncate: bool) -> EncoderInput:
+def _tokenize(engine: LLMEngine, item: TextOrPair, truncate: bool) -> EncoderInput:
     if isinstance(item, tuple):
         if len(item) != 2:
             raise InvalidRequestError("a text pair must be a (text, text_pair) tuple")

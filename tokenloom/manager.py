@@ -25,7 +25,6 @@ from typing import Any
 
 from tokenloom.config import EngineConfig
 from tokenloom.engine.llm_engine import LLMEngine
-from tokenloom.engine.pooling_engine import PoolingEngine
 
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default: five minutes
 
@@ -98,7 +97,7 @@ class _Entry:
     loaded: threading.Event = field(default_factory=threading.Event)
 
 
-def engine_bytes(engine: LLMEngine | PoolingEngine) -> int:
+def engine_bytes(engine: LLMEngine) -> int:
     """Bytes a running engine holds, as it reports them (weights and KV cache)."""
     return engine.memory_bytes()
 
@@ -374,8 +373,6 @@ class ModelManager:
         gc.collect()  # hand the weights and cache back now, not at some later collection
 
 
-def _build_engine(spec: ModelSpec) -> LLMEngine | PoolingEngine:
-    """The engine the model's architecture runs on (LLMEngine, or PoolingEngine for encoder-only models)."""
-    from tokenloom.engine.factory import create_engine
-
-    return create_engine(EngineConfig.from_kwargs(model=spec.source, **spec.engine_options))
+def _build_engine(spec: ModelSpec) -> LLMEngine:
+    """The model's engine (generation, or an encoder-only model's pooling)."""
+    return LLMEngine(EngineConfig.from_kwargs(model=spec.source, **spec.engine_options))

@@ -9,7 +9,7 @@ import torch
 
 from tests.encoder_models import SENTENCES, hf_reference, minilm_path, tiny_encoder_path
 from tokenloom.engine.encoder_tasks import best_span, problem_type
-from tokenloom.engine.pooling_engine import PoolingEngine
+from tokenloom.engine.pooling import PoolingParams
 from tokenloom.llm import LLM
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "paged", "attention", "keeps",
@@ -98,7 +98,7 @@ def test_budget_and_arrival_order(tiny_llm):
     engine = tiny_llm("bert-Model", max_num_batched_tokens=10, max_num_seqs=3).engine
     lens = [4, 4, 3, 2, 1, 1, 1, 1, 40]
     for i, n in enumerate(lens):
-        engine.add_request(str(i), engine.from_token_ids(list(range(100, 100 + n))), "embed")
+        engine.add_request(str(i), engine.from_token_ids(list(range(100, 100 + n))), PoolingParams("embed"))
     steps = []
     while engine.has_unfinished_requests():
         steps.append([r.request_id for r in engine.step()])
@@ -118,7 +118,7 @@ def test_a_failing_input_does_not_sink_the_batch(tiny_llm, monkeypatch):
             raise RuntimeError("boom")
         return forward(ids, *args)
     monkeypatch.setattr(llm.engine.model, "forward", flaky)
-    results = llm.engine.run([llm.engine.tokenize(t) for t in texts], "embed")
+    results = llm.engine.encode([llm.engine.tokenize(t) for t in texts], "embed")
     assert [r.error is not None for r in results] == [False, True, False, False]
     assert "boom" in results[1].error
     ok = torch.stack([r.data for r in results if r.error is None])
@@ -162,7 +162,7 @@ def test_wrong_kind_of_request_says_what_the_model_supports(tiny_llm, tiny_model
     assert tiny_llm("bert-ForSequenceClassification").supported_tasks == ("classify",)  # 3 labels: no score
     assert tiny_llm("bert-cross-encoder").supported_tasks == ("classify", "score")
     assert tiny_llm("roberta-ForMaskedLM").supported_tasks == ("fill_mask", "embed")
-    assert isinstance(tiny_llm("distilbert-ForQuestionAnswering").engine, PoolingEngine)
+    assert tiny_llm("distilbert-ForQuestionAnswering").kind == "encoder"
 
 
 # ---- tasks ----
@@ -294,7 +294,7 @@ def test_embed_pooling_overrides(tiny_llm):
 def test_async_callers_share_batches_and_match_offline(tiny_llm, monkeypatch):
     import asyncio
 
-    from tokenloom.engine.async_pooling import AsyncPoolingEngine, PoolingEngineStoppedError
+    from tokenloom.engine.async_engine import AsyncEngine, EngineDeadError
 
     llm = tiny_llm("bert-Model")
     engine = llm.engine
@@ -304,7 +304,7 @@ def test_async_callers_share_batches_and_match_offline(tiny_llm, monkeypatch):
     forward = engine.model.forward
     monkeypatch.setattr(engine.model, "forward", lambda ids, pos, meta, types=None: (
         batches.append(meta.num_seqs), forward(ids, pos, meta, types))[1])
-    front = AsyncPoolingEngine(engine)
+    front = AsyncEngine(engine)
     try:
         parts = [[engine.tokenize(t, truncate=True) for t in texts[i:i + 4]] for i in range(0, 12, 4)]
         with front._cond:  # hold the engine thread back so that the three callers arrive together
@@ -325,5 +325,5 @@ def test_async_callers_share_batches_and_match_offline(tiny_llm, monkeypatch):
             front.submit(parts[0], "classify")
     finally:
         front.shutdown()
-    with pytest.raises(PoolingEngineStoppedError):
+    with pytest.raises(EngineDeadError):
         front.submit(parts[0], "embed")

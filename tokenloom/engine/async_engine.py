@@ -1,9 +1,11 @@
-"""Async front of the engine: one background thread steps `LLMEngine`; each request gets an asyncio stream.
+"""Async front of the engine: one background thread steps `LLMEngine`; each generation request gets an
+asyncio stream, each batch of pooling inputs (an encoder-only model's) a future.
 
-Only the engine thread touches the `LLMEngine`. Callers on an event loop talk to it through a command
-queue (add, abort) that the thread drains between steps; outputs travel back to each request's
-`RequestStream` (engine/request_stream.py) through `loop.call_soon_threadsafe`, one wake-up per event
-loop per step.
+Only the engine thread touches the `LLMEngine`. Callers talk to it through a command queue (add, pool,
+abort) that the thread drains between steps, so concurrent callers' requests share batches; generation
+outputs travel back to each request's `RequestStream` (engine/request_stream.py) through
+`loop.call_soon_threadsafe`, one wake-up per event loop per step; pooling results resolve their caller's
+future once every input of the call has one.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenloom.engine.llm_engine import EngineStats, LLMEngine
+from tokenloom.engine.pooling import EncoderInput, PoolingParams, PoolingResult
 from tokenloom.engine.request_stream import RequestStream, RequestTimings
+from tokenloom.models.pooling import PoolingConfig
 from tokenloom.outputs import RequestOutput
 from tokenloom.sampling_params import SamplingParams
 
@@ -47,6 +52,15 @@ class _Tracked:
     timings: RequestTimings
 
 
+@dataclass(slots=True)
+class _Pooled:
+    """One `submit` call: its future and its inputs' request ids, in input order."""
+
+    future: concurrent.futures.Future[list[PoolingResult]]
+    ids: list[str]
+    results: dict[str, PoolingResult] = field(default_factory=dict)
+
+
 class AsyncEngine:
     """Runs the engine loop in a background thread and serves requests to asyncio callers."""
 
@@ -59,6 +73,8 @@ class AsyncEngine:
         self._cond = threading.Condition()
         self._commands: list[tuple[Any, ...]] = []
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._pooled: dict[str, _Pooled] = {}  # engine thread only: pooling request id → its call
+        self._pool_ids = itertools.count()
         self._stats = engine.stats()
         self._draining = False
         self._drain_deadline: float | None = None
@@ -102,6 +118,31 @@ class AsyncEngine:
             raise
         return stream
 
+    def submit(self, inputs: list[EncoderInput], task: str,
+               pooling: PoolingConfig | None = None) -> concurrent.futures.Future[list[PoolingResult]]:
+        """Queue an encoder-only model's tokenized inputs for `task`; the future gives their results in input
+        order (each may carry an error). Cancelling it drops the inputs that have not run yet. Any thread."""
+        self.engine.require(task)
+        if not self.is_alive:
+            raise EngineDeadError("the engine has stopped")
+        if self._draining:
+            raise ServerBusyError("the server is shutting down and takes no new requests")
+        future: concurrent.futures.Future[list[PoolingResult]] = concurrent.futures.Future()
+        base = f"pool{next(self._pool_ids)}-"
+        self._submit(("pool", _Pooled(future, [f"{base}{i}" for i in range(len(inputs))]), inputs,
+                      PoolingParams(task, pooling)))
+        return future
+
+    async def encode(self, inputs: list[EncoderInput], task: str,
+                     pooling: PoolingConfig | None = None) -> list[PoolingResult]:
+        """`submit` for asyncio callers."""
+        future = self.submit(inputs, task, pooling)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+
     def abort(self, request_id: str) -> None:
         """Abort a request by id (a no-op for unknown or finished ones)."""
         with contextlib.suppress(EngineDeadError):  # a stopped engine has nothing left to abort
@@ -115,7 +156,7 @@ class AsyncEngine:
             self._cond.notify()
 
     def num_in_flight(self) -> int:
-        """Requests admitted and not yet finished (approximate outside the engine thread)."""
+        """Generation requests admitted and not yet finished (approximate outside the engine thread)."""
         return len(self._tracked)
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -145,6 +186,7 @@ class AsyncEngine:
                     stopping = self._stopping
                 for command in commands:
                     self._apply(command)
+                self._drop_cancelled()
                 if stopping or self._drain_due():
                     self._abort_all(RequestAbortedError("the server shut down before the request finished"))
                 if stopping:
@@ -158,14 +200,20 @@ class AsyncEngine:
             self._close(EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}"))
 
     def _drain_due(self) -> bool:
-        return self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and bool(self._tracked)
+        return self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and self._in_flight()
+
+    def _in_flight(self) -> bool:
+        return bool(self._tracked or self._pooled)
 
     def _idle_timeout(self) -> float | None:
-        if self._drain_deadline is None or not self._tracked:
+        if self._drain_deadline is None or not self._in_flight():
             return None
         return max(self._drain_deadline - time.monotonic(), 0.0)
 
     def _apply(self, command: tuple[Any, ...]) -> None:
+        if command[0] == "pool":
+            self._apply_pool(*command[1:])
+            return
         if command[0] == "abort":
             tracked = self._tracked.get(command[1])
             if tracked is not None:
@@ -190,6 +238,30 @@ class AsyncEngine:
         self._tracked[request_id] = tracked
         admitted.set_result(None)
 
+    def _apply_pool(self, pooled: _Pooled, inputs: list[EncoderInput], params: PoolingParams) -> None:
+        if pooled.future.cancelled():  # the future stays pending until its result, so callers can cancel
+            return
+        try:
+            for rid, inp in zip(pooled.ids, inputs):
+                self.engine.add_request(rid, inp, params)
+                self._pooled[rid] = pooled
+        except Exception as exc:  # validation errors belong to the caller, not to the loop
+            self._fail_pooled(pooled, exc)
+            return
+        if not inputs:
+            _resolve(pooled.future, [])
+
+    def _drop_cancelled(self) -> None:
+        """Abort the inputs of pooling calls whose caller cancelled."""
+        for pooled in {id(p): p for p in self._pooled.values() if p.future.cancelled()}.values():
+            self._fail_pooled(pooled, None)
+
+    def _fail_pooled(self, pooled: _Pooled, error: Exception | None) -> None:
+        """Drop a pooling call's inputs from the engine and fail its future (unless cancelled: error None)."""
+        self.engine.abort_request([rid for rid in pooled.ids if self._pooled.pop(rid, None) is not None])
+        if error is not None:
+            _resolve(pooled.future, error)
+
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
@@ -201,6 +273,9 @@ class AsyncEngine:
         now = time.monotonic()
         deliveries: list[tuple[RequestStream, RequestOutput | Exception]] = []
         for out in outputs:
+            if isinstance(out, PoolingResult):
+                self._deliver_pooled(out)
+                continue
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue
@@ -211,6 +286,14 @@ class AsyncEngine:
                 self._finish(tracked.timings, out, now)
         self._stats = self.engine.stats()  # before the outputs: a reader must never see stats older than them
         self._deliver(deliveries)
+
+    def _deliver_pooled(self, result: PoolingResult) -> None:
+        pooled = self._pooled.pop(result.request_id, None)
+        if pooled is None:
+            return
+        pooled.results[result.request_id] = result
+        if len(pooled.results) == len(pooled.ids):
+            _resolve(pooled.future, [pooled.results[rid] for rid in pooled.ids])
 
     def _finish(self, t: RequestTimings, out: RequestOutput | None, now: float) -> None:
         t.end(out, now)
@@ -232,6 +315,8 @@ class AsyncEngine:
     def _abort_all(self, error: Exception) -> None:
         for request_id in list(self._tracked):
             self._drop(request_id, error)
+        for pooled in {id(p): p for p in self._pooled.values()}.values():
+            self._fail_pooled(pooled, error)
 
     def _close(self, error: Exception) -> None:
         """Refuse further commands and fail every request still known."""
@@ -239,10 +324,15 @@ class AsyncEngine:
             self._dead = error
         tracked, self._tracked = list(self._tracked.values()), {}
         self._deliver([(t.stream, error) for t in tracked])
+        pooled, self._pooled = {id(p): p for p in self._pooled.values()}, {}
+        for p in pooled.values():
+            _resolve(p.future, error)
         with self._cond:
             for command in self._commands:
                 if command[0] == "add" and command[-1].set_running_or_notify_cancel():
                     command[-1].set_exception(error)
+                elif command[0] == "pool":
+                    _resolve(command[1].future, error)
             self._commands = []
 
     @staticmethod
@@ -259,3 +349,14 @@ class AsyncEngine:
 def _put_all(items: list[tuple[RequestStream, RequestOutput | Exception]]) -> None:
     for stream, item in items:
         stream.put(item)
+
+
+def _resolve(future: concurrent.futures.Future[list[PoolingResult]], value: list[PoolingResult] | Exception) -> None:
+    """Set a result or error, unless the caller cancelled meanwhile."""
+    try:
+        if isinstance(value, Exception):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tokenloom.engine.pooling_engine import EncoderInput
+from tokenloom.engine.pooling import EncoderInput
 from tokenloom.outputs import (
     AnswerOutput,
     ClassificationOutput,

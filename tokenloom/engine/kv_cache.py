@@ -140,7 +140,7 @@ class KVCacheManager:
     @property
     def usage(self) -> float:
         """Fraction of blocks referenced by requests."""
-        return 1.0 - self.pool.num_free / self.num_blocks
+        return 1.0 - self.pool.num_free / self.num_blocks if self.num_blocks else 0.0
 
     def _update_hashes(self, request: Request, num_tokens: int) -> None:
         """Extend the request's chain of full-block hashes to cover its first `num_tokens` tokens."""

@@ -1,8 +1,14 @@
-"""The engine loop: schedule → execute → sample → update → emit outputs."""
+"""The engine loop: schedule → execute → sample (or pool) → update → emit outputs.
+
+One engine for every model kind: decoder-only and encoder–decoder models generate (sampling params),
+encoder-only models pool (pooling params: embeddings and task heads, engine/pooling.py). Both kinds of
+request travel the same path: the scheduler's queue and token budget, the runner's step, the outputs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -12,19 +18,25 @@ from tokenloom.config import ConfigError, EngineConfig
 from tokenloom.engine.kv_cache import KVCacheManager
 from tokenloom.engine.model_runner import ModelRunner, RunnerOutput, kv_bytes_per_block
 from tokenloom.engine.output_processor import OutputProcessor, ParentState
-from tokenloom.engine.request import Request, RequestStatus
+from tokenloom.engine.pooling import (
+    EncoderInput,
+    EncoderTokenizer,
+    PoolingParams,
+    PoolingResult,
+    PoolingRunner,
+    encoder_max_len,
+    encoder_tasks,
+)
+from tokenloom.engine.request import InvalidRequestError, Request, RequestStatus
 from tokenloom.engine.scheduler import Scheduler, SchedulerOutput
 from tokenloom.engine.threads import ThreadBinder
 from tokenloom.loader import LoadedModel, load_model
+from tokenloom.models.pooling import PoolingConfig, read_pooling_config
 from tokenloom.outputs import RequestOutput
 from tokenloom.plugins import build_logits_processors
 from tokenloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class InvalidRequestError(ValueError):
-    """A request cannot be served as given; the message says why."""
 
 
 @dataclass(slots=True)
@@ -38,6 +50,9 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+
+
+GENERATIVE_TASKS = ("generate", "chat")
 
 
 class LLMEngine:
@@ -55,22 +70,74 @@ class LLMEngine:
         # Token ids index the model's embedding; a tokenizer may know fewer (or more) ids.
         self.vocab_size = int(self.loaded.hf_config.vocab_size)
         cache = config.cache_config
-        block_bytes = kv_bytes_per_block(self.loaded.model, cache.block_size, self.loaded.dtype)
-        num_blocks = int(cache.kv_cache_gib * 2**30 // block_bytes)
-        if num_blocks < 1:
-            raise ConfigError(f"kv_cache_gib={cache.kv_cache_gib} holds no block of {block_bytes} bytes")
-        # A request must always fit alone, or it could neither run nor be preempted away.
-        self.max_model_len = min(self.loaded.max_model_len, num_blocks * cache.block_size)
+        pooling = None
+        if self.loaded.kind == "encoder":  # no KV cache: inputs run whole, in one step
+            num_blocks = 0
+            self.pooling_config = read_pooling_config(self.loaded.path)
+            self.max_model_len = encoder_max_len(self.loaded, self.pooling_config, config.model_config.max_model_len)
+            self.encoder_inputs = EncoderTokenizer(self.loaded, self.max_model_len)
+            pooling = PoolingRunner(self.loaded.model, self.pooling_config, self.tokenizer.hf.mask_token_id, device)
+        else:
+            block_bytes = kv_bytes_per_block(self.loaded.model, cache.block_size, self.loaded.dtype)
+            num_blocks = int(cache.kv_cache_gib * 2**30 // block_bytes)
+            if num_blocks < 1:
+                raise ConfigError(f"kv_cache_gib={cache.kv_cache_gib} holds no block of {block_bytes} bytes")
+            # A request must always fit alone, or it could neither run nor be preempted away.
+            self.max_model_len = min(self.loaded.max_model_len, num_blocks * cache.block_size)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
-        self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.loaded.dtype, device)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.loaded.dtype, device, pooling)
         self.outputs = OutputProcessor(self.tokenizer)
         self.device = device
+        self._pooling: dict[str, Request] = {}  # pooling requests in flight, by id
+        self._run_ids = itertools.count()
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Validate and queue a request (a string prompt is tokenized here)."""
-        if request_id in self.outputs.parents:
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model the engine runs."""
+        return self.loaded.model
+
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        """generate and chat, or what an encoder-only model's head allows (embed, classify, score,
+        token_classify, qa, fill_mask)."""
+        return GENERATIVE_TASKS if self.loaded.kind != "encoder" else encoder_tasks(self.loaded)
+
+    def require(self, task: str) -> None:
+        """Raise InvalidRequestError unless the model supports `task`, naming what it does support."""
+        if task not in self.supported_tasks:
+            arch = type(self.model).__name__
+            raise InvalidRequestError(f"model {self.loaded.name} ({arch}) does not support {task}; "
+                                      f"it supports: {', '.join(self.supported_tasks)}")
+
+    def tokenize(self, text: str, text_pair: str | None = None, truncate: bool = False,
+                 with_offsets: bool = False) -> EncoderInput:
+        """An encoder-only model's input from a text (or pair); see EncoderTokenizer. Safe from any thread."""
+        return self._encoder_inputs().tokenize(text, text_pair, truncate, with_offsets)
+
+    def from_token_ids(self, token_ids: list[int], truncate: bool = False) -> EncoderInput:
+        """An encoder-only model's input given as token ids (special tokens included)."""
+        return self._encoder_inputs().from_token_ids(token_ids, truncate)
+
+    def _encoder_inputs(self) -> EncoderTokenizer:
+        if self.loaded.kind != "encoder":
+            raise InvalidRequestError(f"model {self.loaded.name} is generative; encoder inputs need an encoder-only "
+                                      f"model")
+        return self.encoder_inputs
+
+    def add_request(self, request_id: str, prompt: str | list[int] | EncoderInput,
+                    params: SamplingParams | PoolingParams) -> None:
+        """Validate and queue a request: a generation (a string prompt is tokenized here), or, with pooling
+        params, an encoder-only model's tokenized input."""
+        if request_id in self.outputs.parents or request_id in self._pooling:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if isinstance(params, PoolingParams):
+            self._add_pooling(request_id, prompt, params)
+            return
+        if self.loaded.kind == "encoder":
+            arch = type(self.model).__name__
+            raise InvalidRequestError(f"model {self.loaded.name} is an encoder-only model ({arch}): it supports "
+                                      f"{', '.join(self.supported_tasks)}, not text generation")
         token_ids = self.encode_prompt(prompt)
         decoder_ids = self.decoder_prompt(token_ids)
         max_tokens = self.check_lengths(len(decoder_ids), params.max_tokens)
@@ -82,6 +149,31 @@ class LLMEngine:
         self.outputs.add(parent, children)
         for child in children:
             self.scheduler.add(child)
+
+    def _add_pooling(self, request_id: str, inp: EncoderInput, params: PoolingParams) -> None:
+        self.require(params.task)
+        if not isinstance(inp, EncoderInput):
+            raise InvalidRequestError("a pooling request takes an EncoderInput (engine.tokenize / from_token_ids)")
+        request = Request(request_id, inp.token_ids, None, pooling_params=params, token_type_ids=inp.token_type_ids)
+        self._pooling[request_id] = request
+        self.scheduler.add(request)
+
+    def encode(self, inputs: list[EncoderInput], task: str, pooling: PoolingConfig | None = None
+               ) -> list[PoolingResult]:
+        """Pool every input for `task` and return the results in input order (each may carry an error).
+        Inputs go in longest first, so each batch holds inputs of similar length (little padding)."""
+        self.require(task)
+        base = f"encode{next(self._run_ids)}-"
+        ids = [f"{base}{i}" for i in range(len(inputs))]
+        for i in sorted(range(len(inputs)), key=lambda i: -len(inputs[i].token_ids)):
+            self.add_request(ids[i], inputs[i], PoolingParams(task, pooling))
+        results: dict[str, PoolingResult] = {}
+        try:
+            while self.has_unfinished_requests():
+                results.update((r.request_id, r) for r in self.step() if isinstance(r, PoolingResult))
+        finally:
+            self.abort_request([rid for rid in ids if rid not in results])
+        return [results[rid] for rid in ids]
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt, checked against the vocabulary."""
@@ -132,6 +224,9 @@ class LLMEngine:
         """Stop requests (by user request id) and free their blocks."""
         aborted = []
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            pooled = self._pooling.pop(rid, None)
+            if pooled is not None:
+                self.scheduler.finish(pooled, RequestStatus.FINISHED_ABORTED)
             parent = self.outputs.parents.get(rid)
             for child in parent.children if parent else []:
                 self.scheduler.finish(child.request, RequestStatus.FINISHED_ABORTED)
@@ -144,7 +239,7 @@ class LLMEngine:
         """True while any request waits or runs."""
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | PoolingResult]:
         """Run one engine iteration and return the outputs it produced."""
         self._threads.ensure()
         sched = self.scheduler.schedule()
@@ -153,7 +248,7 @@ class LLMEngine:
         finally:  # requests finished or preempted in this step no longer need their runner state
             self.runner.release(sched.released_req_ids)
 
-    def _step(self, sched: SchedulerOutput) -> list[RequestOutput]:
+    def _step(self, sched: SchedulerOutput) -> list[RequestOutput | PoolingResult]:
         if not sched.requests:
             return []
         try:
@@ -166,6 +261,10 @@ class LLMEngine:
                 return outputs
         else:
             outputs = []
+        if result.pooled:
+            self.scheduler.update(sched, {})
+            return outputs + [PoolingResult(r.request_id, result.pooled[r.request_id], r.num_prompt_tokens)
+                              for r in sched.requests if self._pooling.pop(r.request_id, None) is not None]
         for request in sched.requests:
             plp = result.prompt_logprobs.get(request.request_id)
             if plp is not None:
@@ -188,9 +287,7 @@ class LLMEngine:
                 failed.append((request, exc))
                 continue
             ok.append((request, n))
-            merged.sampled.update(part.sampled)
-            merged.logprobs.update(part.logprobs)
-            merged.prompt_logprobs.update(part.prompt_logprobs)
+            merged.update(part)
         sched.requests, sched.num_tokens = [r for r, _ in ok], [n for _, n in ok]
         return merged, failed
 
@@ -204,14 +301,19 @@ class LLMEngine:
                 outputs.append(out)
         return outputs
 
-    def _fail(self, failed: list[tuple[Request, Exception]], sched: SchedulerOutput) -> list[RequestOutput]:
+    def _fail(self, failed: list[tuple[Request, Exception]], sched: SchedulerOutput
+              ) -> list[RequestOutput | PoolingResult]:
+        outputs: list[RequestOutput | PoolingResult] = []
         for request, exc in failed:
-            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"error: {type(exc).__name__}: {exc}", sched)
-        return self._emit([request for request, _ in failed])
+            error = f"{type(exc).__name__}: {exc}"
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"error: {error}", sched)
+            if self._pooling.pop(request.request_id, None) is not None:
+                outputs.append(PoolingResult(request.request_id, None, request.num_prompt_tokens, error))
+        return outputs + self._emit([request for request, _ in failed if not request.is_pooling])
 
     def memory_bytes(self) -> int:
         """Bytes this engine holds: the model's weights and the KV cache tensors."""
-        return self.loaded.weight_bytes + self.runner.kv_cache_bytes()
+        return self.loaded.weight_bytes + self.runner.kv_cache_bytes()  # an encoder has no KV cache
 
     def stats(self) -> EngineStats:
         """Current queue sizes, cache usage and prefix-cache counters."""

@@ -1,4 +1,5 @@
-"""SchedulerOutput → packed tensors (ids, positions, slots, block tables) → model → sampled ids.
+"""SchedulerOutput → packed tensors (ids, positions, slots, block tables) → model → sampled ids, or, for an
+encoder-only model, → encoder → heads and pooling (engine/pooling.py): the runner branches once per step.
 
 The packed batch has no padding: prefill chunks first, then one token per decoding request. Logits
 are computed only for positions that are sampled (and for prompt positions whose logprobs were
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from tokenloom.engine.encoder_cache import EncoderCache
+from tokenloom.engine.pooling import PoolingRunner
 from tokenloom.engine.request import Request
 from tokenloom.engine.sampler import Sampler, prompt_logprobs
 from tokenloom.engine.scheduler import SchedulerOutput
@@ -34,11 +36,19 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 @dataclass(slots=True)
 class RunnerOutput:
-    """Sampled token per request id, plus logprobs where asked for."""
+    """Sampled token per request id, plus logprobs where asked for; a pooling step's results instead."""
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def update(self, other: RunnerOutput) -> None:
+        """Merge another step's results (the engine's one-request-at-a-time retry)."""
+        self.sampled.update(other.sampled)
+        self.logprobs.update(other.logprobs)
+        self.prompt_logprobs.update(other.prompt_logprobs)
+        self.pooled.update(other.pooled)
 
 
 @cache
@@ -77,8 +87,9 @@ class ModelRunner:
     """Runs the model on a scheduled batch over its bound paged KV cache."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, pooling: PoolingRunner | None = None) -> None:
         self.model = model
+        self.pooling = pooling
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
@@ -102,7 +113,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        """Run one step and sample the requests that reached their last token."""
+        """Run one step and sample the requests that reached their last token (pool them, on an
+        encoder-only model)."""
+        if self.pooling is not None:
+            return RunnerOutput(pooled=self.pooling.execute(sched.requests))
         self._copy_blocks(sched.block_copies)
         batch = self._prepare(sched)
         hidden = self.model(batch.input_ids, batch.positions, batch.meta)

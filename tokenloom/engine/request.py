@@ -5,11 +5,18 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tokenloom.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenloom.engine.pooling import PoolingParams
+
+
+class InvalidRequestError(ValueError):
+    """A request cannot be served as given; the message says why."""
 
 
 class RequestStatus(enum.Enum):
@@ -31,7 +38,8 @@ class RequestStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Request:
-    """One sequence being generated.
+    """One sequence being generated, or one input being pooled (`pooling_params` set, `sampling_params`
+    None: an encoder-only model's request, admitted whole, no KV blocks, finished in the step that runs it).
 
     `num_computed_tokens` counts the tokens whose keys and values are in the cache; the scheduler's
     single rule is to bring it up to `num_tokens`. `block_ids` are the request's KV blocks in order.
@@ -41,7 +49,7 @@ class Request:
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None
     eos_token_ids: frozenset[int] = frozenset()
     max_tokens: int = 16
     arrival_time: float = field(default_factory=time.monotonic)
@@ -63,6 +71,13 @@ class Request:
     # against another encoder input must not match).
     encoder_token_ids: list[int] | None = None
     cache_salt: int | None = None
+    pooling_params: PoolingParams | None = None
+    token_type_ids: list[int] | None = None  # a pooling request's segment ids (BERT pairs)
+
+    @property
+    def is_pooling(self) -> bool:
+        """True for a pooling request (an encoder-only model's input)."""
+        return self.pooling_params is not None
 
     @property
     def num_encoder_tokens(self) -> int:

@@ -9,6 +9,8 @@ queue, to be recomputed later (its prefix may still be found in the cache).
 An encoder–decoder request's encoder runs in the step that admits it (again after a preemption), so
 its encoder tokens are charged to that step's budget too; they cannot be chunked, so a request whose
 encoder input does not fit what is left waits for the next step (or runs alone if it exceeds the budget).
+A pooling request (an encoder-only model's input) is admitted the same way, whole, with no KV blocks,
+and finishes in the step that runs it.
 """
 
 from __future__ import annotations
@@ -111,6 +113,11 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.is_pooling:
+                if request.num_prompt_tokens > budget and out.requests:
+                    break
+                budget -= self._admit(request, request.num_prompt_tokens, out)
+                continue
             cached = self.kv.find_cached_prefix(request)
             partial = self.kv.find_cached_partial(request, len(cached))
             num_copied = partial[1] if partial else 0
@@ -124,29 +131,37 @@ class Scheduler:
                 break
             if partial:
                 out.block_copies.append((partial[0], request.block_ids[len(cached)], num_copied))
-            self.waiting.popleft()
             self.kv.stats.queries += request.num_tokens
             self.kv.stats.hits += num_cached
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached
             request.num_computed_tokens = num_cached
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.requests.append(request)
-            out.num_tokens.append(n)
-            budget -= n + enc
+            budget -= self._admit(request, n, out) + enc
+
+    def _admit(self, request: Request, n: int, out: SchedulerOutput) -> int:
+        """Move the queue's first request to running and into this step with n tokens; returns n."""
+        self.waiting.popleft()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        out.requests.append(request)
+        out.num_tokens.append(n)
+        return n
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int],
                text_stop: TextStop | None = None) -> list[Request]:
         """Advance computed counts, append sampled tokens and decide every stop, in this order: EOS and stop
         token ids (after min_tokens), max_tokens and the context length, then a stop string that
-        `text_stop` (the detokenizer) finds in the new token's text. Returns the requests that finished,
-        also listed in `out.finished_req_ids`."""
+        `text_stop` (the detokenizer) finds in the new token's text. A pooling request that ran is done.
+        Returns the requests that finished, also listed in `out.finished_req_ids`."""
         finished = []
         for request, n in zip(out.requests, out.num_tokens):
             if request.is_finished:
                 continue
             request.num_computed_tokens += n
+            if request.is_pooling:
+                self.finish(request, RequestStatus.FINISHED_STOPPED, None, out)
+                finished.append(request)
+                continue
             self.kv.cache_full_blocks(request)
             token = sampled.get(request.request_id)
             if token is None:

@@ -16,7 +16,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from tokenloom.engine import encoder_tasks
-from tokenloom.engine.pooling_engine import EncoderInput, PoolingResult
+from tokenloom.engine.pooling import EncoderInput, PoolingResult
 from tokenloom.server.errors import APIError
 from tokenloom.server.protocol import ClassifyRequest, EmbeddingRequest, random_id
 from tokenloom.server.served import ServedModel
@@ -77,7 +77,7 @@ def _items(raw: str | list[str] | list[int] | list[list[int]]) -> list[str | lis
 
 async def _tokenize(served: ServedModel, items: list[str | list[int]], truncate: bool) -> list[EncoderInput]:
     """Every input tokenized and checked, off the event loop; the first bad one is a 400 naming its index."""
-    engine = served.pooling.engine
+    engine = served.inner
 
     def tokenize_all() -> list[EncoderInput]:
         out = []
@@ -95,7 +95,7 @@ async def _tokenize(served: ServedModel, items: list[str | list[int]], truncate:
 
 
 async def _run(served: ServedModel, inputs: list[EncoderInput], task: str) -> list[PoolingResult]:
-    results = await served.pooling.encode(inputs, task)
+    results = await served.engine.encode(inputs, task)
     failed = [f"input[{i}]: {r.error}" for i, r in enumerate(results) if r.error]
     if failed:
         raise APIError(500, f"{task} failed for {len(failed)} of {len(results)} inputs: {'; '.join(failed[:3])}",

@@ -47,7 +47,7 @@ class _ModelCollector(Collector):
                                                labels=label),
         }
         for name, served in self.manager.loaded().items():
-            if served.engine is None:  # an encoder model: no generation queue or KV cache
+            if served.kind == "encoder":  # no generation queue or KV cache
                 continue
             s = served.engine.stats()
             for key, value in (("running", s.num_running), ("waiting", s.num_waiting), ("usage", s.kv_cache_usage),
@@ -88,7 +88,7 @@ class ServerMetrics:
 
     def attach(self, served: ServedModel) -> None:
         """Record the requests of a newly loaded generative model."""
-        if served.engine is not None:
+        if served.kind != "encoder":
             served.engine.listeners.append(functools.partial(self.observe, served.name))
 
     def observe(self, model_name: str, t: RequestTimings) -> None:

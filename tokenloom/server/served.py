@@ -18,10 +18,7 @@ from pydantic import BaseModel
 
 from tokenloom.config import EngineConfig
 from tokenloom.engine.async_engine import AsyncEngine, ServerBusyError
-from tokenloom.engine.async_pooling import AsyncPoolingEngine
-from tokenloom.engine.factory import create_engine, supported_tasks
 from tokenloom.engine.llm_engine import LLMEngine
-from tokenloom.engine.pooling_engine import PoolingEngine
 from tokenloom.manager import ModelManager, ModelSpec, engine_bytes
 from tokenloom.models.registry import ModelKind
 from tokenloom.server.errors import APIError
@@ -30,20 +27,19 @@ from tokenloom.server.tokenization import TokenizerPool
 
 @dataclass(slots=True)
 class ServedModel:
-    """One loaded model as the HTTP side sees it: a generative model runs on an `AsyncEngine`, an
-    encoder-only one on an `AsyncPoolingEngine` (exactly one of the two is set)."""
+    """One loaded model as the HTTP side sees it: its engine behind an `AsyncEngine` (generation, or an
+    encoder-only model's pooling), its tokenizer pool and its sampling defaults."""
 
     name: str
-    engine: AsyncEngine | None
+    engine: AsyncEngine
     tokenizer: TokenizerPool
     default_sampling: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
-    pooling: AsyncPoolingEngine | None = None
 
     @property
-    def inner(self) -> LLMEngine | PoolingEngine:
+    def inner(self) -> LLMEngine:
         """The synchronous engine behind the async front."""
-        return self.engine.engine if self.engine is not None else self.pooling.engine
+        return self.engine.engine
 
     @property
     def kind(self) -> ModelKind:
@@ -68,16 +64,16 @@ class ServedModel:
     @property
     def supported_tasks(self) -> tuple[str, ...]:
         """generate and chat, or what the encoder's head allows (embed, classify, score, ...)."""
-        return supported_tasks(self.inner)
+        return self.inner.supported_tasks
 
     @property
     def is_alive(self) -> bool:
         """True while the background engine thread runs."""
-        return self.engine.is_alive if self.engine is not None else self.pooling.is_alive
+        return self.engine.is_alive
 
     def generator(self) -> AsyncEngine:
         """The async engine of a generative model; 400 naming what an encoder model supports instead."""
-        if self.engine is None:
+        if self.kind == "encoder":
             routes = [route for task, route in (("embed", "POST /v1/embeddings"), ("classify", "POST /classify"))
                       if task in self.supported_tasks]
             where = f" ({', '.join(routes)})" if routes else ""
@@ -86,13 +82,13 @@ class ServedModel:
                            code="unsupported_task")
         return self.engine
 
-    def encoder(self, task: str) -> AsyncPoolingEngine:
-        """The pooling engine of an encoder model that can do `task`; 400 naming what the model supports."""
-        if self.pooling is None or task not in self.supported_tasks:
-            what = "a generative model" if self.pooling is None else "an encoder-only model"
+    def encoder(self, task: str) -> AsyncEngine:
+        """The async engine of an encoder model that can do `task`; 400 naming what the model supports."""
+        if task not in self.supported_tasks:
+            what = "an encoder-only model" if self.kind == "encoder" else "a generative model"
             raise APIError(400, f"model '{self.name}' is {what}: it supports {', '.join(self.supported_tasks)}, "
                                 f"not {task}", param="model", code="unsupported_task")
-        return self.pooling
+        return self.engine
 
     def sampling_default(self, req: BaseModel, name: str, value: Any) -> Any:
         """A request field's value, or this model's default for it when the request left it out."""
@@ -119,10 +115,7 @@ class ServedModel:
 
     def close(self) -> None:
         """Abort what is left and stop the engine thread (the manager calls this when it unloads the model)."""
-        if self.engine is not None:
-            self.engine.shutdown()
-        else:
-            self.pooling.shutdown()
+        self.engine.shutdown()
         self.tokenizer.close()
 
 
@@ -132,14 +125,10 @@ def served_model_factory(max_waiting: int, on_load: Callable[[ServedModel], None
     (with the spec's chat template override); `on_load` sees each new model (metrics attach there)."""
 
     def build(spec: ModelSpec) -> ServedModel:
-        engine = create_engine(EngineConfig.from_kwargs(model=spec.source, **spec.engine_options))
+        engine = LLMEngine(EngineConfig.from_kwargs(model=spec.source, **spec.engine_options))
         tokenizer = TokenizerPool(engine.tokenizer, chat_template=spec.chat_template)
-        if isinstance(engine, PoolingEngine):
-            served = ServedModel(spec.name, None, tokenizer, dict(spec.default_sampling),
-                                 pooling=AsyncPoolingEngine(engine))
-        else:
-            served = ServedModel(spec.name, AsyncEngine(engine, max_waiting=max_waiting), tokenizer,
-                                 dict(spec.default_sampling))
+        served = ServedModel(spec.name, AsyncEngine(engine, max_waiting=max_waiting), tokenizer,
+                             dict(spec.default_sampling))
         if on_load is not None:
             on_load(served)
         return served
@@ -227,10 +216,8 @@ class ModelLeases:
         """Refuse new leases; every loaded model's requests get `timeout` seconds to finish."""
         self.draining = True
         for served in self.manager.loaded().values():
-            if served.engine is not None:
-                served.engine.begin_drain(timeout)
+            served.engine.begin_drain(timeout)
 
     def num_in_flight(self) -> int:
         """Generation requests in flight over every loaded model."""
-        return sum(served.engine.num_in_flight() for served in self.manager.loaded().values()
-                   if served.engine is not None)
+        return sum(served.engine.num_in_flight() for served in self.manager.loaded().values())
