@@ -9,7 +9,7 @@ import pytest
 from tokenloom.cli import main
 from tokenloom.config import ConfigError
 from tokenloom.llm import LLM
-from tokenloom.loader.gguf import GGUFError
+from tokenloom.loader.gguf_config import GGUFError
 from tokenloom.loader.hf import CheckpointError
 from tokenloom.loader.sources import ModelNotFoundError, resolve_model
 

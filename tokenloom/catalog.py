@@ -161,7 +161,8 @@ def describe_model(ref: str, chat_template: str | None = None) -> dict[str, Any]
 
     source = resolve_model(ref)
     if source.kind == "gguf":
-        from tokenloom.loader.gguf import gguf_tokenizer, read_gguf
+        from tokenloom.loader.gguf_config import read_gguf
+        from tokenloom.loader.gguf_tokenizer import gguf_tokenizer
 
         ckpt = read_gguf(source.path)
         config, tokenizer = ckpt.config, gguf_tokenizer(ckpt)

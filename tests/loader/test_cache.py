@@ -15,7 +15,8 @@ from transformers.integrations.gguf import gguf_tokenizer_mapping
 
 from tests.loader.test_gguf import CASES, REAL_IDS, write_gguf
 from tokenloom.loader import cache
-from tokenloom.loader.gguf import gguf_tokenizer, read_gguf
+from tokenloom.loader.gguf_config import read_gguf
+from tokenloom.loader.gguf_tokenizer import gguf_tokenizer
 
 TEXTS = ["hello there, the world", "  two spaces\nand tabs\t!", "héllo wörld 日本語 🙂", "<|bos|>the<|eos|> tell", ""]
 TEMPLATE = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"

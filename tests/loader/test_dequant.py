@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tokenloom.loader.dequant import code_bits, dequantize, group_codes
-from tokenloom.loader.gguf import SUPPORTED_TYPES, iter_gguf_weights, read_gguf
+from tokenloom.loader.gguf_config import SUPPORTED_TYPES, read_gguf
+from tokenloom.loader.gguf_weights import iter_gguf_weights
 
 Q = gguf.GGMLQuantizationType
 QUANTIZED = sorted((t for t in SUPPORTED_TYPES if t not in (Q.F32, Q.F16, Q.BF16)), key=lambda t: t.name)

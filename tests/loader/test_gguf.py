@@ -23,7 +23,9 @@ from transformers import (  # noqa: E402
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
-from tokenloom.loader.gguf import GGUFError, gguf_tokenizer, iter_gguf_weights, read_gguf  # noqa: E402
+from tokenloom.loader.gguf_config import GGUFError, read_gguf  # noqa: E402
+from tokenloom.loader.gguf_tokenizer import gguf_tokenizer  # noqa: E402
+from tokenloom.loader.gguf_weights import iter_gguf_weights  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 

@@ -86,7 +86,9 @@ def load_model(model_config: ModelConfig, device: torch.device) -> LoadedModel:
     start = time.perf_counter()
     source = resolve_model(model_config.model)
     if source.kind == "gguf":
-        from tokenloom.loader.gguf import GGUFExactWeights, gguf_tokenizer, iter_gguf_weights, read_gguf
+        from tokenloom.loader.gguf_config import read_gguf
+        from tokenloom.loader.gguf_tokenizer import gguf_tokenizer
+        from tokenloom.loader.gguf_weights import GGUFExactWeights, iter_gguf_weights
 
         ckpt = read_gguf(source.path)
         hf_config, saved_dtype = ckpt.config, None
