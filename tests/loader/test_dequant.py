@@ -70,7 +70,7 @@ def test_real_weights_in_bfloat16_are_the_float32_ones_rounded():
 def test_block_formats_repack_into_the_group_layout_exactly(qtype):
     """code * d + m of the repacked weight is the format's own value: bit for bit where the format's scales
     are float16 already; Q4_K/Q5_K round their products d * sc and dmin * min to float16 (2**-11 relative)."""
-    from tokenloom.models.layers.quantized import pack_group_codes, unpack_group_quant
+    from tokenloom.models.layers.group_quant import pack_group_codes, unpack_group_quant
 
     block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
     rows, per_row = 24, 512 // block_size

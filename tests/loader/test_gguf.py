@@ -432,7 +432,8 @@ def test_quantizing_a_gguf_repacks_its_blocks_exactly(tiny, case, qtype, method,
     """Every quantized layer and the head hold exactly the file's values (those the float model loads): the
     blocks are repacked, not re-fitted; int4 keeps 5-bit tensors at 5 bits."""
     from tokenloom.llm import LLM
-    from tokenloom.models.layers.quantized import GroupQuantLinear, QuantizedLMHead, unpack_group_quant
+    from tokenloom.models.layers.group_quant import unpack_group_quant
+    from tokenloom.models.layers.quantized import GroupQuantLinear, QuantizedLMHead
 
     _, path = tiny(case, qtype)
     dense = LLM(str(path), dtype="float32", kv_cache_gib=0.01, quantization="none").engine.loaded.model

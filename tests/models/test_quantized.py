@@ -11,17 +11,16 @@ from tokenloom import SamplingParams
 from tokenloom.config import ConfigError
 from tokenloom.llm import LLM
 from tokenloom.models import ops
-from tokenloom.models.layers.linear import MergedLinear
-from tokenloom.models.layers.quantized import (
-    GroupQuantLinear,
+from tokenloom.models.layers.group_quant import (
     GroupQuantWeight,
-    QuantizedLMHead,
     group_quant_matmul,
     pack_group_codes,
     pack_group_quant,
-    quantize_model,
     unpack_group_quant,
 )
+from tokenloom.models.layers.linear import MergedLinear
+from tokenloom.models.layers.quantized import GroupQuantLinear, QuantizedLMHead
+from tokenloom.models.quantize import quantize_model
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -251,7 +250,7 @@ def test_stored_blocks_are_repacked_not_refitted(method, qkv_bits, repacked):
 
 @pytest.mark.parametrize("rows", [64, 83])  # 83: the last tile padded
 def test_row_tiles_hold_the_same_weight_and_give_the_same_products(kernels, rows):
-    from tokenloom.models.layers.quantized import tile_group_quant, untile_group_quant
+    from tokenloom.models.layers.group_quant import tile_group_quant, untile_group_quant
 
     torch.manual_seed(10)
     packed = pack_group_quant(torch.randn(rows, 192) * 0.05, 4)

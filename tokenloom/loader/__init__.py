@@ -17,7 +17,7 @@ from tokenloom.config import ConfigError, ModelConfig
 from tokenloom.loader.hf import hf_tokenizer
 from tokenloom.loader.tokenizer import Tokenizer
 from tokenloom.models import ops
-from tokenloom.models.layers.quantized import default_quantization, quantize_model
+from tokenloom.models.quantize import default_quantization, quantize_model
 from tokenloom.models.registry import ModelKind, UnsupportedModelError, model_class_for, model_kind
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from tokenloom.loader.gguf_config import CONFIGS, GGUFCheckpoint, GGUFError, Q
 from tokenloom.loader.gguf_file import GGUFTensor
 
 if TYPE_CHECKING:
-    from tokenloom.models.layers.quantized import GroupQuantWeight
+    from tokenloom.models.layers.group_quant import GroupQuantWeight
 
 _SKIPPED = {"rope_freqs.weight"}  # llama3 rope factors: folded into config.rope_scaling instead
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -138,7 +138,7 @@ class GGUFExactWeights:
 
     def pack(self, name: str, bits: int) -> GroupQuantWeight:
         """The matrix's codes, scales and minimums laid out at `bits` per code."""
-        from tokenloom.models.layers.quantized import concat_group_quant, pack_group_codes
+        from tokenloom.models.layers.group_quant import concat_group_quant, pack_group_codes
 
         t, base = self.tensors[name]
         rows = t.shape[0]
