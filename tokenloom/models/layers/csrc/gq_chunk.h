@@ -1,4 +1,4 @@
-// One chunk of group_quant.cpp's packed layout (64 inputs, two groups of 32, see there) per level of isa.h:
+// One chunk of the packed layout (gq_layout.h: 64 inputs, two groups of 32) per level of isa.h:
 // its codes and its int8 activations in vector order, their lane-wise products, and the permutations
 // between vector order and input order. A float lane of `dot` covers vector positions of one group only
 // (lane i: group i % 2 at every level), so one vector of alternating scales (d0, d1, d0, d1, ...) scales it:

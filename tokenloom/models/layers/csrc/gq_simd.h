@@ -1,4 +1,4 @@
-// Vectors for the group-quantized kernels (group_quant.cpp, gq_tiles.cpp), one set per level of isa.h, so
+// Vectors for the group-quantized kernels (gq_linear.cpp, gq_pack.cpp, gq_tiles.cpp), one set per level of isa.h, so
 // that each kernel is written once over them:
 //   vf  kLanes float32 lanes: __m512 (16) on avx512, __m256 (8) on avx2, float32x4_t (4) on neon;
 //   vi  as many int32 lanes, for the activation quantizer and the group fit;

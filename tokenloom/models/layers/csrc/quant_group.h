@@ -1,4 +1,4 @@
-// One group of 32 activations quantized to int8, shared by the group-quantized kernels (group_quant.cpp,
+// One group of 32 activations quantized to int8, shared by the group-quantized kernels (gq_linear.cpp,
 // gq_tiles.cpp) so that both compute exactly the same codes and scales.
 //
 // Symmetric, per group: d = max|x| / 127, code = round-to-nearest-even(x * 127 / max|x|); returns d and
