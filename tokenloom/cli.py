@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import logging
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,6 @@ from tokenloom.config import (
     DEFAULT_MODEL,
     CacheConfig,
     DeviceConfig,
-    EngineConfig,
     ModelConfig,
     SchedulerConfig,
 )
@@ -70,43 +67,34 @@ def sampling_params(args: argparse.Namespace, **defaults: Any):
     return SamplingParams(**{**defaults, **given, "output_kind": "delta"})
 
 
-def stream(engine: Any, prompt: str | list[int], params: Any, request_id: str) -> Iterator[str]:
-    """Yield text deltas of one request as the engine produces them."""
-    engine.add_request(request_id, prompt, params)
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id == request_id:
-                yield out.outputs[0].text
+def _build_llm(args: argparse.Namespace):
+    from tokenloom.llm import LLM
 
-
-def _build_engine(args: argparse.Namespace):
-    from tokenloom.engine.llm_engine import LLMEngine
-
-    return LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
+    return LLM(**engine_kwargs(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Stream one completion to the terminal."""
-    engine = _build_engine(args)
+    llm = _build_llm(args)
     params = sampling_params(args, max_tokens=128)
     start, pieces = time.perf_counter(), 0
     sys.stdout.write(args.prompt)
-    for delta in stream(engine, args.prompt, params, "cli"):
-        sys.stdout.write(delta)
+    for out in llm.stream(args.prompt, params):
+        sys.stdout.write(out.outputs[0].text)
         sys.stdout.flush()
         pieces += 1
     elapsed = time.perf_counter() - start
-    print(f"\n[{pieces} chunks in {elapsed:.2f}s; model loaded in {engine.loaded.load_seconds:.1f}s]",
+    print(f"\n[{pieces} chunks in {elapsed:.2f}s; model loaded in {llm.engine.loaded.load_seconds:.1f}s]",
           file=sys.stderr)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive chat session; an empty line or EOF ends it."""
-    engine = _build_engine(args)
+    llm = _build_llm(args)
     params = sampling_params(args, max_tokens=512, temperature=0.7)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    for turn in itertools.count():
+    while True:
         try:
             user = input("you> ").strip()
         except EOFError:
@@ -114,13 +102,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not user:
             break
         messages.append({"role": "user", "content": user})
-        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = engine.tokenizer.encode(text, add_special_tokens=False)
         sys.stdout.write("assistant> ")
         reply = []
-        for delta in stream(engine, ids, params, f"chat-{turn}"):
-            reply.append(delta)
-            sys.stdout.write(delta)
+        for out in llm.stream(llm.engine.inputs.chat_token_ids(messages), params):
+            reply.append(out.outputs[0].text)
+            sys.stdout.write(reply[-1])
             sys.stdout.flush()
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})

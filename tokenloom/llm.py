@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -51,11 +51,25 @@ class LLM(EncoderTasks):
         ids = [str(next(self._ids)) for _ in prompts]
         for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params)):
             try:
-                self.engine.add_request(rid, _prompt_ids_or_text(prompt), dataclasses.replace(p, output_kind="final"))
+                self._add(rid, prompt, dataclasses.replace(p, output_kind="final"))
             except ValueError as exc:
                 self.engine.abort_request(ids[:i])  # nothing has run yet: drop the ones already queued
-                raise InvalidRequestError(f"prompt {i}: {exc}") from exc
+                raise InvalidRequestError(f"prompt {i}: {exc}", getattr(exc, "field", None)) from exc
         return self._run(ids, use_tqdm)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Generate for one prompt, yielding incremental outputs (each with the new text and token ids of
+        every choice) as the engine produces them; stopping the iteration aborts the request."""
+        self._require_generative("stream")
+        rid = str(next(self._ids))
+        self._add(rid, prompt, dataclasses.replace(sampling_params or SamplingParams(), output_kind="delta"))
+        yield from self.engine.run([rid])
+
+    def _add(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
+        """Queue one prompt through the engine's input processor (a text is tokenized and echoed back)."""
+        ids_or_text = _prompt_ids_or_text(prompt)
+        text = ids_or_text if isinstance(ids_or_text, str) else None
+        self.engine.add_request(request_id, self.engine.inputs.token_ids(ids_or_text), params, prompt_text=text)
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -64,12 +78,7 @@ class LLM(EncoderTasks):
         """Generate replies to one conversation or a list of them, through the chat template."""
         self._require_generative("chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tok = self.engine.tokenizer
-        prompts = []
-        for conversation in conversations:
-            text = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                           chat_template=chat_template)
-            prompts.append(tok.encode(text, add_special_tokens=False))
+        prompts = [self.engine.inputs.chat_token_ids(c, chat_template, add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
@@ -81,16 +90,11 @@ class LLM(EncoderTasks):
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, unit="req")
-        try:
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
-                        bar.update(1)
-        finally:
-            bar.close()
-            self.engine.abort_request([rid for rid in ids if rid not in results])
+        with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, unit="req") as bar:
+            for out in self.engine.run(ids):
+                if out.finished:
+                    results[out.request_id] = out
+                    bar.update(1)
         return [results[rid] for rid in ids]
 
 

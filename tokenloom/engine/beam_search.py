@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tokenloom.engine.request import InvalidRequestError
 from tokenloom.outputs import RequestOutput
 from tokenloom.sampling_params import BeamSearchParams, SamplingParams, SamplingParamsError
 
@@ -139,12 +140,7 @@ def engine_expander(engine: LLMEngine) -> Expander:
         ids = [f"beam-{next(counter)}" for _ in seqs]
         for rid, seq in zip(ids, seqs):
             engine.add_request(rid, seq, params)
-        done: dict[str, RequestOutput] = {}
-        try:
-            while engine.has_unfinished_requests():
-                done.update((o.request_id, o) for o in engine.step() if o.finished)
-        finally:
-            engine.abort_request([rid for rid in ids if rid not in done])
+        done: dict[str, RequestOutput] = {o.request_id: o for o in engine.run(ids) if o.finished}
         tops = []
         for rid in ids:
             out = done[rid].outputs[0]
@@ -167,11 +163,13 @@ def run_beam_search(engine: LLMEngine, prompts: Sequence[str | list[int]], param
         raise SamplingParamsError(f"beam_width {params.beam_width} needs the top {width} log-probabilities per "
                                   f"step; at most {MAX_LOGPROBS} are available (beam_width <= "
                                   f"{params.beam_width * MAX_LOGPROBS // width} for this model)")
-    ids = [engine.encode_prompt(p) for p in prompts]
-    for i, p in enumerate(ids):
-        if len(p) + params.max_tokens > engine.max_model_len:
-            raise ValueError(f"prompt {i}: {len(p)} prompt tokens plus max_tokens={params.max_tokens} exceed the "
-                             f"context length {engine.max_model_len}")
+    ids = []
+    for i, prompt in enumerate(prompts):
+        try:
+            ids.append(engine.inputs.token_ids(prompt))
+            engine.inputs.check_prompt(ids[-1], params.max_tokens, strict=True)
+        except ValueError as exc:
+            raise InvalidRequestError(f"prompt {i}: {exc}", getattr(exc, "field", None)) from exc
     outputs = beam_search(ids, params, eos_ids, engine_expander(engine))
     for out in outputs:
         for seq in out.sequences:

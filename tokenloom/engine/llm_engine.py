@@ -7,14 +7,15 @@ request travel the same path: the scheduler's queue and token budget, the runner
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from tokenloom.config import ConfigError, EngineConfig
+from tokenloom.engine.input_processor import InputProcessor
 from tokenloom.engine.kv_cache import KVCacheManager
 from tokenloom.engine.model_runner import ModelRunner, RunnerOutput, kv_bytes_per_block
 from tokenloom.engine.output_processor import OutputProcessor, ParentState
@@ -33,7 +34,6 @@ from tokenloom.engine.threads import ThreadBinder
 from tokenloom.loader import LoadedModel, load_model
 from tokenloom.models.pooling import PoolingConfig, read_pooling_config
 from tokenloom.outputs import RequestOutput
-from tokenloom.plugins import build_logits_processors
 from tokenloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -67,15 +67,13 @@ class LLMEngine:
         self._threads = ThreadBinder.for_config(config)
         self.loaded = loaded or load_model(config.model_config, device)
         self.tokenizer = self.loaded.tokenizer
-        # Token ids index the model's embedding; a tokenizer may know fewer (or more) ids.
-        self.vocab_size = int(self.loaded.hf_config.vocab_size)
         cache = config.cache_config
-        pooling = None
+        pooling = encoder_inputs = None
         if self.loaded.kind == "encoder":  # no KV cache: inputs run whole, in one step
             num_blocks = 0
             self.pooling_config = read_pooling_config(self.loaded.path)
             self.max_model_len = encoder_max_len(self.loaded, self.pooling_config, config.model_config.max_model_len)
-            self.encoder_inputs = EncoderTokenizer(self.loaded, self.max_model_len)
+            encoder_inputs = EncoderTokenizer(self.loaded, self.max_model_len)
             pooling = PoolingRunner(self.loaded.model, self.pooling_config, self.tokenizer.hf.mask_token_id, device)
         else:
             block_bytes = kv_bytes_per_block(self.loaded.model, cache.block_size, self.loaded.dtype)
@@ -87,6 +85,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.loaded.dtype, device, pooling)
+        self.inputs = InputProcessor(self.loaded, self.max_model_len, device, encoder_inputs)
+        self.vocab_size = self.inputs.vocab_size
         self.outputs = OutputProcessor(self.tokenizer)
         self.device = device
         self._pooling: dict[str, Request] = {}  # pooling requests in flight, by id
@@ -120,15 +120,16 @@ class LLMEngine:
         return self._encoder_inputs().from_token_ids(token_ids, truncate)
 
     def _encoder_inputs(self) -> EncoderTokenizer:
-        if self.loaded.kind != "encoder":
+        if self.inputs.encoder_inputs is None:
             raise InvalidRequestError(f"model {self.loaded.name} is generative; encoder inputs need an encoder-only "
                                       f"model")
-        return self.encoder_inputs
+        return self.inputs.encoder_inputs
 
-    def add_request(self, request_id: str, prompt: str | list[int] | EncoderInput,
-                    params: SamplingParams | PoolingParams) -> None:
-        """Validate and queue a request: a generation (a string prompt is tokenized here), or, with pooling
-        params, an encoder-only model's tokenized input."""
+    def add_request(self, request_id: str, prompt: list[int] | EncoderInput, params: SamplingParams | PoolingParams,
+                    prompt_text: str | None = None, strict: bool = False) -> None:
+        """Validate and queue a request: a generation from its prompt's token ids (the input processor makes
+        them from text or messages; `prompt_text` is echoed in its outputs; `strict` refuses a max_tokens
+        over the context instead of shortening it), or, with pooling params, an encoder-only model's input."""
         if request_id in self.outputs.parents or request_id in self._pooling:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if isinstance(params, PoolingParams):
@@ -138,15 +139,10 @@ class LLMEngine:
             arch = type(self.model).__name__
             raise InvalidRequestError(f"model {self.loaded.name} is an encoder-only model ({arch}): it supports "
                                       f"{', '.join(self.supported_tasks)}, not text generation")
-        token_ids = self.encode_prompt(prompt)
-        decoder_ids = self.decoder_prompt(token_ids)
-        max_tokens = self.check_lengths(len(decoder_ids), params.max_tokens)
-        params.validate_vocab(self.vocab_size)
-        parent = ParentState(request_id, prompt if isinstance(prompt, str) else None, token_ids)
-        encoder_ids = token_ids if self.loaded.kind == "encoder-decoder" else None
-        children = [self._child(f"{i}_{request_id}" if params.n > 1 else request_id, decoder_ids, params, i,
-                                max_tokens, encoder_ids) for i in range(params.n)]
-        self.outputs.add(parent, children)
+        if isinstance(prompt, str):
+            raise InvalidRequestError("add_request takes token ids; tokenize text with engine.inputs.token_ids")
+        children = self.inputs.requests(request_id, prompt, params, strict)
+        self.outputs.add(ParentState(request_id, prompt_text, list(prompt)), children)
         for child in children:
             self.scheduler.add(child)
 
@@ -167,58 +163,8 @@ class LLMEngine:
         ids = [f"{base}{i}" for i in range(len(inputs))]
         for i in sorted(range(len(inputs)), key=lambda i: -len(inputs[i].token_ids)):
             self.add_request(ids[i], inputs[i], PoolingParams(task, pooling))
-        results: dict[str, PoolingResult] = {}
-        try:
-            while self.has_unfinished_requests():
-                results.update((r.request_id, r) for r in self.step() if isinstance(r, PoolingResult))
-        finally:
-            self.abort_request([rid for rid in ids if rid not in results])
+        results = {r.request_id: r for r in self.run(ids)}
         return [results[rid] for rid in ids]
-
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt, checked against the vocabulary."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty")
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not ids:
-            raise InvalidRequestError("prompt token id list is empty")
-        vocab = self.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        return ids
-
-    def decoder_prompt(self, token_ids: list[int]) -> list[int]:
-        """The tokens the decoder starts from: the prompt itself, or, for an encoder–decoder model (whose
-        encoder reads the prompt), the decoder start token alone."""
-        if self.loaded.kind != "encoder-decoder":
-            return token_ids
-        limit = self.loaded.max_model_len
-        if len(token_ids) > limit:
-            raise InvalidRequestError(f"prompt has {len(token_ids)} tokens, but the encoder takes at most {limit}")
-        return [self.loaded.model.decoder_start_token_id]
-
-    def check_lengths(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
-        """The request's effective max_tokens; rejects prompts that leave no room to generate."""
-        room = self.max_model_len - num_prompt_tokens
-        if room < 1:
-            raise InvalidRequestError(f"prompt has {num_prompt_tokens} tokens, but the context length is "
-                                      f"{self.max_model_len}: at most {self.max_model_len - 1} prompt tokens fit")
-        return room if max_tokens is None else min(max_tokens, room)
-
-    def _child(self, request_id: str, token_ids: list[int], params: SamplingParams, index: int,
-               max_tokens: int, encoder_ids: list[int] | None = None) -> Request:
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
-        child_params = dataclasses.replace(params, n=1) if params.n > 1 else params
-        eos = frozenset(self.tokenizer.eos_token_ids)
-        salt = None if encoder_ids is None else hash(tuple(encoder_ids))
-        return Request(request_id, list(token_ids), child_params, eos, max_tokens, generator=generator,
-                       logits_processors=build_logits_processors(params.logits_processors),
-                       encoder_token_ids=encoder_ids, cache_salt=salt)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Stop requests (by user request id) and free their blocks."""
@@ -238,6 +184,21 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         """True while any request waits or runs."""
         return self.scheduler.has_unfinished()
+
+    def run(self, request_ids: list[str]) -> Iterator[RequestOutput | PoolingResult]:
+        """Step until each of `request_ids` (added already) has finished, yielding their outputs as they come
+        (other requests in the engine run along); the ones left unfinished when the caller stops early or
+        an error escapes are aborted. The one "run until done" loop of the offline paths."""
+        pending = set(request_ids)
+        try:
+            while pending and self.has_unfinished_requests():
+                for out in self.step():
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            self.abort_request(list(pending))
 
     def step(self) -> list[RequestOutput | PoolingResult]:
         """Run one engine iteration and return the outputs it produced."""

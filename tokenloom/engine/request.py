@@ -16,7 +16,12 @@ if TYPE_CHECKING:
 
 
 class InvalidRequestError(ValueError):
-    """A request cannot be served as given; the message says why."""
+    """A request cannot be served as given; the message says why, and `field` names the request field at
+    fault where one is (e.g. `prompt`, `max_tokens` for a context-length error)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class RequestStatus(enum.Enum):

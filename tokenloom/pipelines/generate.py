@@ -28,10 +28,10 @@ def item_prompts(item: Item) -> tuple[list[PromptLike], bool]:
 
 
 def checked_ids(ctx: PipelineContext, prompt: PromptLike, max_tokens: int | None) -> list[int]:
-    """The prompt's token ids, checked as the engine will check them (vocabulary, context length)."""
-    engine = ctx.llm.engine
-    ids = engine.encode_prompt(prompt)
-    engine.check_lengths(len(engine.decoder_prompt(ids)), max_tokens)
+    """The prompt's token ids, checked by the engine's input processor (vocabulary, context length)."""
+    inputs = ctx.llm.engine.inputs
+    ids = inputs.token_ids(prompt)
+    inputs.check_prompt(ids, max_tokens)
     return ids
 
 

@@ -58,7 +58,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                                  body.prompt_logprobs)
         messages = [m.as_template_input() for m in body.messages]
         prompt = await served.tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
-        served.check_length(len(prompt), max_tokens, param)
+        served.check_prompt(prompt, max_tokens, param, prompt_param="messages")
         request_id = random_id("chatcmpl")
         streams = await submit(served, request_id, [prompt], params)
         outputs = merged(streams)

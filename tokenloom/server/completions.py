@@ -73,7 +73,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                                  body.logprobs if echo_logprobs else body.prompt_logprobs)
         prompts = await _prepare(served, body, echo_logprobs)
         for p in prompts:
-            served.check_length(len(p.token_ids), max_tokens, "max_tokens")
+            served.check_prompt(p.token_ids, max_tokens, "max_tokens")
         request_id = random_id("cmpl")
         streams = await submit(served, request_id, [p.token_ids for p in prompts], params)
         chunks = _chunks(body, prompts, merged(streams), n)
@@ -97,10 +97,7 @@ async def _prepare(served: ServedModel, body: CompletionRequest, echo_logprobs: 
         else:
             if not item:
                 raise APIError(400, "prompt token id lists must not be empty", param="prompt", code="invalid_value")
-            bad = [t for t in item if not 0 <= t < served.vocab_size]
-            if bad:
-                raise APIError(400, f"prompt token ids must be in [0, {served.vocab_size}); got {bad[:5]}",
-                               param="prompt", code="invalid_value")
+            served.check_prompt(list(item), None, "max_tokens")  # ids out of the vocabulary: before any decode
             text = await served.tokenizer.decode(item, skip_special_tokens=False) if body.echo else None
             prompt = _Prompt(list(item), text)
         if echo_logprobs:

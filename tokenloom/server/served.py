@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from tokenloom.config import EngineConfig
 from tokenloom.engine.async_engine import AsyncEngine, ServerBusyError
 from tokenloom.engine.llm_engine import LLMEngine
+from tokenloom.engine.request import InvalidRequestError
 from tokenloom.manager import ModelManager, ModelSpec, engine_bytes
 from tokenloom.models.registry import ModelKind
 from tokenloom.server.errors import APIError
@@ -96,22 +97,21 @@ class ServedModel:
             return value
         return self.default_sampling.get(name, value)
 
-    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
-        """400 when the prompt, or the prompt plus max_tokens, does not fit the context. An encoder-decoder's
-        prompt is its encoder input: the engine checks it against the encoder's limit, and max_tokens
-        against the decoder's context."""
-        if self.kind == "encoder-decoder":
-            return
-        limit = self.max_model_len
-        if num_prompt_tokens >= limit:
-            raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
-                                f"{num_prompt_tokens} tokens: at most {limit - 1} prompt tokens fit",
-                           param="prompt" if param == "max_tokens" else "messages", code="context_length_exceeded")
-        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
-            raise APIError(400, f"this model's maximum context length is {limit} tokens, but you requested "
-                                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
-                                f"{max_tokens} in {param}); reduce the prompt or {param}",
-                           param=param, code="context_length_exceeded")
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int | None, param: str,
+                     prompt_param: str = "prompt") -> None:
+        """400 when the prompt's ids are out of the vocabulary (naming `prompt_param`: prompt, or a chat's
+        messages), or the prompt, or the prompt plus max_tokens (named `param`), does not fit the context:
+        the engine's input processor's rules, strictly (OpenAI refuses what the offline API shortens)."""
+        inputs = self.inner.inputs
+        try:
+            inputs.token_ids(prompt_ids)
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), param=prompt_param, code="invalid_value") from exc
+        try:
+            inputs.check_prompt(prompt_ids, max_tokens, strict=True, field=param)
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), param=param if exc.field == param else prompt_param,
+                           code="context_length_exceeded") from exc
 
     def close(self) -> None:
         """Abort what is left and stop the engine thread (the manager calls this when it unloads the model)."""

@@ -8,6 +8,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+from tokenloom.engine.input_processor import chat_token_ids
 from tokenloom.loader.tokenizer import Tokenizer
 
 
@@ -35,10 +36,7 @@ class TokenizerPool:
 
     async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation through the chat template, exactly as `LLM.chat` builds them."""
-        def render() -> list[int]:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        return await self._run(render)
+        return await self._run(chat_token_ids, self.tokenizer, messages, None, add_generation_prompt)
 
     async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids."""
