@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from tokenloom.config import EngineConfig
 from tokenloom.engine.beam_search import BeamSearchOutput, run_beam_search
 from tokenloom.engine.llm_engine import InvalidRequestError, LLMEngine
-from tokenloom.llm_encoder import EncoderTasks
+from tokenloom.llm_pooling import PoolingTasks
 from tokenloom.outputs import RequestOutput
 from tokenloom.sampling_params import BeamSearchParams, SamplingParams
 
@@ -20,13 +20,13 @@ Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
 
 
-class LLM(EncoderTasks):
+class LLM(PoolingTasks):
     """A model with its engine, for batch generation in one process.
 
     Keyword arguments are engine options (see `tokenloom.config`), e.g.
     `LLM("gemma-3-270m", dtype="float32", kv_cache_gib=2, max_num_seqs=64)`. Encoder-only models
     (BERT, RoBERTa, DistilBERT, e.g. `LLM("all-minilm-l6-v2")`) run pooling requests on the same engine
-    and serve `embed`, `classify`, `score` and the other methods of `EncoderTasks` instead of `generate`.
+    and serve `embed`, `classify`, `score` and the other methods of `PoolingTasks` instead of `generate`.
     """
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:

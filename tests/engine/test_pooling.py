@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.encoder_models import SENTENCES, hf_reference, minilm_path, tiny_encoder_path
-from tokenloom.engine.encoder_tasks import best_span, problem_type
 from tokenloom.engine.pooling import PoolingParams
+from tokenloom.engine.pooling_outputs import best_span, problem_type
 from tokenloom.llm import LLM
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "paged", "attention", "keeps",

@@ -26,7 +26,7 @@ from tokenloom.engine.pooling import (
     PoolingResult,
     PoolingRunner,
     encoder_max_len,
-    encoder_tasks,
+    pooling_tasks,
 )
 from tokenloom.engine.request import InvalidRequestError, Request, RequestStatus
 from tokenloom.engine.scheduler import Scheduler, SchedulerOutput
@@ -101,7 +101,7 @@ class LLMEngine:
     def supported_tasks(self) -> tuple[str, ...]:
         """generate and chat, or what an encoder-only model's head allows (embed, classify, score,
         token_classify, qa, fill_mask)."""
-        return GENERATIVE_TASKS if self.loaded.kind != "encoder" else encoder_tasks(self.loaded)
+        return GENERATIVE_TASKS if self.loaded.kind != "encoder" else pooling_tasks(self.loaded)
 
     def require(self, task: str) -> None:
         """Raise InvalidRequestError unless the model supports `task`, naming what it does support."""

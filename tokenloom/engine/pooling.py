@@ -63,7 +63,7 @@ class PoolingResult:
         return True
 
 
-def encoder_tasks(loaded: LoadedModel) -> tuple[str, ...]:
+def pooling_tasks(loaded: LoadedModel) -> tuple[str, ...]:
     """What an encoder-only model can do: embed, classify, score, token_classify, qa, fill_mask."""
     tasks = loaded.model.supported_tasks
     if "score" in tasks and loaded.hf_config.num_labels != 1:

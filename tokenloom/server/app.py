@@ -23,8 +23,8 @@ from tokenloom.server.config import ServerConfig
 from tokenloom.server.errors import install_error_handlers
 from tokenloom.server.metrics import ServerMetrics
 from tokenloom.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
-from tokenloom.server.served import ModelLeases, ServedModel, served_bytes, served_model_factory
-from tokenloom.server.serving import ServerState
+from tokenloom.server.model_leases import ModelLeases, ServedModel, served_bytes, served_model_factory
+from tokenloom.server.request_handling import ServerState
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from tokenloom.server.protocol import (
     Usage,
     random_id,
 )
-from tokenloom.server.serving import (
+from tokenloom.server.request_handling import (
     SSEResponse,
     check_failure,
     merged,

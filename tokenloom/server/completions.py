@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from tokenloom.outputs import PositionLogprobs, RequestOutput
 from tokenloom.server.errors import APIError
+from tokenloom.server.model_leases import ServedModel
 from tokenloom.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -19,8 +20,7 @@ from tokenloom.server.protocol import (
     Usage,
     random_id,
 )
-from tokenloom.server.served import ServedModel
-from tokenloom.server.serving import (
+from tokenloom.server.request_handling import (
     SSEResponse,
     check_failure,
     merged,

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 
-from tokenloom.engine import encoder_tasks
+from tokenloom.engine import pooling_outputs
 from tokenloom.engine.pooling import EncoderInput, PoolingResult
 from tokenloom.server.errors import APIError
+from tokenloom.server.model_leases import ServedModel
 from tokenloom.server.protocol import ClassifyRequest, EmbeddingRequest, random_id
-from tokenloom.server.served import ServedModel
-from tokenloom.server.serving import state_of
+from tokenloom.server.request_handling import state_of
 
 router = APIRouter()
 
@@ -31,7 +31,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
     items = _items(body.input)
     async with state_of(request).use_model(body) as lease:
         served = lease.model
-        served.encoder("embed")
+        served.pooler("embed")
         width = served.hf_config.hidden_size  # every pooling mode keeps the hidden size
         if body.dimensions is not None and body.dimensions != width:  # refused before any work is done
             raise APIError(400, f"model '{served.name}' does not support 'dimensions': its embeddings have {width} "
@@ -53,13 +53,13 @@ async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
         raise APIError(400, "input must not be empty", param="input", code="invalid_value")
     async with state_of(request).use_model(body) as lease:
         served = lease.model
-        served.encoder("classify")
+        served.pooler("classify")
         inputs = await _tokenize(served, items, body.truncate)
         results = await _run(served, inputs, "classify")
         config = served.hf_config
         data = []
         for i, (inp, r) in enumerate(zip(inputs, results)):
-            out = encoder_tasks.classification(r.data, config, inp)
+            out = pooling_outputs.classification(r.data, config, inp)
             data.append({"index": i, "label": out.label, "probs": out.probs, "labels": out.labels,
                          "num_classes": len(out.labels)})
         tokens = sum(len(inp.token_ids) for inp in inputs)

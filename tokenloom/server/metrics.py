@@ -14,7 +14,7 @@ from tokenloom.engine.async_engine import RequestTimings
 from tokenloom.manager import ModelManager, ModelState
 
 if TYPE_CHECKING:
-    from tokenloom.server.served import ServedModel
+    from tokenloom.server.model_leases import ServedModel
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0)

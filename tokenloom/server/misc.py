@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 import tokenloom
 from tokenloom.server.errors import APIError
 from tokenloom.server.protocol import DetokenizeRequest, TokenizeRequest
-from tokenloom.server.serving import state_of
+from tokenloom.server.request_handling import state_of
 
 router = APIRouter()
 

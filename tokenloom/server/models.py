@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from tokenloom.manager import ModelInfo, ModelState
 from tokenloom.server.errors import APIError
 from tokenloom.server.protocol import ModelActionRequest
-from tokenloom.server.serving import ServerState, keep_alive_of, state_of
+from tokenloom.server.request_handling import ServerState, keep_alive_of, state_of
 
 router = APIRouter()
 

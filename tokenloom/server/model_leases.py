@@ -83,7 +83,7 @@ class ServedModel:
                            code="unsupported_task")
         return self.engine
 
-    def encoder(self, task: str) -> AsyncEngine:
+    def pooler(self, task: str) -> AsyncEngine:
         """The async engine of an encoder model that can do `task`; 400 naming what the model supports."""
         if task not in self.supported_tasks:
             what = "an encoder-only model" if self.kind == "encoder" else "a generative model"

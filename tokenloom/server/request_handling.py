@@ -24,8 +24,8 @@ from tokenloom.sampling_params import SamplingParams
 from tokenloom.server.config import ServerConfig
 from tokenloom.server.errors import APIError, error_body, to_api_error
 from tokenloom.server.metrics import ServerMetrics
+from tokenloom.server.model_leases import ModelLease, ModelLeases, ServedModel
 from tokenloom.server.protocol import SamplingRequest
-from tokenloom.server.served import ModelLease, ModelLeases, ServedModel
 
 T = TypeVar("T")
 

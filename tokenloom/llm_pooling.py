@@ -1,5 +1,5 @@
-"""The offline API's encoder tasks (mixed into `LLM`): embed, classify, score, classify_tokens,
-answer (extractive QA) and fill_mask.
+"""The offline API's pooling tasks for encoder-only models (mixed into `LLM`): embed, classify, score,
+classify_tokens, answer (extractive QA) and fill_mask.
 
 Every input is tokenized and checked before any runs, so a bad one fails the call with its index
 named and no work is lost; the rest runs as pooling requests on the engine, in token-budget batches.
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tokenloom.engine import encoder_tasks as tasks
+from tokenloom.engine import pooling_outputs as tasks
 from tokenloom.engine.llm_engine import InvalidRequestError, LLMEngine
 from tokenloom.engine.pooling import EncoderInput
 from tokenloom.models.pooling import with_overrides
@@ -30,7 +30,7 @@ EmbedInput = str | list[int]
 TextOrPair = str | tuple[str, str]
 
 
-class EncoderTasks:
+class PoolingTasks:
     """Encoder-only tasks of `LLM`; each raises a ValueError naming what the model supports when the
     model cannot do the task (a generative model, or an encoder with another head)."""
 

@@ -1,4 +1,5 @@
-"""Raw encoder head outputs → the output dataclasses callers get (labels, spans, mask candidates).
+"""Pooling results (an encoder-only model's raw head outputs) → the output dataclasses callers get (labels,
+spans, mask candidates).
 
 Small pure functions over one input's float32 logits (see `PoolingResult.data` for the shapes).
 """
