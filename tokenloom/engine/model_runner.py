@@ -57,9 +57,9 @@ def keep_freed_memory() -> bool:
 
     By default every allocation above a few MiB is a fresh mmap, returned on free: a step's large
     tensors (a batch's logits are 64 MiB at 64 rows) then fault in new zero pages every step, which
-    cost more than the arithmetic (measured: converting 64 x 262144 bf16 logits to float32 took 17 ms
-    with fresh pages, 2.2 ms with reused ones). The process keeps its peak heap instead of returning it,
-    as a server would with jemalloc or tcmalloc. `TOKENLOOM_MALLOC_TUNING=0` leaves malloc alone."""
+    can cost more than the arithmetic (docs/benchmarks.md, "Kernel design notes"). The process keeps its
+    peak heap instead of returning it, as a server would with jemalloc or tcmalloc.
+    `TOKENLOOM_MALLOC_TUNING=0` leaves malloc alone."""
     if os.environ.get("TOKENLOOM_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:

@@ -184,9 +184,9 @@ class PagedAttention(nn.Module):
 
     def _prefill_matmul(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """A chunk's attention as two batched GEMMs per KV head (the group's query heads stacked as rows),
-        scores and softmax in float32. On CPU this is 2-4x faster than SDPA's flash kernel for the chunk
-        sizes of prefill (measured, bf16, 4 heads of 256 on 1 KV head: 512 tokens 7.2 -> 3.8 ms, 2048
-        tokens 148 -> 96 ms a layer); it holds heads x chunk x keys float32 scores, hence the size cap."""
+        scores and softmax in float32. On CPU this beats SDPA's flash kernel at prefill's chunk sizes
+        (docs/benchmarks.md, "Kernel design notes"); it holds heads x chunk x keys float32 scores, hence the
+        size cap."""
         length, keys = q.shape[0], k.shape[0]
         kv_heads, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         rows = q.view(length, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * length, dim)
@@ -198,8 +198,8 @@ class PagedAttention(nn.Module):
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, k_flat: torch.Tensor,
                 v_flat: torch.Tensor) -> torch.Tensor:
-        # Grouped-query attention as two batched matmuls: on CPU this runs ~6x faster than SDPA's
-        # flash kernel for one query row per sequence (measured: 4.6 vs 30 ms a layer, 64 rows x 400 keys).
+        # Grouped-query attention as two batched matmuls: on CPU SDPA's flash kernel is far slower for one
+        # query row per sequence (docs/benchmarks.md, "Kernel design notes").
         rows, kv_heads, group = q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads
         # Fold kv heads into the batch (free with one kv head) so bmm reads K transposed in place.
         k = k_flat[meta.decode_slots].transpose(1, 2).reshape(rows * kv_heads, -1, self.head_dim)
