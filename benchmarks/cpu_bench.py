@@ -19,9 +19,10 @@ prompts for every measurement (no prefix cache can help) and the same prompts fo
                by llama_sampler_sample (llama-batched-bench with real sampling)
   coldstart    a fresh `python -c` from its start to its first generated token: `LLM(...)` / `Llama(...)` and a
                1-token completion of "Hello"; each runs twice, the second (warm page cache) counts
-Each column is a weight format, optionally with a dtype (`int4`, `none:float32`; `auto` is the default
-quantization, with --dtype, also auto by default: what `tokenloom serve` runs with no flags). The report names
-the CPU's instruction-set level, the level our kernels ran at (TOKENLOOM_ISA lowers it) and torch's own.
+Each column is a weight format, optionally with a dtype and a KV cache dtype (`int4`, `none:float32`,
+`auto::float16`; `auto` is the default quantization, with --dtype, also auto by default: what `tokenloom
+serve` runs with no flags). The report names the CPU's instruction-set level, the level our kernels ran at
+(TOKENLOOM_ISA lowers it) and torch's own.
 Each system runs in its own worker process (this script with the hidden --worker flag, printing JSON), so
 llama.cpp's and torch's OpenMP thread pools never share a process, and every quantization starts fresh.
 """
@@ -130,9 +131,9 @@ def tokenloom_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from tokenloom.models import ops
 
     torch.set_num_threads(spec["threads"])
-    quantization, _, dtype = spec["quantization"].partition(":")
+    quantization, dtype, kv = (spec["quantization"].split(":") + ["", ""])[:3]
     llm, load_s = timed(lambda: LLM(spec["model"], quantization=quantization, dtype=dtype or spec["dtype"],
-                                    num_threads=spec["threads"]))
+                                    kv_cache_dtype=kv or "auto", num_threads=spec["threads"]))
     vocab = llm.engine.vocab_size
     prompts = make_prompts(spec["seed"], vocab, spec["reps"], spec["concurrency"])
     _log(f"tokenloom {spec['quantization']}: loaded in {load_s:.1f} s")
@@ -556,7 +557,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma-3-270m", help="a model whose source is a GGUF file")
     p.add_argument("--quantization", default="auto",
-                   help="tokenloom's weight formats, comma-separated, each optionally :dtype (auto,int8,none:float32)")
+                   help="tokenloom's weight formats, comma-separated, each optionally :dtype[:kv_cache_dtype] "
+                        "(auto,int8,none:float32,auto::float16)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="the dtype of the formats that name none")
     p.add_argument("--threads", type=int, default=physical_cores(), help="threads for both systems (physical cores)")

@@ -44,6 +44,10 @@ def test_bad_engine_option_names_the_option(tiny_models):
         LLM(str(tiny_models["llama"]), kv_cache_gib=-1)
     with pytest.raises(ConfigError, match="no_such_option"):
         LLM(str(tiny_models["llama"]), no_such_option=1)
+    with pytest.raises(ConfigError, match="kv_cache_dtype must be one of auto, float32, bfloat16, float16; got 'fp8'"):
+        LLM(str(tiny_models["llama"]), kv_cache_dtype="fp8")
+    with pytest.raises(ConfigError, match="kv_cache_dtype float32 is wider than the model's bfloat16"):
+        LLM(str(tiny_models["llama"]), dtype="bfloat16", kv_cache_dtype="float32", kv_cache_gib=0.01)
 
 
 def test_cli_generate_streams_text(tiny_models, capsys):

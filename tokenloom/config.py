@@ -52,6 +52,19 @@ class CacheConfig:
     kv_cache_gib: float = 1.0
     block_size: int = 16
     enable_prefix_caching: bool = True
+    # auto: the model's dtype. float16 / bfloat16 under float32 activations halve the cache's bytes (twice
+    # the tokens in kv_cache_gib, half the bytes decode attention reads), as llama.cpp's default f16 cache.
+    kv_cache_dtype: str = "auto"
+
+    def torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The cache's element type for a model running in `model_dtype`."""
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        dtype = _DTYPES[self.kv_cache_dtype]
+        if dtype.itemsize > model_dtype.itemsize:
+            raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype} is wider than the model's "
+                              f"{str(model_dtype).removeprefix('torch.')}; use auto")
+        return dtype
 
 
 @dataclass(slots=True)
@@ -119,6 +132,8 @@ class EngineConfig:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {m.quantization!r}")
         if m.max_model_len is not None and m.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1; got {m.max_model_len}")
+        if c.kv_cache_dtype != "auto" and c.kv_cache_dtype not in _DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of auto, {', '.join(_DTYPES)}; got {c.kv_cache_dtype!r}")
         if c.kv_cache_gib <= 0:
             raise ConfigError(f"kv_cache_gib must be > 0; got {c.kv_cache_gib}")
         if c.block_size < 1 or c.block_size & (c.block_size - 1):

@@ -147,3 +147,69 @@ def test_models_give_the_same_output_without_the_kernels(kernels, arch, tiny_mod
         want = [lp[t].logprob for lp, t in zip(b.prompt_logprobs[1:], b.prompt_token_ids[1:])]
         assert got == pytest.approx(want, abs=1e-4)
 
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,window,dim", [(4, 1, None, 256), (8, 2, 5, 32), (6, 2, None, 48)])
+def test_decode_kernel_reads_a_narrower_cache(kernels, cache_dtype, heads, kv_heads, window, dim):
+    """float32 queries over a float16 / bfloat16 cache (kv_cache_dtype): the same answer as the torch path,
+    which widens the gathered keys and values."""
+    torch.manual_seed(dim)
+    block_size, lens = 16, torch.tensor([1, 17, 40])
+    table = torch.randperm(12)[:9].view(3, 3).contiguous()
+    k_cache, v_cache = (torch.randn(12, block_size, kv_heads, dim).to(cache_dtype) for _ in range(2))
+    q = torch.randn(3, heads, dim)
+    attn = PagedAttention(heads, kv_heads, dim, dim ** -0.5, window)
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), [], 0, decode_block_table=table, decode_lens=lens,
+                             block_size=block_size)
+    want = attn._decode(q, meta, k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim))
+    got = kernels.paged_decode_attention(q, k_cache, v_cache, table, lens, dim ** -0.5, window or 0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_qkv_kernel_writes_a_float16_cache_and_returns_what_it_holds(kernels):
+    from tokenloom.models.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(3)
+    heads, kv_heads, dim = 4, 2, 32
+    rotary = RotaryEmbedding(dim, 64, {"rope_type": "default", "rope_theta": 10000.0})
+    qkv, positions, slots = torch.randn(5, (heads + 2 * kv_heads) * dim), torch.arange(5), torch.tensor([7, 0, 3, 9, 1])
+    caches = [torch.zeros(4, 4, kv_heads, dim, dtype=torch.float16) for _ in range(2)]
+    attn = PagedAttention(heads, kv_heads, dim, dim ** -0.5)
+    attn.kv_cache = tuple(caches)
+    q, k, v, cached = attn.project(qkv, positions, AttentionMetadata(slots, [], 0), rotary)
+    assert cached and k.dtype == torch.float32
+    assert torch.equal(caches[0].view(-1, kv_heads, dim)[slots].float(), k)  # the returned keys are the cached ones
+    assert torch.equal(caches[1].view(-1, kv_heads, dim)[slots].float(), v)
+    wq, wk, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    wq, wk = rotary(positions, wq.reshape(5, heads, dim), wk.reshape(5, kv_heads, dim))
+    torch.testing.assert_close(q, wq, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, wk, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_float16_cache_under_float32_activations(kernels, arch, tiny_models):
+    """kv_cache_dtype=float16 halves the cache's bytes (twice the blocks in the same budget); outputs stay
+    within float16 rounding of the float32 cache, and the kernels agree with the torch path."""
+    from tokenloom import SamplingParams
+    from tokenloom.llm import LLM
+
+    prompts = [[5, 17, 42, 99, 7, 3, 25], [11, 12, 13], list(range(3, 40))]
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, prompt_logprobs=0)
+
+    def run(kv: str) -> tuple[list, int]:
+        llm = LLM(str(tiny_models[arch]), dtype="float32", kv_cache_gib=0.01, max_num_batched_tokens=16,
+                  kv_cache_dtype=kv)
+        return llm.generate(prompts, params, use_tqdm=False), llm.engine.kv.num_blocks
+
+    wide, wide_blocks = run("auto")
+    narrow, narrow_blocks = run("float16")
+    assert narrow_blocks in (2 * wide_blocks, 2 * wide_blocks + 1)  # the same bytes, half a block each
+    for a, b in zip(narrow, wide):
+        got = [p[t].logprob for p, t in zip(a.prompt_logprobs[1:], a.prompt_token_ids[1:])]
+        want = [p[t].logprob for p, t in zip(b.prompt_logprobs[1:], b.prompt_token_ids[1:])]
+        assert max(abs(x - y) for x, y in zip(got, want)) < 2e-2
+    with ops.use_level("torch"):
+        plain, _ = run("float16")
+    assert [o.outputs[0].token_ids for o in plain] == [o.outputs[0].token_ids for o in narrow]

@@ -68,6 +68,7 @@ class LLMEngine:
         self.loaded = loaded or load_model(config.model_config, device)
         self.tokenizer = self.loaded.tokenizer
         cache = config.cache_config
+        self.kv_dtype = cache.torch_dtype(self.loaded.dtype)
         pooling = encoder_inputs = None
         if self.loaded.kind == "encoder":  # no KV cache: inputs run whole, in one step
             num_blocks = 0
@@ -76,7 +77,7 @@ class LLMEngine:
             encoder_inputs = EncoderTokenizer(self.loaded, self.max_model_len)
             pooling = PoolingRunner(self.loaded.model, self.pooling_config, self.tokenizer.hf.mask_token_id, device)
         else:
-            block_bytes = kv_bytes_per_block(self.loaded.model, cache.block_size, self.loaded.dtype)
+            block_bytes = kv_bytes_per_block(self.loaded.model, cache.block_size, self.kv_dtype)
             num_blocks = int(cache.kv_cache_gib * 2**30 // block_bytes)
             if num_blocks < 1:
                 raise ConfigError(f"kv_cache_gib={cache.kv_cache_gib} holds no block of {block_bytes} bytes")
@@ -84,7 +85,7 @@ class LLMEngine:
             self.max_model_len = min(self.loaded.max_model_len, num_blocks * cache.block_size)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
-        self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.loaded.dtype, device, pooling)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.kv_dtype, device, pooling)
         self.inputs = InputProcessor(self.loaded, self.max_model_len, device, encoder_inputs)
         self.vocab_size = self.inputs.vocab_size
         self.outputs = OutputProcessor(self.tokenizer)

@@ -73,7 +73,7 @@ def keep_freed_memory() -> bool:
 
 
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block occupies across every attention layer (keys and values)."""
+    """Bytes one block occupies across every attention layer (keys and values) in the cache's `dtype`."""
     per_token = sum(2 * a.num_kv_heads * a.head_dim for a in attention_layers(model))
     return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
 
@@ -86,7 +86,7 @@ def attention_layers(model: nn.Module) -> list[PagedAttention]:
 class ModelRunner:
     """Runs the model on a scheduled batch over its bound paged KV cache."""
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
                  device: torch.device, pooling: PoolingRunner | None = None) -> None:
         self.model = model
         self.pooling = pooling
@@ -98,8 +98,8 @@ class ModelRunner:
         self.attention = attention_layers(model)
         for attn in self.attention:
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
-            attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
-                             torch.zeros(shape, dtype=dtype, device=device))
+            attn.kv_cache = (torch.zeros(shape, dtype=kv_dtype, device=device),
+                             torch.zeros(shape, dtype=kv_dtype, device=device))
         self.encoder_cache = EncoderCache(model, device) if model_kind(model) == "encoder-decoder" else None
 
     def kv_cache_bytes(self) -> int:

@@ -150,8 +150,14 @@ class PagedAttention(nn.Module):
         k_flat = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)
         v_flat = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         if not kv_cached:
-            k_flat.index_copy_(0, meta.slot_mapping, k)
-            v_flat.index_copy_(0, meta.slot_mapping, v)
+            if k_flat.dtype != k.dtype:  # a narrower cache: the chunk's own keys are used as the cache holds them
+                k, v = k.to(k_flat.dtype), v.to(v_flat.dtype)
+                k_flat.index_copy_(0, meta.slot_mapping, k)
+                v_flat.index_copy_(0, meta.slot_mapping, v)
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            else:
+                k_flat.index_copy_(0, meta.slot_mapping, k)
+                v_flat.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         for span in meta.prefills:
             end = span.start + span.length
@@ -170,7 +176,7 @@ class PagedAttention(nn.Module):
                  k_flat: torch.Tensor, v_flat: torch.Tensor) -> torch.Tensor:
         window = self.sliding_window
         if span.context_len:
-            k, v = k_flat[span.kv_slots], v_flat[span.kv_slots]
+            k, v = k_flat[span.kv_slots].to(q.dtype), v_flat[span.kv_slots].to(q.dtype)
         if q.device.type == "cpu" and self.num_heads * span.length * k.shape[0] <= MATMUL_PREFILL_MAX_SCORES:
             return self._prefill_matmul(q, k, v, meta.prefill_mask(span, window, q.device))
         if span.context_len == 0 and (window is None or span.length <= window):
@@ -202,8 +208,8 @@ class PagedAttention(nn.Module):
         # query row per sequence (docs/benchmarks.md, "Kernel design notes").
         rows, kv_heads, group = q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads
         # Fold kv heads into the batch (free with one kv head) so bmm reads K transposed in place.
-        k = k_flat[meta.decode_slots].transpose(1, 2).reshape(rows * kv_heads, -1, self.head_dim)
-        v = v_flat[meta.decode_slots].transpose(1, 2).reshape(rows * kv_heads, -1, self.head_dim)
+        k = k_flat[meta.decode_slots].to(q.dtype).transpose(1, 2).reshape(rows * kv_heads, -1, self.head_dim)
+        v = v_flat[meta.decode_slots].to(q.dtype).transpose(1, 2).reshape(rows * kv_heads, -1, self.head_dim)
         scores = torch.bmm(q.reshape(rows * kv_heads, group, self.head_dim), k.transpose(1, 2)).float()
         scores = scores.view(rows, kv_heads, group, -1)
         scores.mul_(self.scale).masked_fill_(~meta.decode_mask(self.sliding_window), float("-inf"))

@@ -13,8 +13,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "kv_dtype.h"
 #include "norm_row.h"
 
 namespace {
@@ -56,9 +58,19 @@ inline void norm_rope_head(const T* x, const W* norm_w, const T* cos, const T* s
   }
 }
 
-template <typename T, typename W>
+// Stores a head's keys or values into the cache (dtype C) and leaves `o` holding what was stored, so that
+// attention over the fresh keys of a chunk sees exactly what later steps read from the cache.
+template <typename T, typename C>
+inline void store_rounded(T* o, C* cache, int64_t dim) {
+  for (int64_t i = 0; i < dim; ++i) {
+    cache[i] = static_cast<C>(static_cast<float>(o[i]));
+    if constexpr (!std::is_same_v<T, C>) o[i] = static_cast<T>(static_cast<float>(cache[i]));
+  }
+}
+
+template <typename T, typename W, typename C>
 void qkv_rope_cache_kernel(const T* qkv, const int64_t* positions, const T* cos, const T* sin, const W* q_w,
-                           const W* k_w, const int64_t* slots, T* k_cache, T* v_cache, T* out, int64_t tokens,
+                           const W* k_w, const int64_t* slots, C* k_cache, C* v_cache, T* out, int64_t tokens,
                            int64_t heads, int64_t kv_heads, int64_t dim, float eps, float offset) {
   const int64_t width = heads + 2 * kv_heads;
   at::parallel_for(0, tokens * width, 16, [&](int64_t begin, int64_t end) {
@@ -72,10 +84,10 @@ void qkv_rope_cache_kernel(const T* qkv, const int64_t* positions, const T* cos,
         norm_rope_head(x, q_w, cos + pos * dim, sin + pos * dim, o, scratch.data(), dim, eps, offset);
       } else if (h < heads + kv_heads) {
         norm_rope_head(x, k_w, cos + pos * dim, sin + pos * dim, o, scratch.data(), dim, eps, offset);
-        std::copy(o, o + dim, k_cache + (slots[t] * kv_heads + h - heads) * dim);
+        store_rounded(o, k_cache + (slots[t] * kv_heads + h - heads) * dim, dim);
       } else {
         std::copy(x, x + dim, o);
-        std::copy(x, x + dim, v_cache + (slots[t] * kv_heads + h - heads - kv_heads) * dim);
+        store_rounded(o, v_cache + (slots[t] * kv_heads + h - heads - kv_heads) * dim, dim);
       }
     }
   });
@@ -118,8 +130,9 @@ std::vector<at::Tensor> add_rms_norm(at::Tensor residual, at::Tensor update, c10
 }
 
 // qkv [tokens, (heads + 2 kv_heads) * dim]; positions, slots int64 [tokens]; cos, sin [max_pos, dim] in
-// qkv's dtype; q_weight, k_weight [dim] or None; caches [blocks, block_size, kv_heads, dim]. Writes the
-// new keys and values at `slots` and returns [tokens, heads + 2 kv_heads, dim]: rotated q, k, then v.
+// qkv's dtype; q_weight, k_weight [dim] or None; caches [blocks, block_size, kv_heads, dim] in qkv's dtype,
+// or float16 / bfloat16 under a wider qkv. Writes the new keys and values at `slots` and returns
+// [tokens, heads + 2 kv_heads, dim]: rotated q, k, then v (k and v as the cache holds them).
 at::Tensor qkv_rope_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor sin,
                           c10::optional<at::Tensor> q_weight, c10::optional<at::Tensor> k_weight, double eps,
                           double offset, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots, int64_t heads,
@@ -131,8 +144,9 @@ at::Tensor qkv_rope_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, 
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (heads + 2 * kv_heads) * dim, "qkv_rope_cache: qkv width mismatch");
   TORCH_CHECK(dim % 2 == 0 && cos.dim() == 2 && cos.size(1) == dim && sin.sizes() == cos.sizes(),
               "qkv_rope_cache: tables must be [positions, dim]");
-  TORCH_CHECK(qkv.scalar_type() == k_cache.scalar_type() && qkv.scalar_type() == cos.scalar_type() &&
-                  qkv.scalar_type() == sin.scalar_type(),
+  TORCH_CHECK(qkv.scalar_type() == cos.scalar_type() && qkv.scalar_type() == sin.scalar_type() &&
+                  k_cache.scalar_type() == v_cache.scalar_type() &&
+                  tokenloom::cache_dtype_ok(qkv.scalar_type(), k_cache.scalar_type()),
               "qkv_rope_cache: dtype mismatch");
   TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
                   positions.numel() == tokens && slots.numel() == tokens,
@@ -152,11 +166,14 @@ at::Tensor qkv_rope_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, 
   auto q_w = as_weight(q_weight, qkv, dim, "qkv_rope_cache"), k_w = as_weight(k_weight, qkv, dim, "qkv_rope_cache");
   auto out = at::empty({tokens, heads + 2 * kv_heads, dim}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "qkv_rope_cache", [&] {
-    qkv_rope_cache_kernel<scalar_t, scalar_t>(
-        qkv.data_ptr<scalar_t>(), positions.data_ptr<int64_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
-        optional_ptr<scalar_t>(q_w), optional_ptr<scalar_t>(k_w), slots.data_ptr<int64_t>(),
-        k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), tokens, heads,
-        kv_heads, dim, static_cast<float>(eps), static_cast<float>(offset));
+    tokenloom::with_cache_type<scalar_t>(k_cache.scalar_type(), [&](auto cache_type) {
+      using C = decltype(cache_type);
+      qkv_rope_cache_kernel<scalar_t, scalar_t, C>(
+          qkv.data_ptr<scalar_t>(), positions.data_ptr<int64_t>(), cos.data_ptr<scalar_t>(),
+          sin.data_ptr<scalar_t>(), optional_ptr<scalar_t>(q_w), optional_ptr<scalar_t>(k_w),
+          slots.data_ptr<int64_t>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(), out.data_ptr<scalar_t>(), tokens,
+          heads, kv_heads, dim, static_cast<float>(eps), static_cast<float>(offset));
+    });
   });
   return out;
 }

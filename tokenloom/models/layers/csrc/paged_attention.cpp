@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kv_dtype.h"
 #include "simd.h"
 
 namespace {
@@ -183,8 +184,8 @@ bool decode_task_fast(int64_t, const float*, const T*, const T*, const int64_t*,
 }
 #endif
 
-template <typename T>
-void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, const int64_t* lens,
+template <typename T, typename C>
+void decode_kernel(const T* q, const C* k_cache, const C* v_cache, const int64_t* table, const int64_t* lens,
                    T* out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
                    int64_t max_blocks, float scale, int64_t window) {
   const int64_t group = heads / kv_heads;
@@ -231,7 +232,9 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
                                   at::Tensor lens, double scale, int64_t window) {
   TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+                  tokenloom::cache_dtype_ok(q.scalar_type(), k_cache.scalar_type()),
+              "dtype mismatch");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 indices");
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "head layout mismatch");
   q = q.contiguous();
@@ -240,10 +243,13 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   auto out = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                            block_table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
-                            q.size(0), q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), block_table.size(1),
-                            static_cast<float>(scale), window);
+    tokenloom::with_cache_type<scalar_t>(k_cache.scalar_type(), [&](auto cache_type) {
+      using C = decltype(cache_type);
+      decode_kernel<scalar_t, C>(q.data_ptr<scalar_t>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
+                                 block_table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+                                 q.size(0), q.size(1), k_cache.size(2), q.size(2), k_cache.size(1),
+                                 block_table.size(1), static_cast<float>(scale), window);
+    });
   });
   return out;
 }
