@@ -86,8 +86,9 @@ def attention_layers(model: nn.Module) -> list[PagedAttention]:
 class ModelRunner:
     """Runs the model on a scheduled batch over its bound paged KV cache."""
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, pooling: PoolingRunner | None = None) -> None:
+        """`dtype` is the KV cache's (the engine's `kv_cache_dtype` resolved)."""
         self.model = model
         self.pooling = pooling
         self.block_size = block_size
@@ -98,8 +99,8 @@ class ModelRunner:
         self.attention = attention_layers(model)
         for attn in self.attention:
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
-            attn.kv_cache = (torch.zeros(shape, dtype=kv_dtype, device=device),
-                             torch.zeros(shape, dtype=kv_dtype, device=device))
+            attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
+                             torch.zeros(shape, dtype=dtype, device=device))
         self.encoder_cache = EncoderCache(model, device) if model_kind(model) == "encoder-decoder" else None
 
     def kv_cache_bytes(self) -> int:
