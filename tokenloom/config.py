@@ -77,6 +77,15 @@ class SchedulerConfig:
 
 
 @dataclass(slots=True)
+class AdapterConfig:
+    """LoRA adapters served per request on the base model (tokenloom/adapters)."""
+
+    enable_adapters: bool = False
+    max_adapters: int = 4  # adapters loaded at once (slots); more are swapped in least recently used first
+    max_adapter_rank: int = 64
+
+
+@dataclass(slots=True)
 class DeviceConfig:
     """Where tensors live, how many CPU threads torch uses, and whether they are pinned (`cpu_bind`:
     none, cores = one per physical core, or CPU ids such as 0,2 or 0-3)."""
@@ -97,7 +106,7 @@ class DeviceConfig:
 QUANTIZATIONS = ("auto", "none", "int8", "int5", "int4")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GROUPS = {"model_config": ModelConfig, "cache_config": CacheConfig,
-           "scheduler_config": SchedulerConfig, "device_config": DeviceConfig}
+           "scheduler_config": SchedulerConfig, "device_config": DeviceConfig, "adapter_config": AdapterConfig}
 
 
 @dataclass(slots=True)
@@ -108,6 +117,7 @@ class EngineConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
+    adapter_config: AdapterConfig = field(default_factory=AdapterConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -142,6 +152,10 @@ class EngineConfig:
             raise ConfigError(f"max_num_batched_tokens must be >= 1; got {s.max_num_batched_tokens}")
         if s.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1; got {s.max_num_seqs}")
+        a = self.adapter_config
+        if a.max_adapters < 1 or a.max_adapter_rank < 1:
+            raise ConfigError(f"max_adapters and max_adapter_rank must be >= 1; got {a.max_adapters}, "
+                              f"{a.max_adapter_rank}")
         parse_cpu_bind(self.device_config.cpu_bind)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from tokenloom.adapters import AdapterRequest
 from tokenloom.config import EngineConfig
 from tokenloom.engine.beam_search import BeamSearchOutput, run_beam_search
 from tokenloom.engine.llm_engine import InvalidRequestError, LLMEngine
@@ -41,35 +42,43 @@ class LLM(PoolingTasks):
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, adapter: AdapterRequest | Sequence[AdapterRequest | None] | None = None
+                 ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}); outputs come
         back in input order. Every prompt is validated before any starts, so a bad one fails the
-        call with its index named and no work is lost."""
+        call with its index named and no work is lost. `adapter` runs every prompt with one LoRA adapter,
+        or each with its own (a list, None for the base model; needs `enable_adapters=True`)."""
         self._require_generative("generate")
         prompts = _as_list(prompts)
         params = _broadcast(sampling_params, len(prompts))
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise InvalidRequestError(f"got {len(adapters)} adapters for {len(prompts)} prompts", "adapter")
         ids = [str(next(self._ids)) for _ in prompts]
         for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params)):
             try:
-                self._add(rid, prompt, dataclasses.replace(p, output_kind="final"))
+                self._add(rid, prompt, dataclasses.replace(p, output_kind="final"), adapters[i])
             except ValueError as exc:
                 self.engine.abort_request(ids[:i])  # nothing has run yet: drop the ones already queued
                 raise InvalidRequestError(f"prompt {i}: {exc}", getattr(exc, "field", None)) from exc
         return self._run(ids, use_tqdm)
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               adapter: AdapterRequest | None = None) -> Iterator[RequestOutput]:
         """Generate for one prompt, yielding incremental outputs (each with the new text and token ids of
         every choice) as the engine produces them; stopping the iteration aborts the request."""
         self._require_generative("stream")
         rid = str(next(self._ids))
-        self._add(rid, prompt, dataclasses.replace(sampling_params or SamplingParams(), output_kind="delta"))
+        self._add(rid, prompt, dataclasses.replace(sampling_params or SamplingParams(), output_kind="delta"), adapter)
         yield from self.engine.run([rid])
 
-    def _add(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
+    def _add(self, request_id: str, prompt: Prompt, params: SamplingParams,
+             adapter: AdapterRequest | None = None) -> None:
         """Queue one prompt through the engine's input processor (a text is tokenized and echoed back)."""
         ids_or_text = _prompt_ids_or_text(prompt)
         text = ids_or_text if isinstance(ids_or_text, str) else None
-        self.engine.add_request(request_id, self.engine.inputs.token_ids(ids_or_text), params, prompt_text=text)
+        self.engine.add_request(request_id, self.engine.inputs.token_ids(ids_or_text), params, prompt_text=text,
+                                adapter=adapter)
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -109,16 +109,19 @@ class InputProcessor:
 
     # ---- requests ----
 
-    def requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 strict: bool = False) -> list[Request]:
+    def requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams, strict: bool = False,
+                 adapter: tuple[str, int] | None = None) -> list[Request]:
         """The engine requests of one user request: `params.n` children sharing the prompt (ids `i_{id}`
-        when n > 1), each with its own seeded generator (seed + i) and logits processor objects."""
+        when n > 1), each with its own seeded generator (seed + i) and logits processor objects; `adapter`
+        (name, slot) runs them with a loaded adapter, whose name also salts their prefix-cache hashes."""
         prompt_ids = self.token_ids(prompt_ids)
         decoder_ids = self.decoder_prompt(prompt_ids)
         max_tokens = self.fit(len(decoder_ids), params.max_tokens, strict)
         params.validate_vocab(self.vocab_size)
         encoder_ids = prompt_ids if self.loaded.kind == "encoder-decoder" else None
         salt = None if encoder_ids is None else hash(tuple(encoder_ids))
+        if adapter is not None:
+            salt = hash(("adapter", adapter[0], salt))
         child_params = dataclasses.replace(params, n=1) if params.n > 1 else params
         children = []
         for i in range(params.n):
@@ -128,5 +131,6 @@ class InputProcessor:
             children.append(Request(f"{i}_{request_id}" if params.n > 1 else request_id, list(decoder_ids),
                                     child_params, self.eos_token_ids, max_tokens, generator=generator,
                                     logits_processors=build_logits_processors(params.logits_processors),
-                                    encoder_token_ids=encoder_ids, cache_salt=salt))
+                                    encoder_token_ids=encoder_ids, cache_salt=salt,
+                                    adapter_slot=None if adapter is None else adapter[1]))
         return children

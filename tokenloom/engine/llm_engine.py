@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenloom.adapters import AdapterRequest
+from tokenloom.adapters.lora import LoRAManager
 from tokenloom.config import ConfigError, EngineConfig
 from tokenloom.engine.input_processor import InputProcessor
 from tokenloom.engine.kv_cache import KVCacheManager
@@ -85,7 +87,15 @@ class LLMEngine:
             self.max_model_len = min(self.loaded.max_model_len, num_blocks * cache.block_size)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
-        self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.kv_dtype, device, pooling)
+        self.adapters = None
+        if config.adapter_config.enable_adapters:
+            if self.loaded.kind != "decoder":
+                raise ConfigError(f"enable_adapters: adapters run on decoder-only models for now; "
+                                  f"{self.loaded.name} is {self.loaded.kind}")
+            a = config.adapter_config
+            self.adapters = LoRAManager(self.loaded.model, device, a.max_adapters, a.max_adapter_rank)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.kv_dtype, device, pooling,
+                                  self.adapters)
         self.inputs = InputProcessor(self.loaded, self.max_model_len, device, encoder_inputs)
         self.vocab_size = self.inputs.vocab_size
         self.outputs = OutputProcessor(self.tokenizer)
@@ -127,10 +137,12 @@ class LLMEngine:
         return self.inputs.encoder_inputs
 
     def add_request(self, request_id: str, prompt: list[int] | EncoderInput, params: SamplingParams | PoolingParams,
-                    prompt_text: str | None = None, strict: bool = False) -> None:
+                    prompt_text: str | None = None, strict: bool = False,
+                    adapter: AdapterRequest | None = None) -> None:
         """Validate and queue a request: a generation from its prompt's token ids (the input processor makes
         them from text or messages; `prompt_text` is echoed in its outputs; `strict` refuses a max_tokens
-        over the context instead of shortening it), or, with pooling params, an encoder-only model's input."""
+        over the context instead of shortening it; `adapter` runs it with a LoRA adapter, loaded on first
+        use), or, with pooling params, an encoder-only model's input."""
         if request_id in self.outputs.parents or request_id in self._pooling:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if isinstance(params, PoolingParams):
@@ -142,10 +154,21 @@ class LLMEngine:
                                       f"{', '.join(self.supported_tasks)}, not text generation")
         if isinstance(prompt, str):
             raise InvalidRequestError("add_request takes token ids; tokenize text with engine.inputs.token_ids")
-        children = self.inputs.requests(request_id, prompt, params, strict)
+        children = self.inputs.requests(request_id, prompt, params, strict, self._adapter(adapter))
         self.outputs.add(ParentState(request_id, prompt_text, list(prompt)), children)
         for child in children:
             self.scheduler.add(child)
+
+    def _adapter(self, adapter: AdapterRequest | None) -> tuple[str, int] | None:
+        """(name, slot) of a request's adapter, loading it on first use."""
+        if adapter is None:
+            return None
+        if self.adapters is None:
+            raise InvalidRequestError(f"adapter {adapter.name!r} asked for, but adapters are off: start the engine "
+                                      f"with enable_adapters=True (--enable-adapters)", "adapter")
+        busy = {r.adapter_slot for r in (*self.scheduler.running, *self.scheduler.waiting)
+                if r.adapter_slot is not None}
+        return adapter.name, self.adapters.slot_for(adapter, busy)
 
     def _add_pooling(self, request_id: str, inp: EncoderInput, params: PoolingParams) -> None:
         self.require(params.task)
@@ -275,7 +298,8 @@ class LLMEngine:
 
     def memory_bytes(self) -> int:
         """Bytes this engine holds: the model's weights and the KV cache tensors."""
-        return self.loaded.weight_bytes + self.runner.kv_cache_bytes()  # an encoder has no KV cache
+        adapters = self.adapters.memory_bytes() if self.adapters is not None else 0
+        return self.loaded.weight_bytes + self.runner.kv_cache_bytes() + adapters  # an encoder has no KV cache
 
     def stats(self) -> EngineStats:
         """Current queue sizes, cache usage and prefix-cache counters."""

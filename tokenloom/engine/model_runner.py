@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tokenloom.adapters.lora import LoRAManager
 from tokenloom.engine.encoder_cache import EncoderCache
 from tokenloom.engine.pooling import PoolingRunner
 from tokenloom.engine.request import Request
@@ -87,10 +88,12 @@ class ModelRunner:
     """Runs the model on a scheduled batch over its bound paged KV cache."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, pooling: PoolingRunner | None = None) -> None:
+                 device: torch.device, pooling: PoolingRunner | None = None, adapters: LoRAManager | None = None
+                 ) -> None:
         """`dtype` is the KV cache's (the engine's `kv_cache_dtype` resolved)."""
         self.model = model
         self.pooling = pooling
+        self.adapters = adapters
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
@@ -120,7 +123,13 @@ class ModelRunner:
             return RunnerOutput(pooled=self.pooling.execute(sched.requests))
         self._copy_blocks(sched.block_copies)
         batch = self._prepare(sched)
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+        if self.adapters is not None:
+            self.adapters.batch.groups = batch.adapter_groups
+        try:
+            hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+        finally:
+            if self.adapters is not None:
+                self.adapters.batch.groups = []
         out = RunnerOutput()
         if batch.sample_rows:
             logits = self.model.compute_logits(hidden[batch.sample_index])
@@ -156,9 +165,12 @@ class ModelRunner:
         bs = self.block_size
         ids, positions, slots = [], [], []
         spans, decode_rows, sample_rows, sample_index, plp_rows = [], [], [], [], []
+        adapter_rows: dict[int, list[int]] = {}
         offset = 0
         for i in order:
             request, n = sched.requests[i], sched.num_tokens[i]
+            if request.adapter_slot is not None:
+                adapter_rows.setdefault(request.adapter_slot, []).extend(range(offset, offset + n))
             start = request.num_computed_tokens
             pos = np.arange(start, start + n)
             table = np.asarray(request.block_ids)
@@ -186,9 +198,12 @@ class ModelRunner:
         if self.encoder_cache is not None:
             meta.cross = self.encoder_cache.prepare([sched.requests[i] for i in order],
                                                     [sched.num_tokens[i] for i in order])
+        groups = [(slot, torch.tensor(rows, dtype=torch.long, device=self.device))
+                  for slot, rows in sorted(adapter_rows.items())]
         return _Batch(torch.tensor(ids, dtype=torch.long, device=self.device),
                       torch.from_numpy(np.concatenate(positions)).to(self.device), meta,
-                      sample_rows, torch.tensor(sample_index, dtype=torch.long, device=self.device), plp_rows)
+                      sample_rows, torch.tensor(sample_index, dtype=torch.long, device=self.device), plp_rows,
+                      groups)
 
     def _decode_tables(self, rows: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.block_size
@@ -221,3 +236,4 @@ class _Batch:
     sample_rows: list[int]
     sample_index: torch.Tensor
     prompt_logprob_rows: list[tuple[Request, torch.Tensor, torch.Tensor]]
+    adapter_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, packed token rows)

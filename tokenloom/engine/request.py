@@ -73,10 +73,11 @@ class Request:
     logits_processors: list[Any] = field(default_factory=list)
     # Encoder–decoder models: the prompt is the encoder's input; `prompt_token_ids` is then the decoder's
     # start ([decoder_start_token_id]). `cache_salt` seeds the prefix-cache hash chain (blocks computed
-    # against another encoder input must not match).
+    # against another encoder input, or under another adapter, must not match).
     encoder_token_ids: list[int] | None = None
     cache_salt: int | None = None
     pooling_params: PoolingParams | None = None
+    adapter_slot: int | None = None  # the LoRA adapter's slot (engine.adapters), None for the base model
     token_type_ids: list[int] | None = None  # a pooling request's segment ids (BERT pairs)
 
     @property

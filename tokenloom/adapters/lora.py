@@ -1,0 +1,232 @@
+"""LoRA adapters in PEFT's format, applied to a batch that mixes adapters and the base model.
+
+A PEFT LoRA folder holds `adapter_config.json` (r, lora_alpha, target_modules, ...) and
+`adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` [r, in] and `lora_B.weight`
+[out, r] per target module. A module of the checkpoint may be a shard of one of our fused layers (q_proj of
+qkv_proj, gate_proj of gate_up_proj): its update then lands on that shard's output columns.
+
+Applying: every targeted linear layer is wrapped once in a `LoRALinear` that holds each loaded adapter's
+matrices by slot. Before a step the runner tells the shared `LoRABatch` which packed tokens use which slot;
+each wrapped layer then adds `scaling * (x @ A.T) @ B.T` to those tokens' output, one product pair per
+adapter present in the step (grouped by adapter, not per request). Tokens of the base model pay nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenloom.adapters import AdapterError, AdapterRequest
+
+_PREFIX = "base_model.model."
+
+
+@dataclass(slots=True)
+class LoRAUpdate:
+    """One target module's low-rank update: output columns [offset, offset + B.shape[0]) gain
+    `scaling * (x @ A.T) @ B.T`."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    offset: int
+    scaling: float
+
+
+@dataclass(slots=True)
+class LoRABatch:
+    """The step's packed tokens by adapter slot (set by the runner before the forward pass)."""
+
+    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+
+class LoRALinear(nn.Module):
+    """A linear layer (dense, fused or quantized) plus the low-rank updates of the loaded adapters."""
+
+    def __init__(self, base: nn.Module, batch: LoRABatch, max_adapters: int) -> None:
+        super().__init__()
+        self.base = base
+        self.batch = batch
+        self.updates: list[list[LoRAUpdate]] = [[] for _ in range(max_adapters)]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the wrapped layer's own attributes (shard_offsets, split, ...)
+            return getattr(self._modules["base"], name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output, plus each adapter's update on its own tokens."""
+        out = self.base(x)
+        for slot, rows in self.batch.groups:
+            updates = self.updates[slot]
+            if not updates:
+                continue
+            xs = x[rows]
+            for u in updates:
+                delta = (xs @ u.a.t().to(xs.dtype)) @ u.b.t().to(xs.dtype)
+                out[:, u.offset:u.offset + u.b.shape[0]].index_add_(0, rows, (delta * u.scaling).to(out.dtype))
+        return out
+
+
+def _targets(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Checkpoint module name → (our module name, output offset, width): every linear layer by its own
+    name, and every shard of a fused layer by the checkpoint name it stands for."""
+    out = {}
+    for name, module in model.named_modules():
+        base = module.base if isinstance(module, LoRALinear) else module
+        weight = getattr(base, "weight", None)
+        if not isinstance(weight, torch.Tensor) and not hasattr(base, "codes"):
+            continue
+        width = getattr(base, "out_features", None)
+        if width is None:
+            continue
+        out[name] = (name, 0, width)
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        for shard, (offset, size) in (getattr(base, "shard_offsets", None) or {}).items():
+            out[f"{parent}.{shard}" if parent else shard] = (name, offset, size)
+    return out
+
+
+@dataclass(slots=True)
+class LoRAAdapter:
+    """A loaded adapter: its updates by our module name."""
+
+    name: str
+    path: Path
+    rank: int
+    updates: dict[str, list[LoRAUpdate]]
+
+
+def read_lora(request: AdapterRequest, model: nn.Module, device: torch.device, max_rank: int) -> LoRAAdapter:
+    """Read a PEFT LoRA folder and map its modules onto `model`; AdapterError names what does not fit."""
+    path = Path(request.path)
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise AdapterError(f"adapter {request.name!r}: {f} does not exist")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"adapter {request.name!r}: {config_file} is not valid JSON: {exc}") from exc
+    _check_config(request.name, config_file, config, max_rank)
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error to the caller
+        raise AdapterError(f"adapter {request.name!r}: {weights_file} cannot be read: {exc}") from exc
+    rank = int(config["r"])
+    scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    targets = _targets(model)
+    updates: dict[str, list[LoRAUpdate]] = {}
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+        module = key.removeprefix(_PREFIX).removesuffix(".lora_A.weight")
+        b_key = key.replace(".lora_A.weight", ".lora_B.weight")
+        if module not in targets or b_key not in tensors:
+            raise AdapterError(f"adapter {request.name!r}: {weights_file}: module {module!r} "
+                               f"{'has no lora_B' if module in targets else 'is not a linear layer of this model'}")
+        if module.rsplit(".", 1)[-1] == "lm_head":
+            raise AdapterError(f"adapter {request.name!r}: {weights_file}: LoRA on lm_head is not supported")
+        ours, offset, width = targets[module]
+        a, b = tensors[key], tensors[b_key]
+        in_features = _in_features(model.get_submodule(ours))
+        if a.shape != (rank, in_features) or b.shape != (width, rank):
+            raise AdapterError(f"adapter {request.name!r}: {weights_file}: {module} has lora_A {tuple(a.shape)} "
+                               f"and lora_B {tuple(b.shape)}; this model needs ({rank}, {in_features}) and "
+                               f"({width}, {rank}) (an adapter of another base model?)")
+        updates.setdefault(ours, []).append(
+            LoRAUpdate(a.to(device, torch.float32), b.to(device, torch.float32), offset, scaling))
+    if not updates:
+        raise AdapterError(f"adapter {request.name!r}: {weights_file} holds no lora_A/lora_B weights")
+    return LoRAAdapter(request.name, path, rank, updates)
+
+
+def _check_config(name: str, file: Path, config: dict[str, Any], max_rank: int) -> None:
+    def fail(what: str) -> None:
+        raise AdapterError(f"adapter {name!r}: {file}: {what}")
+
+    if config.get("peft_type") != "LORA":
+        fail(f"peft_type {config.get('peft_type')!r} is not supported here (LORA is)")
+    r = config.get("r")
+    if not isinstance(r, int) or not 1 <= r <= max_rank:
+        fail(f"r must be an integer in [1, {max_rank}] (max_adapter_rank); got {r!r}")
+    if not isinstance(config.get("lora_alpha"), (int, float)):
+        fail(f"lora_alpha must be a number; got {config.get('lora_alpha')!r}")
+    if config.get("use_dora"):
+        fail("DoRA adapters are not supported")
+    if config.get("bias", "none") != "none":
+        fail(f"bias {config.get('bias')!r} is not supported (none is)")
+    if config.get("modules_to_save"):
+        fail(f"modules_to_save {config['modules_to_save']!r} is not supported")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        fail("per-module rank_pattern / alpha_pattern is not supported")
+
+
+def _in_features(module: nn.Module) -> int:
+    base = module.base if isinstance(module, LoRALinear) else module
+    return int(base.in_features)
+
+
+class LoRAManager:
+    """The engine's adapters: the wrapped layers, `max_adapters` slots, loading by name on first use and
+    replacing the least recently used adapter that no request in flight uses."""
+
+    def __init__(self, model: nn.Module, device: torch.device, max_adapters: int, max_rank: int) -> None:
+        self.model, self.device = model, device
+        self.max_adapters, self.max_rank = max_adapters, max_rank
+        self.batch = LoRABatch()
+        self.slots: list[LoRAAdapter | None] = [None] * max_adapters
+        self._use = [0] * max_adapters  # last use, for LRU
+        self._clock = 0
+        self._layers: dict[str, LoRALinear] = {}
+
+    def slot_for(self, request: AdapterRequest, busy: set[int]) -> int:
+        """The slot holding `request`'s adapter, loading it (into a free slot, or the least recently used one
+        no request in `busy` uses) on first use."""
+        self._clock += 1
+        for i, adapter in enumerate(self.slots):
+            if adapter is not None and adapter.name == request.name:
+                if adapter.path != Path(request.path):
+                    raise AdapterError(f"adapter {request.name!r} is loaded from {adapter.path}, not {request.path}")
+                self._use[i] = self._clock
+                return i
+        free = [i for i in range(self.max_adapters) if i not in busy]
+        if not free:
+            raise AdapterError(f"all {self.max_adapters} adapter slots are in use by requests in flight "
+                               f"(max_adapters); retry when one finishes")
+        slot = min(free, key=lambda i: (self.slots[i] is not None, self._use[i]))
+        adapter = read_lora(request, self.model, self.device, self.max_rank)
+        self._install(slot, adapter)
+        self._use[slot] = self._clock
+        return slot
+
+    def _install(self, slot: int, adapter: LoRAAdapter) -> None:
+        for layer in self._layers.values():
+            layer.updates[slot] = []
+        for name, updates in adapter.updates.items():
+            self._layer(name).updates[slot] = updates
+        self.slots[slot] = adapter
+
+    def _layer(self, name: str) -> LoRALinear:
+        layer = self._layers.get(name)
+        if layer is None:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            current = getattr(parent, leaf)
+            layer = current if isinstance(current, LoRALinear) else LoRALinear(current, self.batch,
+                                                                               self.max_adapters)
+            setattr(parent, leaf, layer)
+            self._layers[name] = layer
+        return layer
+
+    def memory_bytes(self) -> int:
+        """Bytes of the loaded adapters' matrices."""
+        return sum(u.a.numel() * u.a.element_size() + u.b.numel() * u.b.element_size()
+                   for adapter in self.slots if adapter is not None
+                   for updates in adapter.updates.values() for u in updates)
