@@ -9,37 +9,22 @@ import json
 import pytest
 import torch
 
+from tests.adapters.peft_lora import save_peft_lora
 from tokenloom import AdapterRequest, SamplingParams
 from tokenloom.adapters import AdapterError
 from tokenloom.engine.request import InvalidRequestError
 from tokenloom.llm import LLM
 
-TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"]}
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3", "gpt2"]
 PROMPTS = [[5, 17, 42, 99, 7, 3, 25], [11, 12, 13], list(range(3, 40))]
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
-
-
-def _save_adapter(base_path, out_dir, seed: int, rank: int, arch: str):
-    """A random LoRA adapter (B non-zero) saved by PEFT, and the PeftModel."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS.get(arch, DEFAULT_TARGETS),
-                        init_lora_weights=False, lora_dropout=0.0)
-    model = get_peft_model(base, config).eval()
-    model.save_pretrained(out_dir)
-    return model
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_models, tmp_path_factory):
     """Per architecture: two adapters saved by PEFT (r 4 and 8) and their PeftModels."""
     root = tmp_path_factory.mktemp("lora")
-    return {(arch, seed): (root / f"{arch}-{seed}", _save_adapter(tiny_models[arch], root / f"{arch}-{seed}",
+    return {(arch, seed): (root / f"{arch}-{seed}", save_peft_lora(tiny_models[arch], root / f"{arch}-{seed}",
                                                                    seed, 4 * seed, arch))
             for arch in ARCHS for seed in (1, 2)}
 
@@ -76,7 +61,7 @@ def test_greedy_tokens_and_logprobs_equal_peft(arch, tiny_models, adapters):
 def test_a_batch_mixing_four_adapters_and_the_base_model_equals_each_alone(tiny_models, adapters, tmp_path):
     extra = [tmp_path / f"extra{i}" for i in (3, 4)]
     for i, path in zip((3, 4), extra):
-        _save_adapter(tiny_models["llama"], path, i, 4, "llama")
+        save_peft_lora(tiny_models["llama"], path, i, 4, "llama")
     requests = [AdapterRequest("a1", adapters[("llama", 1)][0]), AdapterRequest("a2", adapters[("llama", 2)][0]),
                 AdapterRequest("a3", extra[0]), AdapterRequest("a4", extra[1]), None]
     prompts = [PROMPTS[i % 3] for i in range(5)]

@@ -122,7 +122,18 @@ def budget_catalog(tiny_models, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def _servers(request, tiny_path, tmp_path_factory, models_dir, budget_catalog):
+def server_adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """Two LoRA adapters of the tiny Llama saved by PEFT, by the name the adapters server gives them."""
+    from tests.adapters.peft_lora import save_peft_lora
+
+    root = tmp_path_factory.mktemp("server-lora")
+    for seed, name in ((1, "a1"), (2, "a2")):
+        save_peft_lora(tiny_models["llama"], root / name, seed, 4, "llama")
+    return {"a1": root / "a1", "a2": root / "a2"}
+
+
+@pytest.fixture(scope="session")
+def _servers(request, tiny_path, tiny_models, tmp_path_factory, models_dir, budget_catalog):
     """The session servers the selected tests use, launched together."""
     logs = tmp_path_factory.mktemp("server-logs")
     wanted = {name for item in request.session.items for name in item.fixturenames}
@@ -135,6 +146,10 @@ def _servers(request, tiny_path, tmp_path_factory, models_dir, budget_catalog):
         "budget": (None, [*MODEL_FLAGS, "--models-config", str(budget_catalog),
                           "--memory-budget-gib", str(ONE_MODEL_BUDGET_GIB)]),
     }
+    if "adapters_server" in wanted:
+        paths = request.getfixturevalue("server_adapters")
+        specs["adapters"] = (str(tiny_models["llama"]), [*MODEL_FLAGS, "--served-model-name", "base", "--adapters",
+                                                          ",".join(f"{n}={p}" for n, p in paths.items())])
     servers = {name: launch(model, flags, logs, name) for name, (model, flags) in specs.items()
                if f"{name}_server" in wanted}
     yield servers
@@ -164,6 +179,12 @@ def multi_server(_servers) -> Server:
 def budget_server(_servers) -> Server:
     """The two models of `budget_catalog` under a memory budget that fits one."""
     return _servers["budget"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def adapters_server(_servers) -> Server:
+    """The tiny Llama as 'base' with two LoRA adapters, 'a1' and 'a2' (`server_adapters`)."""
+    return _servers["adapters"].wait_ready()
 
 
 @pytest.fixture(scope="session")

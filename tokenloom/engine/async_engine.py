@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenloom.adapters import AdapterRequest
 from tokenloom.engine.llm_engine import EngineStats, LLMEngine
 from tokenloom.engine.pooling import EncoderInput, PoolingParams, PoolingResult
 from tokenloom.engine.request_stream import RequestStream, RequestTimings
@@ -100,7 +101,7 @@ class AsyncEngine:
         return self._stats
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                          arrival: float | None = None) -> RequestStream:
+                          arrival: float | None = None, adapter: AdapterRequest | None = None) -> RequestStream:
         """Queue a request and return its stream; validation errors are raised here, before any output."""
         if self._draining:
             raise ServerBusyError("the server is shutting down and takes no new requests")
@@ -109,7 +110,7 @@ class AsyncEngine:
         stream = RequestStream(request_id, asyncio.get_running_loop(), self.abort)
         timings = RequestTimings(arrival if arrival is not None else time.monotonic())
         admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._submit(("add", request_id, prompt, dataclasses.replace(params, output_kind="delta"),
+        self._submit(("add", request_id, prompt, dataclasses.replace(params, output_kind="delta"), adapter,
                       _Tracked(stream, timings), admitted))
         try:
             await asyncio.wrap_future(admitted)
@@ -219,7 +220,7 @@ class AsyncEngine:
             if tracked is not None:
                 self._drop(command[1], RequestAbortedError("request aborted"))
             return
-        _, request_id, prompt, params, tracked, admitted = command
+        _, request_id, prompt, params, adapter, tracked, admitted = command
         if not admitted.set_running_or_notify_cancel():
             return
         if self.engine.stats().num_waiting >= self.max_waiting:
@@ -230,7 +231,7 @@ class AsyncEngine:
             admitted.set_exception(ValueError(f"request id {request_id!r} is already in use"))
             return
         try:
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, adapter=adapter)
         except Exception as exc:  # validation errors belong to the caller, not to the loop
             admitted.set_exception(exc)
             return

@@ -17,9 +17,10 @@ import uvicorn
 from fastapi import FastAPI
 
 import tokenloom
+from tokenloom.adapters import AdapterRequest
 from tokenloom.manager import ModelManager, ModelSpec
 from tokenloom.server import chat, completions, embeddings, misc, models
-from tokenloom.server.config import ServerConfig
+from tokenloom.server.config import ServerConfig, ServerConfigError
 from tokenloom.server.errors import install_error_handlers
 from tokenloom.server.metrics import ServerMetrics
 from tokenloom.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
@@ -45,7 +46,10 @@ def server_specs(config: ServerConfig, model: str | None, engine_options: dict[s
         spec.engine_options = {**engine_options, **spec.engine_options}
     if model is not None:
         name = config.served_model_name or model
-        specs[name] = ModelSpec(name, model, dict(engine_options), keep_alive_s=-1.0)
+        options = {**engine_options, "enable_adapters": True} if config.adapter_paths else dict(engine_options)
+        specs[name] = ModelSpec(name, model, options, keep_alive_s=-1.0)
+    elif config.adapter_paths:
+        raise ServerConfigError("adapters: they belong to the command line's model; name one")
     return list(specs.values())
 
 
@@ -63,7 +67,8 @@ def build_state(config: ServerConfig, specs: list[ModelSpec], default_model: str
                            engine_factory=served_model_factory(config.max_waiting, on_load),
                            measure=served_bytes, close=ServedModel.close)
     metrics = ServerMetrics(manager)
-    return ServerState(ModelLeases(manager, default_model), config, metrics)
+    adapters = {name: AdapterRequest(name, path) for name, path in config.adapter_paths.items()}
+    return ServerState(ModelLeases(manager, default_model, adapters), config, metrics)
 
 
 def build_app(state: ServerState) -> FastAPI:

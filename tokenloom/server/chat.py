@@ -60,13 +60,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         prompt = await served.tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
         served.check_prompt(prompt, max_tokens, param, prompt_param="messages")
         request_id = random_id("chatcmpl")
-        streams = await submit(served, request_id, [prompt], params)
+        streams = await submit(served, request_id, [prompt], params, lease.adapter)
         outputs = merged(streams)
         top = body.top_logprobs or 0
         if body.stream:
-            return SSEResponse(_stream(outputs, request_id, served.name, n, len(prompt), top, body.include_usage),
+            return SSEResponse(_stream(outputs, request_id, lease.name, n, len(prompt), top, body.include_usage),
                                on_close=lease.hand_over())
-        return await unless_disconnected(request, _collect(outputs, request_id, served.name, n, len(prompt), top))
+        return await unless_disconnected(request, _collect(outputs, request_id, lease.name, n, len(prompt), top))
 
 
 def chat_logprobs(c: CompletionOutput, top: int) -> ChatLogprobs | None:

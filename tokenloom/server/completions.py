@@ -75,11 +75,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         for p in prompts:
             served.check_prompt(p.token_ids, max_tokens, "max_tokens")
         request_id = random_id("cmpl")
-        streams = await submit(served, request_id, [p.token_ids for p in prompts], params)
+        streams = await submit(served, request_id, [p.token_ids for p in prompts], params, lease.adapter)
         chunks = _chunks(body, prompts, merged(streams), n)
         if body.stream:
-            return SSEResponse(_stream(chunks, request_id, served.name, body, prompts), on_close=lease.hand_over())
-        return await unless_disconnected(request, _collect(chunks, request_id, served.name, prompts, n))
+            return SSEResponse(_stream(chunks, request_id, lease.name, body, prompts), on_close=lease.hand_over())
+        return await unless_disconnected(request, _collect(chunks, request_id, lease.name, prompts, n))
 
 
 async def _prepare(served: ServedModel, body: CompletionRequest, echo_logprobs: bool) -> list[_Prompt]:

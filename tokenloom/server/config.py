@@ -30,6 +30,9 @@ class ServerConfig:
     memory_budget_gib: float | None = None
     max_loaded_models: int | None = None
     keep_alive: str = "5m"
+    # LoRA adapters of the command line's model, NAME=PATH[,NAME=PATH...]: each is a model of its own in
+    # /v1/models (its parent the base model), picked by a request's `model`, as vLLM's --lora-modules.
+    adapters: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -50,9 +53,23 @@ class ServerConfig:
             _ = self.keep_alive_s
         except ValueError as exc:
             raise ServerConfigError(f"keep_alive: {exc}") from exc
+        _ = self.adapter_paths
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ServerConfigError(f"log_level must be one of critical, error, warning, info, debug; "
                                     f"got {self.log_level!r}")
+
+    @property
+    def adapter_paths(self) -> dict[str, str]:
+        """`adapters` as {name: path}; ServerConfigError names a malformed entry."""
+        out: dict[str, str] = {}
+        for entry in filter(None, (e.strip() for e in (self.adapters or "").split(","))):
+            name, sep, path = entry.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ServerConfigError(f"adapters: each entry must be NAME=PATH; got {entry!r}")
+            if name.strip() in out:
+                raise ServerConfigError(f"adapters: {name.strip()!r} is named twice")
+            out[name.strip()] = path.strip()
+        return out
 
     @property
     def keep_alive_s(self) -> float:

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tokenloom.adapters import AdapterRequest
 from tokenloom.config import EngineConfig
 from tokenloom.engine.async_engine import AsyncEngine, ServerBusyError
 from tokenloom.engine.llm_engine import LLMEngine
@@ -143,12 +144,15 @@ def served_bytes(model: ServedModel) -> int:
 
 @dataclass(slots=True)
 class ModelLease:
-    """A request's hold on a loaded model; `release` ends it (once, however often it is called)."""
+    """A request's hold on a loaded model; `release` ends it (once, however often it is called). `name` is
+    the model the request named (an adapter's name, or the model's), `adapter` the adapter it runs with."""
 
     model: ServedModel
     _release: Callable[[], None]
     _released: bool = False
     handed_over: bool = False
+    name: str = ""
+    adapter: AdapterRequest | None = None
 
     async def release(self) -> None:
         """Give the model back (an unload it allows happens off the event loop)."""
@@ -166,14 +170,18 @@ class ModelLease:
 class ModelLeases:
     """Hands out leases on the manager's models to requests, refuses new ones while the server drains."""
 
-    def __init__(self, manager: ModelManager, default_model: str | None) -> None:
+    def __init__(self, manager: ModelManager, default_model: str | None,
+                 adapters: dict[str, AdapterRequest] | None = None) -> None:
         self.manager = manager
         self.default_model = default_model
+        self.adapters = dict(adapters or {})  # adapters of the default model, by the name requests use
         self.draining = False
 
     def resolve(self, model: str | None) -> str:
         """The name a request's `model` field refers to: 400 when it is missing and there is no default,
         404 naming the available models when nobody knows it."""
+        if model in self.adapters and self.default_model is not None:
+            return self.default_model
         names = self.manager.names()
         if model is None:
             if self.default_model is None:
@@ -181,7 +189,8 @@ class ModelLeases:
                                     f"(available: {', '.join(names)})", param="model", code="missing_model")
             return self.default_model
         if model not in names:
-            raise APIError(404, f"the model '{model}' does not exist; available models: {', '.join(names)}",
+            raise APIError(404, f"the model '{model}' does not exist; available models: "
+                                f"{', '.join([*names, *self.adapters])}",
                            param="model", code="model_not_found")
         return model
 
@@ -200,7 +209,9 @@ class ModelLeases:
             pending.add_done_callback(lambda f: f.cancelled() or f.exception() or
                                       loop.run_in_executor(None, self.manager.release, name))
             raise
-        return ModelLease(served, lambda: self.manager.release(name))
+        adapter = self.adapters.get(model) if model is not None else None
+        return ModelLease(served, lambda: self.manager.release(name), name=model if adapter else name,
+                          adapter=adapter)
 
     @contextlib.asynccontextmanager
     async def using(self, model: str | None, keep_alive_s: float | None = None) -> AsyncIterator[ModelLease]:

@@ -22,13 +22,16 @@ router = APIRouter()
 async def list_models(request: Request) -> dict[str, Any]:
     """Every model this server can serve, loaded or not."""
     state = state_of(request)
-    return {"object": "list", "data": [model_card(state, info) for info in state.manager.list()]}
+    cards = [model_card(state, info) for info in state.manager.list()]
+    return {"object": "list", "data": cards + [adapter_card(state, name) for name in state.models.adapters]}
 
 
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
     """One model."""
     state = state_of(request)
+    if model in state.models.adapters:
+        return adapter_card(state, model)
     return _card_of(state, state.models.resolve(model))
 
 
@@ -64,6 +67,14 @@ def model_card(state: ServerState, info: ModelInfo) -> dict[str, Any]:
             "state": info.state.value, "bytes_used": info.bytes_used, "last_used": last_used,
             "in_flight": info.in_flight, "loads": info.num_loads, "keep_alive": info.keep_alive_s,
             "error": info.error}
+
+
+def adapter_card(state: ServerState, name: str) -> dict[str, Any]:
+    """An adapter as /v1/models lists it: a model of its own whose `parent` is the base model (vLLM's shape
+    for LoRA modules); it runs on its parent's engine, loaded into an adapter slot on first use."""
+    base = state.models.default_model
+    return {"id": name, "object": "model", "created": state.created, "owned_by": "tokenloom",
+            "root": str(state.models.adapters[name].path), "parent": base, "kind": "lora"}
 
 
 def _info(state: ServerState, name: str) -> ModelInfo:

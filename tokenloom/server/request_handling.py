@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from tokenloom.adapters import AdapterRequest
 from tokenloom.catalog import parse_keep_alive
 from tokenloom.engine.async_engine import RequestStream
 from tokenloom.manager import ModelManager
@@ -84,15 +85,16 @@ def sampling_params(req: SamplingRequest, model: ServedModel, max_tokens: int | 
                           output_kind="delta")
 
 
-async def submit(model: ServedModel, request_id: str, prompts: list[list[int]], params: SamplingParams
-                 ) -> list[RequestStream]:
-    """Queue one engine request per prompt; if one is refused, the others are dropped and the error raised."""
+async def submit(model: ServedModel, request_id: str, prompts: list[list[int]], params: SamplingParams,
+                 adapter: AdapterRequest | None = None) -> list[RequestStream]:
+    """Queue one engine request per prompt (with the request's adapter, if any); if one is refused, the
+    others are dropped and the error raised."""
     arrival = time.monotonic()
     streams: list[RequestStream] = []
     try:
         for i, ids in enumerate(prompts):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            streams.append(await model.generator().add_request(rid, ids, params, arrival))
+            streams.append(await model.generator().add_request(rid, ids, params, arrival, adapter))
     except BaseException:
         for stream in streams:
             stream.abort()

@@ -1,0 +1,48 @@
+"""LoRA adapters over HTTP: `tokenloom serve MODEL --adapters a1=PATH,a2=PATH` lists each adapter as a model
+of its own (its parent the base) and runs a request under the adapter its `model` names, through the real
+`openai` client, streamed and not, next to base-model requests."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+
+from tokenloom import AdapterRequest, SamplingParams
+from tokenloom.llm import LLM
+
+
+def test_adapters_are_models_of_their_own_with_the_offline_outputs(adapters_server, server_adapters, tiny_models):
+    client = openai.OpenAI(base_url=f"{adapters_server.url}/v1", api_key="x", max_retries=0)
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {"base", "a1", "a2"}
+    assert cards["a1"].model_extra["parent"] == "base" and cards["a1"].model_extra["root"] == str(server_adapters["a1"])
+    prompt = [5, 17, 42, 99, 7, 3, 25]
+    offline = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_gib=0.01, enable_adapters=True)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for name in ("a1", "a2", "base"):
+        adapter = AdapterRequest(name, server_adapters[name]) if name != "base" else None
+        want = offline.generate([prompt], params, use_tqdm=False, adapter=adapter)[0].outputs[0].text
+        got = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.model == name and got.choices[0].text == want, name
+        streamed = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in streamed) == want, name
+    assert httpx.get(f"{adapters_server.url}/v1/models/a2").json()["parent"] == "base"
+
+
+def test_an_unknown_model_lists_the_adapters(adapters_server):
+    r = httpx.post(f"{adapters_server.url}/v1/completions", json={"model": "a3", "prompt": "hi"})
+    assert r.status_code == 404 and "a1" in r.json()["error"]["message"]
+
+
+def test_malformed_adapter_options_name_the_entry():
+    import pytest
+
+    from tokenloom.server.config import ServerConfig, ServerConfigError
+
+    with pytest.raises(ServerConfigError, match="each entry must be NAME=PATH; got 'a1'"):
+        ServerConfig(adapters="a1")
+    with pytest.raises(ServerConfigError, match="'a1' is named twice"):
+        ServerConfig(adapters="a1=/x,a1=/y")
+    assert ServerConfig(adapters="a1=/x, a2=/y").adapter_paths == {"a1": "/x", "a2": "/y"}
