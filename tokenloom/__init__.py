@@ -1,6 +1,7 @@
 """tokenloom: LLM inference and serving engine."""
 
 from tokenloom.adapters import AdapterRequest
+from tokenloom.adapters.train import train
 from tokenloom.config import EngineConfig
 from tokenloom.llm import LLM
 from tokenloom.manager import ModelManager, ModelSpec
@@ -9,5 +10,5 @@ from tokenloom.pipelines import load_pipeline, pipeline
 from tokenloom.sampling_params import BeamSearchParams, SamplingParams
 
 __all__ = ["LLM", "ModelManager", "ModelSpec", "EngineConfig", "SamplingParams", "BeamSearchParams", "RequestOutput",
-           "CompletionOutput", "AdapterRequest", "pipeline", "load_pipeline"]
+           "CompletionOutput", "AdapterRequest", "pipeline", "load_pipeline", "train"]
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ from typing import Any
 
 from tokenloom.config import (
     DEFAULT_MODEL,
+    AdapterConfig,
     CacheConfig,
     DeviceConfig,
     ModelConfig,
@@ -31,7 +32,7 @@ _TYPES = {"int": int, "float": float, "str": str}
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per engine option, with the option's default."""
-    for group_class in (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig):
+    for group_class in (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, AdapterConfig):
         group = parser.add_argument_group(group_class.__name__)
         for f in dataclasses.fields(group_class):
             flag = "--" + f.name.replace("_", "-")
@@ -46,7 +47,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed engine options, ready for `EngineConfig.from_kwargs` or `LLM(**kwargs)`."""
-    groups = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig)
+    groups = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, AdapterConfig)
     return {f.name: getattr(args, f.name) for g in groups for f in dataclasses.fields(g)}
 
 
@@ -224,6 +225,34 @@ def _eval_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (model, data and output required)."""
+    from tokenloom.adapters.train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        names = ["--" + f.name.replace("_", "-")] + (["-m"] if f.name == "model" else [])
+        kind = str(f.type).split("|")[0].strip()
+        if kind == "bool":
+            parser.add_argument(*names, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction)
+        elif f.default is dataclasses.MISSING:
+            parser.add_argument(*names, dest=f.name, type=_TYPES[kind], required=True)
+        else:
+            parser.add_argument(*names, dest=f.name, default=f.default, type=_TYPES[kind],
+                                help=f"(default: {f.default})")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train an adapter and save it in PEFT's format (`tokenloom train -m MODEL --data F --output DIR`)."""
+    from tokenloom.adapters.train import TrainConfig, train
+
+    result = train(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    for epoch, loss in enumerate(result.losses, 1):
+        metric = f", dev {result.metrics[epoch - 1]:.4f}" if epoch <= len(result.metrics) else ""
+        print(f"epoch {epoch}: loss {loss:.4f}{metric}")
+    print(f"saved {result.output}{' (stopped early)' if result.stopped_early else ''}")
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     """`tokenloom plugins list`: every plugin found, what it adds, or why it was skipped."""
     from tokenloom.plugins import registry
@@ -298,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--stride", type=int, default=None, help="tokens between windows (default: half a window)")
     add_engine_flags(ev)
     ev.set_defaults(func=cmd_eval)
+    tr = sub.add_parser("train", help="train a LoRA adapter on a data file; saved in PEFT's format")
+    add_train_flags(tr)
+    tr.set_defaults(func=cmd_train)
     plugins = sub.add_parser("plugins", help="the installed plugins and what each adds")
     plugins.add_argument("action", choices=["list"])
     plugins.set_defaults(func=cmd_plugins)

@@ -74,7 +74,7 @@ class LoRALinear(nn.Module):
         return out
 
 
-def _targets(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+def linear_targets(model: nn.Module) -> dict[str, tuple[str, int, int]]:
     """Checkpoint module name → (our module name, output offset, width): every linear layer by its own
     name, and every shard of a fused layer by the checkpoint name it stands for."""
     out = {}
@@ -123,7 +123,7 @@ def read_lora(request: AdapterRequest, model: nn.Module, device: torch.device, m
         raise AdapterError(f"adapter {request.name!r}: {weights_file} cannot be read: {exc}") from exc
     rank = int(config["r"])
     scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    targets = _targets(model)
+    targets = linear_targets(model)
     updates: dict[str, list[LoRAUpdate]] = {}
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         module = key.removeprefix(_PREFIX).removesuffix(".lora_A.weight")

@@ -118,7 +118,7 @@ class PagedAttention(nn.Module):
         cache (the returned flag says so; pass it to `forward` as `kv_cached`)."""
         norms_fusable = q_norm is None or (
             k_norm is not None and (q_norm.eps, q_norm.offset) == (k_norm.eps, k_norm.offset))
-        if norms_fusable and rotary.rotary_dim == self.head_dim and qkv.device.type == "cpu":
+        if norms_fusable and rotary.rotary_dim == self.head_dim and qkv.device.type == "cpu" and self.kv_cache:
             cos, sin = rotary.tables(qkv.device, qkv.dtype)
             eps, offset = (q_norm.eps, q_norm.offset) if q_norm is not None else (0.0, 0.0)
             out = ops.qkv_rope_cache(
@@ -141,7 +141,12 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 kv_cached: bool = False) -> torch.Tensor:
         """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] → [tokens, heads * dim]; k and v are written
-        into the cache at the step's slots unless `kv_cached` says they already are."""
+        into the cache at the step's slots unless `kv_cached` says they already are. Without a bound cache
+        (training: whole sequences, autograd through the torch paths) every span attends to its own keys."""
+        if self.kv_cache is None:
+            parts = [self._prefill(q[s.start:s.start + s.length], k[s.start:s.start + s.length],
+                                   v[s.start:s.start + s.length], s, meta, k, v) for s in meta.prefills]
+            return torch.cat(parts).view(q.shape[0], -1)
         if kv_cached and not meta.prefills:  # a decode-only step whose keys the kernels wrote: one call
             out = ops.paged_decode_attention(q, self.kv_cache[0], self.kv_cache[1], meta.decode_block_table,
                                              meta.decode_lens, self.scale, self.sliding_window)

@@ -1,0 +1,118 @@
+"""`tokenloom train --method lora`: the loss falls on a small fixed set, a seed makes a run repeatable, a
+resumed run equals an uninterrupted one, PEFT loads what we train and gives our logits, and bad data fails
+naming the file and line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tokenloom import AdapterRequest, SamplingParams
+from tokenloom.adapters import AdapterError
+from tokenloom.adapters.train import train
+from tokenloom.llm import LLM
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+
+
+def _generation_data(path, n: int = 12):
+    rows = [{"prompt": f"Count {i}:", "completion": " one two three" if i % 2 else " four five six"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _weights(out) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter_model.safetensors")
+
+
+def test_loss_falls_and_a_seed_repeats_the_run(tiny_models, tmp_path):
+    data = _generation_data(tmp_path / "train.jsonl")
+    options = dict(model=str(tiny_models["llama"]), data=str(data), epochs=4, lr=3e-2, batch_size=4, rank=4, seed=7)
+    first = train(output=str(tmp_path / "a"), **options)
+    # A tiny random model's logits span about one nat (its LM head is small): the loss can fall ~0.3 at most.
+    assert all(b < a for a, b in zip(first.losses, first.losses[1:])), first.losses
+    assert first.losses[-1] < first.losses[0] - 0.1, first.losses
+    second = train(output=str(tmp_path / "b"), **options)
+    assert second.losses == first.losses
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tiny_models, tmp_path):
+    data = _generation_data(tmp_path / "train.jsonl")
+    options = dict(model=str(tiny_models["qwen2"]), data=str(data), lr=5e-3, batch_size=4, rank=4, seed=3)
+    whole = train(output=str(tmp_path / "whole"), epochs=2, **options)
+    train(output=str(tmp_path / "part"), epochs=1, **options)
+    resumed = train(output=str(tmp_path / "part"), epochs=2, resume=True, **options)
+    assert resumed.losses == whole.losses
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_peft_loads_what_we_train_and_gives_our_outputs(arch, tiny_models, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.adapters.test_lora import PROMPTS, _peft_greedy
+
+    out = tmp_path / "lora"
+    train(model=str(tiny_models[arch]), data=str(_generation_data(tmp_path / "train.jsonl")), output=str(out),
+          epochs=2, lr=1e-2, batch_size=4, rank=4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    llm = LLM(str(tiny_models[arch]), dtype="float32", kv_cache_gib=0.01, enable_adapters=True)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False, adapter=AdapterRequest("trained", out))
+    plain = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert any(o.outputs[0].logprobs != p.outputs[0].logprobs for o, p in zip(outs, plain))  # it did train
+    for prompt, o in zip(PROMPTS, outs):
+        tokens, logprobs = _peft_greedy(peft_model, prompt, GREEDY.max_tokens)
+        assert o.outputs[0].token_ids == tokens
+        ours = [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+        assert max(abs(a - b) for a, b in zip(ours, logprobs)) <= 1e-4
+
+
+def test_classification_through_label_words(tiny_models, tmp_path):
+    train_file, dev_file = tmp_path / "train.txt", tmp_path / "dev.txt"
+    lines = [f"{i % 2} {'good fine great' if i % 2 else 'bad awful poor'} film {i}" for i in range(16)]
+    train_file.write_text("\n".join(lines) + "\n")
+    dev_file.write_text("\n".join(lines[:8]) + "\n")
+    result = train(model=str(tiny_models["llama"]), data=str(train_file), eval_data=str(dev_file),
+                   task="classification", labels="no,yes", template="{text} ->", output=str(tmp_path / "cls"),
+                   epochs=10, lr=5e-2, batch_size=4, rank=4, patience=3)
+    assert result.losses[-1] < result.losses[0] and result.metrics[-1] == 1.0, (result.losses, result.metrics)
+
+
+def test_bad_training_data_names_the_file_and_line(tiny_models, tmp_path):
+    model = str(tiny_models["llama"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(AdapterError, match=r"bad.jsonl:2: a generation example needs"):
+        train(model=model, data=str(bad), output=str(tmp_path / "x"))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("0 fine\n7 what is this\n")
+    with pytest.raises(AdapterError, match=r"labels.txt:2: unknown label '7'"):
+        train(model=model, data=str(labels), output=str(tmp_path / "x"), task="classification", labels="no,yes")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(AdapterError, match="empty.jsonl holds no examples"):
+        train(model=model, data=str(empty), output=str(tmp_path / "x"))
+    with pytest.raises(AdapterError, match="needs labels"):
+        train(model=model, data=str(labels), output=str(tmp_path / "x"), task="classification")
+
+
+def test_the_train_command(tiny_models, tmp_path, capsys):
+    from tokenloom.cli import main
+
+    data = _generation_data(tmp_path / "train.jsonl", n=4)
+    rc = main(["train", "-m", str(tiny_models["llama"]), "--data", str(data), "--output", str(tmp_path / "cli"),
+               "--epochs", "2", "--rank", "2", "--batch-size", "2"])
+    assert rc == 0 and "epoch 2: loss" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli" / "adapter_config.json").read_text())["r"] == 2
+    assert main(["train", "-m", str(tiny_models["llama"]), "--data", str(tmp_path / "none.jsonl"),
+                 "--output", str(tmp_path / "x")]) == 2
+    assert "none.jsonl does not exist" in capsys.readouterr().err

@@ -1,0 +1,349 @@
+"""`tokenloom train`: LoRA adapters trained on our own model code, saved in PEFT's format.
+
+The base model is loaded as for inference (float32), frozen, and wrapped with trainable low-rank updates
+(`LoRALinear`, one per target projection of each layer, fused q|k|v and gate|up included shard by shard).
+A step packs a batch of whole sequences without the paged cache and runs the torch paths of every op
+(autograd; the native kernels serve inference only). Tasks:
+- generation: jsonl lines {"prompt": ..., "completion": ...}; the loss is on the completion's tokens only;
+- classification: lines `LABEL text` (SST-2 / TREC files) or jsonl {"text": ..., "label": ...} with
+  `labels` naming the label words (a verbalizer): the loss is the cross-entropy over the label words'
+  first tokens after the prompt template, the metric accuracy.
+A run is repeatable for a seed (the data order of epoch e is a function of seed and e), checkpoints after
+each epoch, and `resume=True` continues from the last checkpoint exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tokenloom.adapters import AdapterError
+from tokenloom.adapters.lora import LoRABatch, LoRALinear, LoRAUpdate, linear_targets
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    """One training run (every field is also a `tokenloom train` flag)."""
+
+    model: str
+    data: str
+    output: str
+    method: str = "lora"
+    task: str = "generation"
+    eval_data: str | None = None
+    labels: str | None = None  # classification: the label words, comma-separated, in label order
+    template: str = "{text}\nAnswer:"  # classification: the prompt a text becomes
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: str | None = None  # comma-separated; default: every attention and MLP projection
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    seed: int = 0
+    patience: int | None = None  # early stopping: epochs without a better dev metric
+    resume: bool = False
+
+
+@dataclass(slots=True)
+class Example:
+    """One training example as token ids: the prompt, and the completion or the label index."""
+
+    prompt: list[int]
+    completion: list[int] = field(default_factory=list)
+    label: int | None = None
+
+
+@dataclass(slots=True)
+class TrainResult:
+    """What a run did: the mean training loss and the dev metric of each epoch, and where it saved."""
+
+    losses: list[float]
+    metrics: list[float]
+    output: Path
+    stopped_early: bool = False
+
+
+def train(**options: Any) -> TrainResult:
+    """Train an adapter (see TrainConfig for the options) and save it in PEFT's format under `output`."""
+    return Trainer(TrainConfig(**options)).run()
+
+
+class Trainer:
+    """Loads the base model, the data and the trainable updates; runs the epochs."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        from tokenloom.config import ModelConfig
+        from tokenloom.loader import load_model
+
+        if config.method != "lora":
+            raise AdapterError(f"method {config.method!r} is not supported yet (lora is)")
+        if config.task not in ("generation", "classification"):
+            raise AdapterError(f"task must be generation or classification; got {config.task!r}")
+        self.config = config
+        torch.manual_seed(config.seed)
+        # Loaded without an engine: no paged cache is bound, so attention runs on whole packed sequences.
+        self.loaded = load_model(ModelConfig(model=config.model, dtype="float32", quantization="none",
+                                             seed=config.seed), torch.device("cpu"))
+        if self.loaded.kind != "decoder":
+            raise AdapterError(f"training runs on decoder-only models for now; {self.loaded.name} is "
+                               f"{self.loaded.kind}")
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.label_words = [w.strip() for w in (config.labels or "").split(",") if w.strip()]
+        self.label_ids = self._label_token_ids()
+        self.train_set = read_examples(Path(config.data), self)
+        self.dev_set = read_examples(Path(config.eval_data), self) if config.eval_data else []
+        self.batch = LoRABatch()
+        self.modules, self.params = self._wrap()
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
+
+    # ---- set-up ----
+
+    def _label_token_ids(self) -> list[int]:
+        if self.config.task != "classification":
+            return []
+        if len(self.label_words) < 2:
+            raise AdapterError("classification needs labels: two or more label words, e.g. labels='negative,positive'")
+        ids = [self._first_token(w) for w in self.label_words]
+        if len(set(ids)) != len(ids):
+            raise AdapterError(f"label words {self.label_words} share their first token; pick distinct words")
+        return ids
+
+    def _first_token(self, word: str) -> int:
+        """The token a label word starts with after the prompt: of " word", past a bare space token (a small
+        vocabulary may split " word" into the space and the word)."""
+        ids = self.tokenizer.encode(" " + word, add_special_tokens=False)
+        if len(ids) > 1 and not self.tokenizer.decode(ids[:1], skip_special_tokens=False).strip():
+            return ids[1]
+        return ids[0]
+
+    def _wrap(self) -> tuple[dict[str, list[LoRAUpdate]], list[torch.nn.Parameter]]:
+        """A trainable update (A kaiming-uniform, B zero: PEFT's init) per target projection."""
+        c = self.config
+        gpt2 = self.loaded.hf_config.model_type == "gpt2"
+        wanted = tuple(t.strip() for t in c.target_modules.split(",")) if c.target_modules else (
+            GPT2_TARGETS if gpt2 else DEFAULT_TARGETS)
+        self.hf_targets = sorted(wanted)
+        found: dict[str, list[LoRAUpdate]] = {}
+        params = []
+        self.hf_names: dict[int, str] = {}  # id of an update's A → the checkpoint module it adapts
+        for hf_name, (ours, offset, width) in sorted(linear_targets(self.model).items()):
+            if hf_name.rsplit(".", 1)[-1] not in wanted or "lm_head" in hf_name:
+                continue
+            base = self.model.get_submodule(ours)
+            a = torch.nn.Parameter(torch.empty(c.rank, int(base.in_features)))
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            b = torch.nn.Parameter(torch.zeros(width, c.rank))
+            found.setdefault(ours, []).append(LoRAUpdate(a, b, offset, c.alpha / c.rank))
+            params += [a, b]
+            self.hf_names[id(a)] = hf_name
+        if not found:
+            raise AdapterError(f"target_modules {list(wanted)} match no linear layer of {c.model}")
+        for ours, updates in found.items():
+            parent_name, _, leaf = ours.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            layer = LoRALinear(getattr(parent, leaf), self.batch, 1)
+            layer.updates[0] = updates
+            setattr(parent, leaf, layer)
+        return found, params
+
+    # ---- the loop ----
+
+    def run(self) -> TrainResult:
+        """Every epoch (from the checkpoint when resuming): train, evaluate, checkpoint, stop early."""
+        from tokenloom.models import ops
+
+        c, out = self.config, Path(self.config.output)
+        out.mkdir(parents=True, exist_ok=True)
+        state = self._load_checkpoint(out) if c.resume else {"epoch": 0, "losses": [], "metrics": []}
+        best, stale, stopped = None, 0, False
+        with ops.use_level("torch"):
+            for epoch in range(state["epoch"], c.epochs):
+                state["losses"].append(self._epoch(epoch))
+                if self.dev_set:
+                    state["metrics"].append(self.evaluate(self.dev_set))
+                state["epoch"] = epoch + 1
+                self._save_checkpoint(out, state)
+                if c.patience is not None and state["metrics"]:
+                    metric = state["metrics"][-1]
+                    better = best is None or (metric > best if c.task == "classification" else metric < best)
+                    best, stale = (metric, 0) if better else (best, stale + 1)
+                    if stale >= c.patience:
+                        stopped = True
+                        break
+        self.save(out)
+        return TrainResult(state["losses"], state["metrics"], out, stopped)
+
+    def _epoch(self, epoch: int) -> float:
+        c = self.config
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(c.seed * 1000 + epoch))
+        batches = [order[i:i + c.batch_size].tolist() for i in range(0, len(order), c.batch_size)]
+        total, count, tokens, start = 0.0, 0, 0, time.perf_counter()
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{c.epochs}", unit="batch")
+        self.optimizer.zero_grad()
+        for step, idx in enumerate(bar):
+            examples = [self.train_set[i] for i in idx]
+            loss = self._loss(examples)
+            (loss / c.grad_accum).backward()
+            if (step + 1) % c.grad_accum == 0 or step + 1 == len(batches):
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            total, count = total + loss.item() * len(examples), count + len(examples)
+            tokens += sum(len(e.prompt) + len(e.completion) for e in examples)
+            bar.set_postfix(loss=f"{total / count:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        return total / max(count, 1)
+
+    def _loss(self, examples: list[Example]) -> torch.Tensor:
+        hidden, starts = self._forward([e.prompt + e.completion for e in examples])
+        if self.config.task == "classification":
+            logits = self._label_logits(hidden, starts, examples)
+            return torch.nn.functional.cross_entropy(logits, torch.tensor([e.label for e in examples]))
+        rows, targets = [], []
+        for e, s in zip(examples, starts):
+            first = s + len(e.prompt) - 1  # the position that predicts the completion's first token
+            rows += range(first, first + len(e.completion))
+            targets += e.completion
+        logits = self.model.compute_logits(hidden[torch.tensor(rows)]).float()
+        return torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
+
+    def _label_logits(self, hidden: torch.Tensor, starts: list[int], examples: list[Example]) -> torch.Tensor:
+        last = torch.tensor([s + len(e.prompt) - 1 for e, s in zip(examples, starts)])
+        return self.model.compute_logits(hidden[last]).float()[:, self.label_ids]
+
+    def _forward(self, sequences: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states of whole sequences packed end to end (no cache), and where each starts."""
+        from tokenloom.models.layers.attention import AttentionMetadata, PrefillSpan
+
+        lens = [len(s) for s in sequences]
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        ids = torch.tensor([t for s in sequences for t in s])
+        positions = torch.cat([torch.arange(n) for n in lens])
+        meta = AttentionMetadata(torch.empty(0, dtype=torch.long), [PrefillSpan(s, n, 0) for s, n in zip(starts, lens)],
+                                 sum(lens))
+        self.batch.groups = [(0, torch.arange(sum(lens)))]
+        try:
+            return self.model(ids, positions, meta), starts
+        finally:
+            self.batch.groups = []
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[Example]) -> float:
+        """Accuracy (classification) or mean loss per completion token (generation) on `examples`."""
+        c = self.config
+        correct, loss, n = 0, 0.0, 0
+        for i in range(0, len(examples), c.batch_size):
+            part = examples[i:i + c.batch_size]
+            if c.task == "classification":
+                hidden, starts = self._forward([e.prompt for e in part])
+                predicted = self._label_logits(hidden, starts, part).argmax(-1).tolist()
+                correct += sum(p == e.label for p, e in zip(predicted, part))
+                n += len(part)
+            else:
+                tokens = sum(len(e.completion) for e in part)
+                loss += self._loss(part).item() * tokens
+                n += tokens
+        return correct / n if c.task == "classification" else loss / max(n, 1)
+
+    # ---- saving ----
+
+    def save(self, out: Path) -> None:
+        """adapter_config.json + adapter_model.safetensors, as PEFT writes them for a causal LM."""
+        from safetensors.torch import save_file
+
+        c = self.config
+        tensors = {}
+        for updates in self.modules.values():
+            for u in updates:
+                name = self.hf_names[id(u.a)]
+                tensors[f"base_model.model.{name}.lora_A.weight"] = u.a.detach().contiguous()
+                tensors[f"base_model.model.{name}.lora_B.weight"] = u.b.detach().contiguous()
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        gpt2 = self.loaded.hf_config.model_type == "gpt2"
+        peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c.rank, "lora_alpha": c.alpha,
+                       "lora_dropout": 0.0, "target_modules": self.hf_targets, "bias": "none",
+                       "fan_in_fan_out": gpt2, "base_model_name_or_path": str(self.loaded.path),
+                       "inference_mode": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+                       "init_lora_weights": True}
+        (out / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+        (out / "tokenloom_train.json").write_text(json.dumps(asdict(c), indent=2))
+
+    def _save_checkpoint(self, out: Path, state: dict[str, Any]) -> None:
+        torch.save({"state": state, "params": [p.detach().clone() for p in self.params],
+                    "optimizer": self.optimizer.state_dict()}, out / "checkpoint.pt")
+
+    def _load_checkpoint(self, out: Path) -> dict[str, Any]:
+        path = out / "checkpoint.pt"
+        if not path.is_file():
+            raise AdapterError(f"resume: {path} does not exist; run without resume first")
+        saved = torch.load(path, weights_only=False)
+        with torch.no_grad():
+            for p, value in zip(self.params, saved["params"]):
+                p.copy_(value)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        return saved["state"]
+
+
+def read_examples(path: Path, trainer: Trainer) -> list[Example]:
+    """The examples of a data file (jsonl, or `LABEL text` lines for classification); errors name the file
+    and the line."""
+    if not path.is_file():
+        raise AdapterError(f"{path} does not exist")
+    c, tok = trainer.config, trainer.tokenizer
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise AdapterError(f"{where}: not a JSON object: {exc}") from exc
+            if not isinstance(row, dict):
+                raise AdapterError(f"{where}: not a JSON object")
+        else:
+            label, _, text = line.partition(" ")
+            row = {"label": label, "text": text}
+        examples.append(_example(row, where, c, tok, trainer.label_words))
+    if not examples:
+        raise AdapterError(f"{path} holds no examples")
+    return examples
+
+
+def _example(row: dict[str, Any], where: str, c: TrainConfig, tok: Any, label_words: list[str]) -> Example:
+    if c.task == "generation":
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+            raise AdapterError(f"{where}: a generation example needs 'prompt' and a non-empty 'completion' string")
+        p = tok.encode(prompt)
+        eos = tok.hf.eos_token_id
+        done = tok.encode(completion, add_special_tokens=False) + ([eos] if eos is not None else [])
+        p = p[-max(1, c.max_length - len(done)):]  # keep the prompt's end when too long
+        return Example(p, done[:c.max_length - 1])
+    text, label = row.get("text"), row.get("label")
+    if not isinstance(text, str) or not text.strip():
+        raise AdapterError(f"{where}: a classification example needs a non-empty 'text'")
+    if label is None or label == "":
+        raise AdapterError(f"{where}: missing label")
+    index = label_words.index(label) if label in label_words else None
+    if index is None:
+        try:
+            index = int(label)
+        except (TypeError, ValueError):
+            index = -1
+    if not 0 <= index < len(label_words):
+        raise AdapterError(f"{where}: unknown label {label!r}; labels are 0..{len(label_words) - 1} or {label_words}")
+    prompt = tok.encode(c.template.format(text=text.strip()))[-c.max_length:]
+    return Example(prompt, [], index)
