@@ -6,9 +6,13 @@ A PEFT LoRA folder holds `adapter_config.json` (r, lora_alpha, target_modules, .
 qkv_proj, gate_proj of gate_up_proj): its update then lands on that shard's output columns.
 
 Applying: every targeted linear layer is wrapped once in a `LoRALinear` that holds each loaded adapter's
-matrices by slot. Before a step the runner tells the shared `LoRABatch` which packed tokens use which slot;
-each wrapped layer then adds `scaling * (x @ A.T) @ B.T` to those tokens' output, one product pair per
-adapter present in the step (grouped by adapter, not per request). Tokens of the base model pay nothing.
+matrices by slot. Before a step the runner tells the shared `LoRABatch` which slot each packed token uses.
+For serving, a wrapped layer keeps every loaded adapter's A stacked into one [K, in] matrix and every B
+(scaled, placed at its shard's output rows) into one [out, K] matrix, with the slot of each of the K rank
+columns: a step with adapters costs two GEMMs per layer whatever the mix (x @ A_all.T, masked to each
+token's own slot's columns, then @ B_all.T), where a loop over adapters would cost a pair of small products
+and their Python overhead per adapter present. A step with no adapter's tokens skips it all. Training runs
+the same update through a loop over the adapters present (autograd reaches the trainable A and B).
 """
 
 from __future__ import annotations
@@ -40,9 +44,25 @@ class LoRAUpdate:
 
 @dataclass(slots=True)
 class LoRABatch:
-    """The step's packed tokens by adapter slot (set by the runner before the forward pass)."""
+    """The step's packed tokens by adapter slot (set by the runner before the forward pass): `groups` lists
+    (slot, token rows) per adapter present, `token_slots` is each token's slot (-1: the base model)."""
 
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    token_slots: torch.Tensor | None = None
+    _masks: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = field(default_factory=dict)
+
+    def set(self, groups: list[tuple[int, torch.Tensor]], token_slots: torch.Tensor | None) -> None:
+        """This step's tokens by slot (empty and None after the step)."""
+        self.groups, self.token_slots, self._masks = groups, token_slots, {}
+
+    def mask(self, layout: tuple[int, ...], col_slot: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[tokens, K] 1 where column k belongs to the token's own adapter, for a layout of K columns' slots;
+        computed once per step and layout (every layer the same adapters adapt alike shares it)."""
+        key = (layout, dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self._masks[key] = (col_slot.unsqueeze(0) == self.token_slots.unsqueeze(1)).to(dtype)
+        return mask
 
 
 class LoRALinear(nn.Module):
@@ -53,6 +73,12 @@ class LoRALinear(nn.Module):
         self.base = base
         self.batch = batch
         self.updates: list[list[LoRAUpdate]] = [[] for _ in range(max_adapters)]
+        self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None
+
+    def set_updates(self, slot: int, updates: list[LoRAUpdate]) -> None:
+        """Install (or, with [], remove) an adapter's updates in `slot`."""
+        self.updates[slot] = updates
+        self._stacked = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -63,6 +89,17 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output, plus each adapter's update on its own tokens."""
         out = self.base(x)
+        if not self.batch.groups:
+            return out
+        if self.batch.token_slots is not None and not torch.is_grad_enabled():
+            a_all, b_all, col_slot, layout = self._stacks(x.dtype, x.device)
+            if a_all.shape[0]:
+                xa = torch.nn.functional.linear(x, a_all).mul_(self.batch.mask(layout, col_slot, x.dtype))
+                if out.dim() == 2 and out.dtype == xa.dtype:
+                    out.addmm_(xa, b_all.t())
+                else:
+                    out.add_(torch.nn.functional.linear(xa, b_all).to(out.dtype))
+            return out
         for slot, rows in self.batch.groups:
             updates = self.updates[slot]
             if not updates:
@@ -72,6 +109,27 @@ class LoRALinear(nn.Module):
                 delta = (xs @ u.a.t().to(xs.dtype)) @ u.b.t().to(xs.dtype)
                 out[:, u.offset:u.offset + u.b.shape[0]].index_add_(0, rows, (delta * u.scaling).to(out.dtype))
         return out
+
+
+    def _stacks(self, dtype: torch.dtype, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """(A_all [K, in], B_all [out, K] with the scaling folded in, in the activations' `dtype`; the slot of
+        each column [K] as a tensor and as a tuple)."""
+        if self._stacked is None or self._stacked[0].dtype != dtype:
+            cols = [(slot, u) for slot, updates in enumerate(self.updates) for u in updates]
+            rank = sum(u.a.shape[0] for _, u in cols)
+            a_all = torch.zeros(rank, int(self.base.in_features), dtype=dtype, device=device)
+            b_all = torch.zeros(int(self.base.out_features), rank, dtype=dtype, device=device)
+            col_slot = torch.empty(rank, dtype=torch.long, device=device)
+            k = 0
+            for slot, u in cols:
+                r = u.a.shape[0]
+                a_all[k:k + r] = u.a
+                b_all[u.offset:u.offset + u.b.shape[0], k:k + r] = u.b * u.scaling
+                col_slot[k:k + r] = slot
+                k += r
+            self._stacked = (a_all, b_all, col_slot, tuple(col_slot.tolist()))
+        return self._stacked
 
 
 def linear_targets(model: nn.Module) -> dict[str, tuple[str, int, int]]:
@@ -208,9 +266,9 @@ class LoRAManager:
 
     def _install(self, slot: int, adapter: LoRAAdapter) -> None:
         for layer in self._layers.values():
-            layer.updates[slot] = []
+            layer.set_updates(slot, [])
         for name, updates in adapter.updates.items():
-            self._layer(name).updates[slot] = updates
+            self._layer(name).set_updates(slot, updates)
         self.slots[slot] = adapter
 
     def _layer(self, name: str) -> LoRALinear:

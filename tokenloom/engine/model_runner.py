@@ -124,12 +124,12 @@ class ModelRunner:
         self._copy_blocks(sched.block_copies)
         batch = self._prepare(sched)
         if self.adapters is not None:
-            self.adapters.batch.groups = batch.adapter_groups
+            self.adapters.batch.set(batch.adapter_groups, batch.token_slots)
         try:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta)
         finally:
             if self.adapters is not None:
-                self.adapters.batch.groups = []
+                self.adapters.batch.set([], None)
         out = RunnerOutput()
         if batch.sample_rows:
             logits = self.model.compute_logits(hidden[batch.sample_index])
@@ -200,10 +200,15 @@ class ModelRunner:
                                                     [sched.num_tokens[i] for i in order])
         groups = [(slot, torch.tensor(rows, dtype=torch.long, device=self.device))
                   for slot, rows in sorted(adapter_rows.items())]
+        token_slots = None
+        if groups:
+            token_slots = torch.full((offset,), -1, dtype=torch.long, device=self.device)
+            for slot, rows in groups:
+                token_slots[rows] = slot
         return _Batch(torch.tensor(ids, dtype=torch.long, device=self.device),
                       torch.from_numpy(np.concatenate(positions)).to(self.device), meta,
                       sample_rows, torch.tensor(sample_index, dtype=torch.long, device=self.device), plp_rows,
-                      groups)
+                      groups, token_slots)
 
     def _decode_tables(self, rows: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.block_size
@@ -237,3 +242,4 @@ class _Batch:
     sample_index: torch.Tensor
     prompt_logprob_rows: list[tuple[Request, torch.Tensor, torch.Tensor]]
     adapter_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, packed token rows)
+    token_slots: torch.Tensor | None = None  # each packed token's adapter slot, -1 for the base model

@@ -1,0 +1,189 @@
+"""LoRA training and serving benchmark: tokenloom against PEFT + transformers on the same data, model,
+hyper-parameters and batch order, in one run. Run by hand (never in CI):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adapters.py --train-limit 512 --epochs 1
+
+Training: SST-2 (../shared/data/sst2: train.txt, dev.txt; `LABEL text`), classification through the label
+words " negative" / " positive" after the template "{text} Sentiment:", LoRA r / alpha on every attention
+and MLP projection, AdamW, the same seeded batch order for both. Reports dev accuracy before training
+(zero-shot label scoring), after training, and the training wall time of each side.
+
+Serving: 16 concurrent greedy requests spread over 8 copies of the trained adapter (8 adapter slots) against
+the same requests on the base model, generated tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
+LABELS = ("negative", "positive")
+TEMPLATE = "{text} Sentiment:"
+
+
+def read_split(path: Path, limit: int | None, seed: int) -> list[tuple[int, str]]:
+    """(label, text) rows of a `LABEL text` file, a seeded random `limit` of them."""
+    rows = []
+    for line in path.read_text().splitlines():
+        label, _, text = line.partition(" ")
+        if text.strip():
+            rows.append((int(label), text.strip()))
+    if limit is not None and limit < len(rows):
+        rows = random.Random(seed).sample(rows, limit)
+    return rows
+
+
+def write_split(rows: list[tuple[int, str]], path: Path) -> Path:
+    path.write_text("".join(f"{label} {text}\n" for label, text in rows))
+    return path
+
+
+def ours(model: str, train_file: Path, dev_file: Path, out: Path, args: argparse.Namespace) -> dict:
+    """tokenloom: zero-shot accuracy, then train and evaluate; wall time of the training alone."""
+    from tokenloom.adapters.train import TrainConfig, Trainer
+    from tokenloom.models import ops
+
+    trainer = Trainer(TrainConfig(model=model, data=str(train_file), eval_data=str(dev_file), output=str(out),
+                                  task="classification", labels=",".join(LABELS), template=TEMPLATE,
+                                  rank=args.rank, alpha=2 * args.rank, epochs=args.epochs, lr=args.lr,
+                                  batch_size=args.batch_size, seed=args.seed))
+    dev, trainer.dev_set = trainer.dev_set, []  # evaluated outside the timed training, as on the PEFT side
+    with ops.use_level("torch"):
+        zero_shot = trainer.evaluate(dev)
+    start = time.perf_counter()
+    result = trainer.run()
+    seconds = time.perf_counter() - start
+    with ops.use_level("torch"):
+        accuracy = trainer.evaluate(dev)
+    return {"zero_shot": zero_shot, "accuracy": accuracy, "train_s": seconds, "losses": result.losses,
+            "label_ids": trainer.label_ids}
+
+
+def peft_side(model: str, train_rows: list, dev_rows: list, label_ids: list[int], args: argparse.Namespace) -> dict:
+    """PEFT + transformers with the same hyper-parameters, label tokens and batch order."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenloom.loader.sources import resolve_model
+
+    source = resolve_model(model)
+    kwargs = {"gguf_file": source.path.name} if source.kind == "gguf" else {}
+    folder = source.path.parent if source.kind == "gguf" else source.path
+    tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    torch.manual_seed(args.seed)
+    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model_ = get_peft_model(base, config)
+    optimizer = torch.optim.AdamW([p for p in model_.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    targets = torch.tensor(label_ids)
+
+    def label_logits(rows: list[tuple[int, str]]) -> torch.Tensor:
+        enc = [tok(TEMPLATE.format(text=text)).input_ids for _, text in rows]
+        width = max(len(e) for e in enc)
+        ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
+        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
+        logits = model_(input_ids=ids, attention_mask=mask).logits
+        last = torch.tensor([len(e) - 1 for e in enc])
+        return logits[torch.arange(len(enc)), last][:, targets].float()
+
+    def accuracy(rows: list) -> float:
+        model_.eval()
+        with torch.no_grad():
+            correct = sum(int(p == label) for i in range(0, len(rows), args.batch_size)
+                          for p, (label, _) in zip(label_logits(rows[i:i + args.batch_size]).argmax(-1).tolist(),
+                                                   rows[i:i + args.batch_size]))
+        return correct / len(rows)
+
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        model_.train()
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        for i in range(0, len(order), args.batch_size):
+            batch = [train_rows[j] for j in order[i:i + args.batch_size].tolist()]
+            loss = torch.nn.functional.cross_entropy(label_logits(batch), torch.tensor([label for label, _ in batch]))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    seconds = time.perf_counter() - start
+    return {"accuracy": accuracy(dev_rows), "train_s": seconds}
+
+
+def serving(model: str, adapter: Path, args: argparse.Namespace) -> dict:
+    """Generated tok/s of 16 concurrent requests over 8 adapters against the same on the base model."""
+    from tokenloom import AdapterRequest, SamplingParams
+    from tokenloom.llm import LLM
+
+    llm = LLM(model, enable_adapters=True, max_adapters=8)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    prompts = [f"Review {i}: the film was" for i in range(16)]
+    copies = []
+    for i in range(8):
+        path = Path(tempfile.mkdtemp()) / f"copy{i}"
+        shutil.copytree(adapter, path)
+        copies.append(AdapterRequest(f"copy{i}", path))
+    start = time.perf_counter()
+    llm.engine.adapters.slot_for(copies[0], set())
+    load_ms = (time.perf_counter() - start) * 1e3
+    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+    rates = {}
+    for name, adapters in (("base", None), ("8 adapters", [copies[i % 8] for i in range(16)])):
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False, adapter=adapters)
+        rates[name] = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+    return {"base_tok_s": rates["base"], "adapters_tok_s": rates["8 adapters"], "adapter_load_ms": load_ms}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--train-limit", type=int, default=512, help="SST-2 training rows (a seeded sample)")
+    p.add_argument("--dev-limit", type=int, default=None, help="dev rows (default: all 872)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="adapters-bench-"))
+    train_rows = read_split(DATA / "train.txt", args.train_limit, args.seed)
+    dev_rows = read_split(DATA / "dev.txt", args.dev_limit, args.seed)
+    train_file, dev_file = write_split(train_rows, work / "train.txt"), write_split(dev_rows, work / "dev.txt")
+    ours_result = ours(args.model, train_file, dev_file, work / "lora", args)
+    peft_result = None if args.skip_peft else peft_side(args.model, train_rows, dev_rows, ours_result["label_ids"],
+                                                         args)
+    serve_result = serving(args.model, work / "lora", args)
+    print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
+    print(f"SST-2: {len(train_rows)} training rows, {len(dev_rows)} dev rows, {args.epochs} epoch(s), LoRA r "
+          f"{args.rank} alpha {2 * args.rank}, lr {args.lr}, batch {args.batch_size}")
+    print(f"zero-shot label scoring (tokenloom): dev accuracy {ours_result['zero_shot']:.4f}")
+    print(f"tokenloom LoRA:     dev accuracy {ours_result['accuracy']:.4f}, training {ours_result['train_s']:.1f} s")
+    if peft_result:
+        print(f"PEFT+transformers:  dev accuracy {peft_result['accuracy']:.4f}, "
+              f"training {peft_result['train_s']:.1f} s")
+        print(f"accuracy difference {100 * (ours_result['accuracy'] - peft_result['accuracy']):+.1f} points; "
+              f"training time ratio {ours_result['train_s'] / peft_result['train_s']:.2f}x PEFT's")
+    print(f"serving, 16 requests over 8 adapters: {serve_result['adapters_tok_s']:.1f} tok/s vs base "
+          f"{serve_result['base_tok_s']:.1f} ({serve_result['adapters_tok_s'] / serve_result['base_tok_s']:.2f}x); "
+          f"adapter load {serve_result['adapter_load_ms']:.0f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ours": ours_result, "peft": peft_result, "serving": serve_result},
+                                              indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
