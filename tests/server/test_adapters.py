@@ -46,3 +46,23 @@ def test_malformed_adapter_options_name_the_entry():
     with pytest.raises(ServerConfigError, match="'a1' is named twice"):
         ServerConfig(adapters="a1=/x,a1=/y")
     assert ServerConfig(adapters="a1=/x, a2=/y").adapter_paths == {"a1": "/x", "a2": "/y"}
+
+
+def test_adapters_load_and_unload_through_the_admin_routes(adapters_server, server_adapters):
+    url = adapters_server.url
+    body = {"model": "late", "prompt": [5, 17, 42, 99], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    assert httpx.post(f"{url}/v1/completions", json=body).status_code == 404
+    r = httpx.post(f"{url}/v1/models/load", json={"model": "late", "adapter_path": str(server_adapters["a1"])})
+    assert r.status_code == 200 and r.json()["parent"] == "base"
+    late = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"]
+    assert late == httpx.post(f"{url}/v1/completions", json={**body, "model": "a1"}).json()["choices"][0]["text"]
+    assert httpx.post(f"{url}/v1/models/unload", json={"model": "late"}).json()["state"] == "unloaded"
+    assert httpx.post(f"{url}/v1/completions", json=body).status_code == 404
+    bad = httpx.post(f"{url}/v1/models/load", json={"model": "broken", "adapter_path": "/nowhere"})
+    assert bad.status_code == 400 and "adapter_config.json does not exist" in bad.json()["error"]["message"]
+    assert {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]} == {"base", "a1", "a2"}
+
+
+def test_adapter_routes_on_a_server_without_adapters(tiny_server):
+    r = httpx.post(f"{tiny_server.url}/v1/models/load", json={"model": "x", "adapter_path": "/nowhere"})
+    assert r.status_code == 400 and "adapters are off" in r.json()["error"]["message"]

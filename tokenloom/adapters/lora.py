@@ -264,6 +264,19 @@ class LoRAManager:
         self._use[slot] = self._clock
         return slot
 
+    def unload(self, name: str, busy: set[int]) -> bool:
+        """Free the slot of adapter `name` (False when it is not loaded); AdapterError while requests in
+        flight (`busy` slots) use it."""
+        for slot, adapter in enumerate(self.slots):
+            if adapter is not None and adapter.name == name:
+                if slot in busy:
+                    raise AdapterError(f"adapter {name!r} has requests in flight; unload it once they end")
+                for layer in self._layers.values():
+                    layer.set_updates(slot, [])
+                self.slots[slot] = None
+                return True
+        return False
+
     def _install(self, slot: int, adapter: LoRAAdapter) -> None:
         for layer in self._layers.values():
             layer.set_updates(slot, [])

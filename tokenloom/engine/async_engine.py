@@ -144,6 +144,13 @@ class AsyncEngine:
             future.cancel()
             raise
 
+    def call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future[Any]:
+        """Run `fn(engine)` on the engine thread between steps (what changes the model, such as loading an
+        adapter, must not run while a step does); the future gives its result or its error."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._submit(("call", fn, future))
+        return future
+
     def abort(self, request_id: str) -> None:
         """Abort a request by id (a no-op for unknown or finished ones)."""
         with contextlib.suppress(EngineDeadError):  # a stopped engine has nothing left to abort
@@ -212,6 +219,14 @@ class AsyncEngine:
         return max(self._drain_deadline - time.monotonic(), 0.0)
 
     def _apply(self, command: tuple[Any, ...]) -> None:
+        if command[0] == "call":
+            _, fn, future = command
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as exc:  # the caller's error, not the loop's
+                    future.set_exception(exc)
+            return
         if command[0] == "pool":
             self._apply_pool(*command[1:])
             return
@@ -334,6 +349,8 @@ class AsyncEngine:
                     command[-1].set_exception(error)
                 elif command[0] == "pool":
                     _resolve(command[1].future, error)
+                elif command[0] == "call" and command[2].set_running_or_notify_cancel():
+                    command[2].set_exception(error)
             self._commands = []
 
     @staticmethod

@@ -163,12 +163,22 @@ class LLMEngine:
         """(name, slot) of a request's adapter, loading it on first use."""
         if adapter is None:
             return None
+        return adapter.name, self.load_adapter(adapter)
+
+    def load_adapter(self, adapter: AdapterRequest) -> int:
+        """Load an adapter into a slot now (a no-op when it is loaded); its slot."""
         if self.adapters is None:
             raise InvalidRequestError(f"adapter {adapter.name!r} asked for, but adapters are off: start the engine "
                                       f"with enable_adapters=True (--enable-adapters)", "adapter")
-        busy = {r.adapter_slot for r in (*self.scheduler.running, *self.scheduler.waiting)
+        return self.adapters.slot_for(adapter, self._busy_adapter_slots())
+
+    def unload_adapter(self, name: str) -> bool:
+        """Free adapter `name`'s slot (False when it is not loaded); refused while requests use it."""
+        return self.adapters is not None and self.adapters.unload(name, self._busy_adapter_slots())
+
+    def _busy_adapter_slots(self) -> set[int]:
+        return {r.adapter_slot for r in (*self.scheduler.running, *self.scheduler.waiting)
                 if r.adapter_slot is not None}
-        return adapter.name, self.adapters.slot_for(adapter, busy)
 
     def _add_pooling(self, request_id: str, inp: EncoderInput, params: PoolingParams) -> None:
         self.require(params.task)

@@ -68,7 +68,8 @@ def build_state(config: ServerConfig, specs: list[ModelSpec], default_model: str
                            measure=served_bytes, close=ServedModel.close)
     metrics = ServerMetrics(manager)
     adapters = {name: AdapterRequest(name, path) for name, path in config.adapter_paths.items()}
-    return ServerState(ModelLeases(manager, default_model, adapters), config, metrics)
+    enabled = bool(adapters) or any(s.engine_options.get("enable_adapters") for s in specs if s.name == default_model)
+    return ServerState(ModelLeases(manager, default_model, adapters if enabled else None), config, metrics)
 
 
 def build_app(state: ServerState) -> FastAPI:

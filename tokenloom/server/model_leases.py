@@ -175,6 +175,7 @@ class ModelLeases:
         self.manager = manager
         self.default_model = default_model
         self.adapters = dict(adapters or {})  # adapters of the default model, by the name requests use
+        self.adapters_enabled = adapters is not None and default_model is not None
         self.draining = False
 
     def resolve(self, model: str | None) -> str:

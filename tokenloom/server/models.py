@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from tokenloom.adapters import AdapterRequest
 from tokenloom.manager import ModelInfo, ModelState
 from tokenloom.server.errors import APIError
 from tokenloom.server.protocol import ModelActionRequest
@@ -37,8 +38,11 @@ async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
 
 @router.post("/v1/models/load")
 async def load_model(body: ModelActionRequest, request: Request) -> dict[str, Any]:
-    """Load a model now (a no-op when it is loaded), optionally setting how long it stays once idle."""
+    """Load a model now (a no-op when it is loaded), optionally setting how long it stays once idle; with
+    `adapter_path`, load a LoRA adapter named `model` onto the server's model and list it."""
     state = state_of(request)
+    if body.adapter_path is not None:
+        return await _load_adapter(state, body.model, body.adapter_path)
     lease = await state.models.lease(body.model, keep_alive_of(body))
     await lease.release()
     return _card_of(state, body.model)
@@ -46,8 +50,10 @@ async def load_model(body: ModelActionRequest, request: Request) -> dict[str, An
 
 @router.post("/v1/models/unload")
 async def unload_model(body: ModelActionRequest, request: Request) -> dict[str, Any]:
-    """Unload a model now; 409 while it has requests in flight."""
+    """Unload a model now; 409 while it has requests in flight. An adapter's name drops the adapter."""
     state = state_of(request)
+    if body.model in state.models.adapters:
+        return await _unload_adapter(state, body.model)
     name = state.models.resolve(body.model)
     if not await asyncio.get_running_loop().run_in_executor(None, state.manager.unload, name):
         info = _info(state, name)
@@ -67,6 +73,37 @@ def model_card(state: ServerState, info: ModelInfo) -> dict[str, Any]:
             "state": info.state.value, "bytes_used": info.bytes_used, "last_used": last_used,
             "in_flight": info.in_flight, "loads": info.num_loads, "keep_alive": info.keep_alive_s,
             "error": info.error}
+
+
+async def _load_adapter(state: ServerState, name: str, path: str) -> dict[str, Any]:
+    """Load the adapter into a slot of the server's model now (400 naming the file when it does not fit)."""
+    base = state.models.default_model
+    if base is None or not state.models.adapters_enabled:
+        raise APIError(400, "adapters are off on this server: start it with --adapters (or --enable-adapters) on "
+                            "its model", param="adapter_path", code="adapters_disabled")
+    if name in state.manager.names():
+        raise APIError(400, f"'{name}' is a model's name; pick another name for the adapter", param="model",
+                       code="invalid_value")
+    adapter = AdapterRequest(name, path)
+    async with state.models.using(base) as lease:
+        try:
+            await asyncio.wrap_future(lease.model.engine.call(lambda engine: engine.load_adapter(adapter)))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="adapter_path", code="invalid_value") from exc
+    state.models.adapters[name] = adapter
+    return adapter_card(state, name)
+
+
+async def _unload_adapter(state: ServerState, name: str) -> dict[str, Any]:
+    """Drop an adapter: new requests no longer find it; 409 while requests use it."""
+    card = adapter_card(state, name)
+    async with state.models.using(state.models.default_model) as lease:
+        try:
+            await asyncio.wrap_future(lease.model.engine.call(lambda engine: engine.unload_adapter(name)))
+        except ValueError as exc:
+            raise APIError(409, str(exc), param="model", code="model_busy") from exc
+    del state.models.adapters[name]
+    return {**card, "state": "unloaded"}
 
 
 def adapter_card(state: ServerState, name: str) -> dict[str, Any]:
