@@ -74,11 +74,11 @@ class LLM(PoolingTasks):
 
     def _add(self, request_id: str, prompt: Prompt, params: SamplingParams,
              adapter: AdapterRequest | None = None) -> None:
-        """Queue one prompt through the engine's input processor (a text is tokenized and echoed back)."""
+        """Queue one prompt (a text is tokenized here and echoed back; the engine checks the ids)."""
         ids_or_text = _prompt_ids_or_text(prompt)
         text = ids_or_text if isinstance(ids_or_text, str) else None
-        self.engine.add_request(request_id, self.engine.inputs.token_ids(ids_or_text), params, prompt_text=text,
-                                adapter=adapter)
+        ids = self.engine.inputs.token_ids(text) if text is not None else list(ids_or_text)
+        self.engine.add_request(request_id, ids, params, prompt_text=text, adapter=adapter)
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

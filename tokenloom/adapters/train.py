@@ -106,7 +106,9 @@ class Trainer:
         self.train_set = read_examples(Path(config.data), self)
         self.dev_set = read_examples(Path(config.eval_data), self) if config.eval_data else []
         self.batch = LoRABatch()
-        self.modules, self.params = self._wrap()
+        self.gpt2 = self.loaded.hf_config.model_type == "gpt2"  # HF's Conv1D layers: PEFT's fan_in_fan_out
+        self.updates = self._wrap()  # (checkpoint module name, its trainable update)
+        self.params = [p for _, u in self.updates for p in (u.a, u.b)]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
 
     # ---- set-up ----
@@ -129,35 +131,33 @@ class Trainer:
             return ids[1]
         return ids[0]
 
-    def _wrap(self) -> tuple[dict[str, list[LoRAUpdate]], list[torch.nn.Parameter]]:
-        """A trainable update (A kaiming-uniform, B zero: PEFT's init) per target projection."""
+    def _wrap(self) -> list[tuple[str, LoRAUpdate]]:
+        """A trainable update (A kaiming-uniform, B zero: PEFT's init) per target projection, installed in
+        a LoRALinear around each layer it adapts; returned with the checkpoint module names."""
         c = self.config
-        gpt2 = self.loaded.hf_config.model_type == "gpt2"
         wanted = tuple(t.strip() for t in c.target_modules.split(",")) if c.target_modules else (
-            GPT2_TARGETS if gpt2 else DEFAULT_TARGETS)
+            GPT2_TARGETS if self.gpt2 else DEFAULT_TARGETS)
         self.hf_targets = sorted(wanted)
         found: dict[str, list[LoRAUpdate]] = {}
-        params = []
-        self.hf_names: dict[int, str] = {}  # id of an update's A → the checkpoint module it adapts
+        named = []
         for hf_name, (ours, offset, width) in sorted(linear_targets(self.model).items()):
             if hf_name.rsplit(".", 1)[-1] not in wanted or "lm_head" in hf_name:
                 continue
             base = self.model.get_submodule(ours)
             a = torch.nn.Parameter(torch.empty(c.rank, int(base.in_features)))
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            b = torch.nn.Parameter(torch.zeros(width, c.rank))
-            found.setdefault(ours, []).append(LoRAUpdate(a, b, offset, c.alpha / c.rank))
-            params += [a, b]
-            self.hf_names[id(a)] = hf_name
+            update = LoRAUpdate(a, torch.nn.Parameter(torch.zeros(width, c.rank)), offset, c.alpha / c.rank)
+            found.setdefault(ours, []).append(update)
+            named.append((hf_name, update))
         if not found:
             raise AdapterError(f"target_modules {list(wanted)} match no linear layer of {c.model}")
         for ours, updates in found.items():
             parent_name, _, leaf = ours.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             layer = LoRALinear(getattr(parent, leaf), self.batch, 1)
-            layer.updates[0] = updates
+            layer.set_updates(0, updates)
             setattr(parent, leaf, layer)
-        return found, params
+        return named
 
     # ---- the loop ----
 
@@ -264,16 +264,13 @@ class Trainer:
 
         c = self.config
         tensors = {}
-        for updates in self.modules.values():
-            for u in updates:
-                name = self.hf_names[id(u.a)]
-                tensors[f"base_model.model.{name}.lora_A.weight"] = u.a.detach().contiguous()
-                tensors[f"base_model.model.{name}.lora_B.weight"] = u.b.detach().contiguous()
+        for name, u in self.updates:
+            tensors[f"base_model.model.{name}.lora_A.weight"] = u.a.detach().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = u.b.detach().contiguous()
         save_file(tensors, str(out / "adapter_model.safetensors"))
-        gpt2 = self.loaded.hf_config.model_type == "gpt2"
         peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c.rank, "lora_alpha": c.alpha,
                        "lora_dropout": 0.0, "target_modules": self.hf_targets, "bias": "none",
-                       "fan_in_fan_out": gpt2, "base_model_name_or_path": str(self.loaded.path),
+                       "fan_in_fan_out": self.gpt2, "base_model_name_or_path": str(self.loaded.path),
                        "inference_mode": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
                        "init_lora_weights": True}
         (out / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
