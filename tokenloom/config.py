@@ -78,7 +78,7 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class AdapterConfig:
-    """LoRA adapters served per request on the base model (tokenloom/adapters)."""
+    """Adapters (LoRAs, soft prompts, prefixes) served per request on the base model (tokenloom/adapters)."""
 
     enable_adapters: bool = False
     max_adapters: int = 4  # adapters loaded at once (slots); more are swapped in least recently used first

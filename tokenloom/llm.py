@@ -46,8 +46,9 @@ class LLM(PoolingTasks):
                  ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}); outputs come
         back in input order. Every prompt is validated before any starts, so a bad one fails the
-        call with its index named and no work is lost. `adapter` runs every prompt with one LoRA adapter,
-        or each with its own (a list, None for the base model; needs `enable_adapters=True`)."""
+        call with its index named and no work is lost. `adapter` runs every prompt with one adapter (a LoRA,
+        a soft prompt or a prefix), or each with its own (a list, None for the base model; needs
+        `enable_adapters=True`)."""
         self._require_generative("generate")
         prompts = _as_list(prompts)
         params = _broadcast(sampling_params, len(prompts))

@@ -107,8 +107,8 @@ def test_bad_adapters_fail_alone_naming_the_file(tiny_models, adapters, tmp_path
     save_file(tensors, bad / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=r"safetensors: .*q_proj has lora_A \(4, 32\).*needs \(4, 64\)"):
         llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False, adapter=AdapterRequest("bad", bad))
-    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
-    with pytest.raises(AdapterError, match="peft_type 'PREFIX_TUNING' is not supported here"):
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(AdapterError, match="peft_type 'IA3' is not supported here"):
         llm.engine.add_request("x", PROMPTS[0], GREEDY, adapter=AdapterRequest("bad2", bad))
     # The engine goes on serving, with and without adapters.
     good = AdapterRequest("a1", adapters[("llama", 1)][0])

@@ -123,12 +123,14 @@ def budget_catalog(tiny_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server_adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
-    """Two LoRA adapters of the tiny Llama saved by PEFT, by the name the adapters server gives them."""
+    """Adapters of the tiny Llama saved by PEFT, by the name the adapters server gives them: a1 a LoRA, a2 a
+    prefix (prefix tuning)."""
     from tests.adapters.peft_lora import save_peft_lora
+    from tests.adapters.peft_prompt import save_peft_prompt
 
-    root = tmp_path_factory.mktemp("server-lora")
-    for seed, name in ((1, "a1"), (2, "a2")):
-        save_peft_lora(tiny_models["llama"], root / name, seed, 4, "llama")
+    root = tmp_path_factory.mktemp("server-adapters")
+    save_peft_lora(tiny_models["llama"], root / "a1", 1, 4, "llama")
+    save_peft_prompt(tiny_models["llama"], root / "a2", "prefix-tuning", 2)
     return {"a1": root / "a1", "a2": root / "a2"}
 
 
@@ -183,7 +185,7 @@ def budget_server(_servers) -> Server:
 
 @pytest.fixture(scope="session")
 def adapters_server(_servers) -> Server:
-    """The tiny Llama as 'base' with two LoRA adapters, 'a1' and 'a2' (`server_adapters`)."""
+    """The tiny Llama as 'base' with two adapters, the LoRA 'a1' and the prefix 'a2' (`server_adapters`)."""
     return _servers["adapters"].wait_ready()
 
 

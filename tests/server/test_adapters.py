@@ -1,6 +1,6 @@
-"""LoRA adapters over HTTP: `tokenloom serve MODEL --adapters a1=PATH,a2=PATH` lists each adapter as a model
-of its own (its parent the base) and runs a request under the adapter its `model` names, through the real
-`openai` client, streamed and not, next to base-model requests."""
+"""Adapters over HTTP: `tokenloom serve MODEL --adapters a1=PATH,a2=PATH` (a LoRA and a prefix) lists each
+adapter as a model of its own (its parent the base, its kind the method) and runs a request under the adapter
+its `model` names, through the real `openai` client, streamed and not, next to base-model requests."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def test_adapters_are_models_of_their_own_with_the_offline_outputs(adapters_serv
     cards = {m.id: m for m in client.models.list().data}
     assert set(cards) == {"base", "a1", "a2"}
     assert cards["a1"].model_extra["parent"] == "base" and cards["a1"].model_extra["root"] == str(server_adapters["a1"])
+    assert cards["a1"].model_extra["kind"] == "lora" and cards["a2"].model_extra["kind"] == "prefix-tuning"
     prompt = [5, 17, 42, 99, 7, 3, 25]
     offline = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_gib=0.01, enable_adapters=True)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -52,10 +53,10 @@ def test_adapters_load_and_unload_through_the_admin_routes(adapters_server, serv
     url = adapters_server.url
     body = {"model": "late", "prompt": [5, 17, 42, 99], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     assert httpx.post(f"{url}/v1/completions", json=body).status_code == 404
-    r = httpx.post(f"{url}/v1/models/load", json={"model": "late", "adapter_path": str(server_adapters["a1"])})
-    assert r.status_code == 200 and r.json()["parent"] == "base"
+    r = httpx.post(f"{url}/v1/models/load", json={"model": "late", "adapter_path": str(server_adapters["a2"])})
+    assert r.status_code == 200 and r.json()["parent"] == "base" and r.json()["kind"] == "prefix-tuning"
     late = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"]
-    assert late == httpx.post(f"{url}/v1/completions", json={**body, "model": "a1"}).json()["choices"][0]["text"]
+    assert late == httpx.post(f"{url}/v1/completions", json={**body, "model": "a2"}).json()["choices"][0]["text"]
     assert httpx.post(f"{url}/v1/models/unload", json={"model": "late"}).json()["state"] == "unloaded"
     assert httpx.post(f"{url}/v1/completions", json=body).status_code == 404
     bad = httpx.post(f"{url}/v1/models/load", json={"model": "broken", "adapter_path": "/nowhere"})

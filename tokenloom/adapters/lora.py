@@ -17,7 +17,6 @@ the same update through a loop over the adapters present (autograd reaches the t
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,18 +159,15 @@ class LoRAAdapter:
     rank: int
     updates: dict[str, list[LoRAUpdate]]
 
+    def memory_bytes(self) -> int:
+        """Bytes of its matrices."""
+        return sum(u.a.numel() * u.a.element_size() + u.b.numel() * u.b.element_size()
+                   for updates in self.updates.values() for u in updates)
 
-def read_lora(request: AdapterRequest, model: nn.Module, device: torch.device, max_rank: int) -> LoRAAdapter:
-    """Read a PEFT LoRA folder and map its modules onto `model`; AdapterError names what does not fit."""
-    path = Path(request.path)
-    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    for f in (config_file, weights_file):
-        if not f.is_file():
-            raise AdapterError(f"adapter {request.name!r}: {f} does not exist")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"adapter {request.name!r}: {config_file} is not valid JSON: {exc}") from exc
+
+def read_lora(request: AdapterRequest, config_file: Path, config: dict[str, Any], weights_file: Path,
+              model: nn.Module, device: torch.device, max_rank: int) -> LoRAAdapter:
+    """A PEFT LoRA folder's config and weights mapped onto `model`; AdapterError names what does not fit."""
     _check_config(request.name, config_file, config, max_rank)
     from safetensors.torch import load_file
 
@@ -202,7 +198,7 @@ def read_lora(request: AdapterRequest, model: nn.Module, device: torch.device, m
             LoRAUpdate(a.to(device, torch.float32), b.to(device, torch.float32), offset, scaling))
     if not updates:
         raise AdapterError(f"adapter {request.name!r}: {weights_file} holds no lora_A/lora_B weights")
-    return LoRAAdapter(request.name, path, rank, updates)
+    return LoRAAdapter(request.name, Path(request.path), rank, updates)
 
 
 def _check_config(name: str, file: Path, config: dict[str, Any], max_rank: int) -> None:
@@ -229,75 +225,3 @@ def _check_config(name: str, file: Path, config: dict[str, Any], max_rank: int) 
 def _in_features(module: nn.Module) -> int:
     base = module.base if isinstance(module, LoRALinear) else module
     return int(base.in_features)
-
-
-class LoRAManager:
-    """The engine's adapters: the wrapped layers, `max_adapters` slots, loading by name on first use and
-    replacing the least recently used adapter that no request in flight uses."""
-
-    def __init__(self, model: nn.Module, device: torch.device, max_adapters: int, max_rank: int) -> None:
-        self.model, self.device = model, device
-        self.max_adapters, self.max_rank = max_adapters, max_rank
-        self.batch = LoRABatch()
-        self.slots: list[LoRAAdapter | None] = [None] * max_adapters
-        self._use = [0] * max_adapters  # last use, for LRU
-        self._clock = 0
-        self._layers: dict[str, LoRALinear] = {}
-
-    def slot_for(self, request: AdapterRequest, busy: set[int]) -> int:
-        """The slot holding `request`'s adapter, loading it (into a free slot, or the least recently used one
-        no request in `busy` uses) on first use."""
-        self._clock += 1
-        for i, adapter in enumerate(self.slots):
-            if adapter is not None and adapter.name == request.name:
-                if adapter.path != Path(request.path):
-                    raise AdapterError(f"adapter {request.name!r} is loaded from {adapter.path}, not {request.path}")
-                self._use[i] = self._clock
-                return i
-        free = [i for i in range(self.max_adapters) if i not in busy]
-        if not free:
-            raise AdapterError(f"all {self.max_adapters} adapter slots are in use by requests in flight "
-                               f"(max_adapters); retry when one finishes")
-        slot = min(free, key=lambda i: (self.slots[i] is not None, self._use[i]))
-        adapter = read_lora(request, self.model, self.device, self.max_rank)
-        self._install(slot, adapter)
-        self._use[slot] = self._clock
-        return slot
-
-    def unload(self, name: str, busy: set[int]) -> bool:
-        """Free the slot of adapter `name` (False when it is not loaded); AdapterError while requests in
-        flight (`busy` slots) use it."""
-        for slot, adapter in enumerate(self.slots):
-            if adapter is not None and adapter.name == name:
-                if slot in busy:
-                    raise AdapterError(f"adapter {name!r} has requests in flight; unload it once they end")
-                for layer in self._layers.values():
-                    layer.set_updates(slot, [])
-                self.slots[slot] = None
-                return True
-        return False
-
-    def _install(self, slot: int, adapter: LoRAAdapter) -> None:
-        for layer in self._layers.values():
-            layer.set_updates(slot, [])
-        for name, updates in adapter.updates.items():
-            self._layer(name).set_updates(slot, updates)
-        self.slots[slot] = adapter
-
-    def _layer(self, name: str) -> LoRALinear:
-        layer = self._layers.get(name)
-        if layer is None:
-            parent_name, _, leaf = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            current = getattr(parent, leaf)
-            layer = current if isinstance(current, LoRALinear) else LoRALinear(current, self.batch,
-                                                                               self.max_adapters)
-            setattr(parent, leaf, layer)
-            self._layers[name] = layer
-        return layer
-
-    def memory_bytes(self) -> int:
-        """Bytes of the loaded adapters' matrices."""
-        return sum(u.a.numel() * u.a.element_size() + u.b.numel() * u.b.element_size()
-                   for adapter in self.slots if adapter is not None
-                   for updates in adapter.updates.values() for u in updates)

@@ -10,10 +10,12 @@ refuses a max_tokens that does not fit. A prompt that leaves no room is refused 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from tokenloom.adapters.virtual import PLACEHOLDER_TOKEN
 from tokenloom.engine.pooling import EncoderTokenizer
 from tokenloom.engine.request import InvalidRequestError, Request
 from tokenloom.loader import LoadedModel
@@ -22,6 +24,15 @@ from tokenloom.plugins import build_logits_processors
 from tokenloom.sampling_params import SamplingParams
 
 Message = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterBinding:
+    """A loaded adapter as requests carry it: its name, its slot and its virtual tokens (0 for a LoRA)."""
+
+    name: str
+    slot: int
+    num_virtual_tokens: int = 0
 
 
 def chat_token_ids(tokenizer: Tokenizer, messages: list[Message], chat_template: str | None = None,
@@ -110,18 +121,20 @@ class InputProcessor:
     # ---- requests ----
 
     def requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams, strict: bool = False,
-                 adapter: tuple[str, int] | None = None) -> list[Request]:
+                 adapter: AdapterBinding | None = None) -> list[Request]:
         """The engine requests of one user request: `params.n` children sharing the prompt (ids `i_{id}`
         when n > 1), each with its own seeded generator (seed + i) and logits processor objects; `adapter`
-        (name, slot) runs them with a loaded adapter, whose name also salts their prefix-cache hashes."""
+        runs them with a loaded adapter, whose name also salts their prefix-cache hashes and whose virtual
+        tokens (a soft prompt's or a prefix's) go first, counted in the context."""
         prompt_ids = self.token_ids(prompt_ids)
-        decoder_ids = self.decoder_prompt(prompt_ids)
+        virtual = adapter.num_virtual_tokens if adapter is not None else 0
+        decoder_ids = [PLACEHOLDER_TOKEN] * virtual + self.decoder_prompt(prompt_ids)
         max_tokens = self.fit(len(decoder_ids), params.max_tokens, strict)
         params.validate_vocab(self.vocab_size)
         encoder_ids = prompt_ids if self.loaded.kind == "encoder-decoder" else None
         salt = None if encoder_ids is None else hash(tuple(encoder_ids))
         if adapter is not None:
-            salt = hash(("adapter", adapter[0], salt))
+            salt = hash(("adapter", adapter.name, salt))
         child_params = dataclasses.replace(params, n=1) if params.n > 1 else params
         children = []
         for i in range(params.n):
@@ -132,5 +145,6 @@ class InputProcessor:
                                     child_params, self.eos_token_ids, max_tokens, generator=generator,
                                     logits_processors=build_logits_processors(params.logits_processors),
                                     encoder_token_ids=encoder_ids, cache_salt=salt,
-                                    adapter_slot=None if adapter is None else adapter[1]))
+                                    adapter_slot=None if adapter is None else adapter.slot,
+                                    num_virtual_tokens=virtual))
         return children

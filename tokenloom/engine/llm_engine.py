@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from tokenloom.adapters import AdapterRequest
-from tokenloom.adapters.lora import LoRAManager
+from tokenloom.adapters.manager import AdapterManager
 from tokenloom.config import ConfigError, EngineConfig
-from tokenloom.engine.input_processor import InputProcessor
+from tokenloom.engine.input_processor import AdapterBinding, InputProcessor
 from tokenloom.engine.kv_cache import KVCacheManager
 from tokenloom.engine.model_runner import ModelRunner, RunnerOutput, kv_bytes_per_block
 from tokenloom.engine.output_processor import OutputProcessor, ParentState
@@ -93,7 +93,7 @@ class LLMEngine:
                 raise ConfigError(f"enable_adapters: adapters run on decoder-only models for now; "
                                   f"{self.loaded.name} is {self.loaded.kind}")
             a = config.adapter_config
-            self.adapters = LoRAManager(self.loaded.model, device, a.max_adapters, a.max_adapter_rank)
+            self.adapters = AdapterManager(self.loaded.model, device, a.max_adapters, a.max_adapter_rank)
         self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.kv_dtype, device, pooling,
                                   self.adapters)
         self.inputs = InputProcessor(self.loaded, self.max_model_len, device, encoder_inputs)
@@ -141,8 +141,8 @@ class LLMEngine:
                     adapter: AdapterRequest | None = None) -> None:
         """Validate and queue a request: a generation from its prompt's token ids (the input processor makes
         them from text or messages; `prompt_text` is echoed in its outputs; `strict` refuses a max_tokens
-        over the context instead of shortening it; `adapter` runs it with a LoRA adapter, loaded on first
-        use), or, with pooling params, an encoder-only model's input."""
+        over the context instead of shortening it; `adapter` runs it with an adapter (a LoRA, a soft prompt
+        or a prefix), loaded on first use), or, with pooling params, an encoder-only model's input."""
         if request_id in self.outputs.parents or request_id in self._pooling:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if isinstance(params, PoolingParams):
@@ -159,11 +159,12 @@ class LLMEngine:
         for child in children:
             self.scheduler.add(child)
 
-    def _adapter(self, adapter: AdapterRequest | None) -> tuple[str, int] | None:
-        """(name, slot) of a request's adapter, loading it on first use."""
+    def _adapter(self, adapter: AdapterRequest | None) -> AdapterBinding | None:
+        """A request's adapter, loaded on first use."""
         if adapter is None:
             return None
-        return adapter.name, self.load_adapter(adapter)
+        slot = self.load_adapter(adapter)
+        return AdapterBinding(adapter.name, slot, self.adapters.num_virtual_tokens(slot))
 
     def load_adapter(self, adapter: AdapterRequest) -> int:
         """Load an adapter into a slot now (a no-op when it is loaded); its slot."""

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokenloom.adapters.lora import LoRAManager
+from tokenloom.adapters.manager import AdapterManager, VirtualSpan
 from tokenloom.engine.encoder_cache import EncoderCache
 from tokenloom.engine.pooling import PoolingRunner
 from tokenloom.engine.request import Request
 from tokenloom.engine.sampler import Sampler, prompt_logprobs
 from tokenloom.engine.scheduler import SchedulerOutput
-from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention, PrefillSpan
+from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention, PrefillSpan, index_attention_layers
 from tokenloom.models.registry import model_kind
 from tokenloom.outputs import PositionLogprobs
 
@@ -88,7 +88,7 @@ class ModelRunner:
     """Runs the model on a scheduled batch over its bound paged KV cache."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, pooling: PoolingRunner | None = None, adapters: LoRAManager | None = None
+                 device: torch.device, pooling: PoolingRunner | None = None, adapters: AdapterManager | None = None
                  ) -> None:
         """`dtype` is the KV cache's (the engine's `kv_cache_dtype` resolved)."""
         self.model = model
@@ -99,7 +99,7 @@ class ModelRunner:
         self.sampler = Sampler()
         if device.type == "cpu":
             keep_freed_memory()
-        self.attention = attention_layers(model)
+        self.attention = index_attention_layers(model)
         for attn in self.attention:
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
             attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
@@ -124,12 +124,13 @@ class ModelRunner:
         self._copy_blocks(sched.block_copies)
         batch = self._prepare(sched)
         if self.adapters is not None:
-            self.adapters.batch.set(batch.adapter_groups, batch.token_slots)
+            batch.meta.virtual_kv = self.adapters.begin_step(batch.adapter_groups, batch.token_slots,
+                                                             batch.virtual_spans)
         try:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta)
         finally:
             if self.adapters is not None:
-                self.adapters.batch.set([], None)
+                self.adapters.end_step()
         out = RunnerOutput()
         if batch.sample_rows:
             logits = self.model.compute_logits(hidden[batch.sample_index])
@@ -166,12 +167,16 @@ class ModelRunner:
         ids, positions, slots = [], [], []
         spans, decode_rows, sample_rows, sample_index, plp_rows = [], [], [], [], []
         adapter_rows: dict[int, list[int]] = {}
+        virtual_spans = []
         offset = 0
         for i in order:
             request, n = sched.requests[i], sched.num_tokens[i]
+            start = request.num_computed_tokens
             if request.adapter_slot is not None:
                 adapter_rows.setdefault(request.adapter_slot, []).extend(range(offset, offset + n))
-            start = request.num_computed_tokens
+                if start < request.num_virtual_tokens:
+                    virtual_spans.append(VirtualSpan(request.adapter_slot, offset, start,
+                                                     min(n, request.num_virtual_tokens - start)))
             pos = np.arange(start, start + n)
             table = np.asarray(request.block_ids)
             ids.extend(request.token_slice(start, start + n))
@@ -208,7 +213,7 @@ class ModelRunner:
         return _Batch(torch.tensor(ids, dtype=torch.long, device=self.device),
                       torch.from_numpy(np.concatenate(positions)).to(self.device), meta,
                       sample_rows, torch.tensor(sample_index, dtype=torch.long, device=self.device), plp_rows,
-                      groups, token_slots)
+                      groups, token_slots, virtual_spans)
 
     def _decode_tables(self, rows: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.block_size
@@ -226,10 +231,11 @@ class ModelRunner:
         if request.sampling_params.prompt_logprobs is None:
             return None
         last = min(start + n, request.num_prompt_tokens - 1)
-        if last <= start:
+        first = max(start, request.num_virtual_tokens)  # virtual tokens' and the first real token's go unscored
+        if last <= first:
             return None
-        index = torch.arange(offset, offset + last - start, device=self.device)
-        targets = torch.tensor(request.prompt_token_ids[start + 1:last + 1], device=self.device)
+        index = torch.arange(offset + first - start, offset + last - start, device=self.device)
+        targets = torch.tensor(request.prompt_token_ids[first + 1:last + 1], device=self.device)
         return request, index, targets
 
 
@@ -243,3 +249,4 @@ class _Batch:
     prompt_logprob_rows: list[tuple[Request, torch.Tensor, torch.Tensor]]
     adapter_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, packed token rows)
     token_slots: torch.Tensor | None = None  # each packed token's adapter slot, -1 for the base model
+    virtual_spans: list[VirtualSpan] = field(default_factory=list)  # virtual tokens' rows (prompt adapters)

@@ -53,7 +53,8 @@ class OutputProcessor:
         """Track a new user request and its child requests."""
         for index, request in enumerate(children):
             params = request.sampling_params
-            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids[request.num_virtual_tokens:],
+                                           params)
             child = _Child(request, detok, [] if params.logprobs is not None else None, index)
             parent.children.append(child)
             self.child_to_parent[request.request_id] = (parent, child)
@@ -76,7 +77,7 @@ class OutputProcessor:
         parent, child = self.child_to_parent[request.request_id]
         if parent.prompt_logprobs is None or child is not parent.children[0]:
             return
-        if len(parent.prompt_logprobs) < request.num_prompt_tokens:
+        if len(parent.prompt_logprobs) < request.num_prompt_tokens - request.num_virtual_tokens:
             for lp in logprobs:
                 self._decode_logprob_tokens(lp)
             parent.prompt_logprobs.extend(logprobs)
@@ -100,7 +101,8 @@ class OutputProcessor:
             outputs = [self._completion(c, delta=False) for c in parent.children]
         out = RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs,
                             parent.finished, parent.prompt_logprobs,
-                            parent.children[0].request.num_cached_tokens)
+                            max(0, parent.children[0].request.num_cached_tokens
+                                - parent.children[0].request.num_virtual_tokens))
         if parent.finished:
             self.forget(parent)
         return out

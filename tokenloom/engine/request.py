@@ -77,7 +77,10 @@ class Request:
     encoder_token_ids: list[int] | None = None
     cache_salt: int | None = None
     pooling_params: PoolingParams | None = None
-    adapter_slot: int | None = None  # the LoRA adapter's slot (engine.adapters), None for the base model
+    adapter_slot: int | None = None  # the adapter's slot (engine.adapters), None for the base model
+    # A prompt-learning adapter's virtual tokens: the first prompt tokens, placeholders the model takes the
+    # adapter's vectors for; never shown in outputs.
+    num_virtual_tokens: int = 0
     token_type_ids: list[int] | None = None  # a pooling request's segment ids (BERT pairs)
 
     @property

@@ -83,6 +83,17 @@ class Gemma3DecoderLayer(nn.Module):
         return add_rms_norm(x, self.mlp(h), self.post_feedforward_layernorm, next_norm)
 
 
+class ScaledEmbedding(nn.Embedding):
+    """Token embeddings times sqrt(hidden), as HF's Gemma3TextScaledWordEmbedding: its output is the
+    model's input embeddings (where a soft prompt's vectors go, unscaled)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """ids → scaled embeddings."""
+        x = super().forward(input_ids)
+        # HF rounds the scale to the activation dtype before multiplying; so do we, for parity.
+        return x * torch.tensor(self.embedding_dim ** 0.5, dtype=x.dtype)
+
+
 class Gemma3ForCausalLM(nn.Module):
     """Gemma 3 text decoder with tied embeddings."""
 
@@ -90,7 +101,7 @@ class Gemma3ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.embed_tokens = ScaledEmbedding(config.vocab_size, config.hidden_size)
         rotary = {kind: RotaryEmbedding(head_dim_of(config), max_positions, _gemma_rope(config, kind))
                   for kind in ("sliding_attention", "full_attention")}
         self.model.layers = nn.ModuleList(Gemma3DecoderLayer(config, i, rotary)
@@ -101,10 +112,12 @@ class Gemma3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Packed batch → hidden states [tokens, hidden]."""
-        x = self.model.embed_tokens(input_ids)
-        # HF rounds the scale to the activation dtype before multiplying; so do we, for parity.
-        x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
-        return run_decoder_layers(self.model.layers, self.model.norm, x, positions, meta)
+        return run_decoder_layers(self.model.layers, self.model.norm, self.model.embed_tokens(input_ids), positions,
+                                  meta)
+
+    def input_embeddings(self) -> nn.Module:
+        """The module whose output is the layers' input (HF's `get_input_embeddings()`)."""
+        return self.model.embed_tokens
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states of the sampled positions → float32 logits."""

@@ -74,6 +74,10 @@ class GPT2LMHeadModel(nn.Module):
             x = block(x, meta)
         return t.ln_f(x)
 
+    def input_embeddings(self) -> nn.Module:
+        """The token embeddings (HF's `get_input_embeddings()`); position embeddings are added after."""
+        return self.transformer.wte
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states of the sampled positions → float32 logits."""
         return self.lm_head(hidden).float()

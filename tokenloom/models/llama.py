@@ -142,6 +142,10 @@ class LlamaForCausalLM(nn.Module):
         """Packed batch → hidden states [tokens, hidden]."""
         return self.model(input_ids, positions, meta)
 
+    def input_embeddings(self) -> nn.Module:
+        """The module whose output is the layers' input (HF's `get_input_embeddings()`)."""
+        return self.model.embed_tokens
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states of the sampled positions → float32 logits."""
         return self.lm_head(hidden).float()

@@ -30,8 +30,9 @@ class ServerConfig:
     memory_budget_gib: float | None = None
     max_loaded_models: int | None = None
     keep_alive: str = "5m"
-    # LoRA adapters of the command line's model, NAME=PATH[,NAME=PATH...]: each is a model of its own in
-    # /v1/models (its parent the base model), picked by a request's `model`, as vLLM's --lora-modules.
+    # Adapters (LoRA, soft prompt, prefix) of the command line's model, NAME=PATH[,NAME=PATH...]: each is a
+    # model of its own in /v1/models (its parent the base model), picked by a request's `model`, as vLLM's
+    # --lora-modules.
     adapters: str | None = None
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from tokenloom.adapters import AdapterRequest
+from tokenloom.adapters import AdapterRequest, adapter_method
 from tokenloom.manager import ModelInfo, ModelState
 from tokenloom.server.errors import APIError
 from tokenloom.server.protocol import ModelActionRequest
@@ -39,7 +39,7 @@ async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
 @router.post("/v1/models/load")
 async def load_model(body: ModelActionRequest, request: Request) -> dict[str, Any]:
     """Load a model now (a no-op when it is loaded), optionally setting how long it stays once idle; with
-    `adapter_path`, load a LoRA adapter named `model` onto the server's model and list it."""
+    `adapter_path`, load an adapter (LoRA, soft prompt, prefix) named `model` onto the server's model and list it."""
     state = state_of(request)
     if body.adapter_path is not None:
         return await _load_adapter(state, body.model, body.adapter_path)
@@ -108,10 +108,11 @@ async def _unload_adapter(state: ServerState, name: str) -> dict[str, Any]:
 
 def adapter_card(state: ServerState, name: str) -> dict[str, Any]:
     """An adapter as /v1/models lists it: a model of its own whose `parent` is the base model (vLLM's shape
-    for LoRA modules); it runs on its parent's engine, loaded into an adapter slot on first use."""
-    base = state.models.default_model
+    for LoRA modules; `kind` says its method); it runs on its parent's engine, loaded into an adapter slot on
+    first use."""
+    base, path = state.models.default_model, state.models.adapters[name].path
     return {"id": name, "object": "model", "created": state.created, "owned_by": "tokenloom",
-            "root": str(state.models.adapters[name].path), "parent": base, "kind": "lora"}
+            "root": str(path), "parent": base, "kind": adapter_method(path)}
 
 
 def _info(state: ServerState, name: str) -> ModelInfo:

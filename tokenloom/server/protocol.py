@@ -251,8 +251,8 @@ class ChatCompletionChunk(BaseModel):
 
 
 class ModelActionRequest(_Request):
-    """POST /v1/models/load and /v1/models/unload; with `adapter_path`, load registers a LoRA adapter named
-    `model` on the server's model (unload then drops it)."""
+    """POST /v1/models/load and /v1/models/unload; with `adapter_path`, load registers an adapter (LoRA, soft
+    prompt, prefix) named `model` on the server's model (unload then drops it)."""
 
     model: str
     keep_alive: float | str | None = None

@@ -36,6 +36,22 @@ class PrefillSpan:
 
 
 @dataclass(slots=True)
+class VirtualKV:
+    """Keys and values given rather than computed (a prefix adapter's virtual tokens): packed `rows` [R]
+    take `keys[layer]` / `values[layer]` [R, kv_heads, dim] in attention layer `layer`."""
+
+    rows: torch.Tensor
+    keys: torch.Tensor  # [layers, R, kv_heads, dim]
+    values: torch.Tensor
+
+    def apply(self, layer: int, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v with the given rows swapped in (rounded through the cache's `dtype`, as it stores them)."""
+        keys, values = self.keys[layer].to(dtype).to(k.dtype), self.values[layer].to(dtype).to(v.dtype)
+        return k.index_put((self.rows,), keys), v.index_put((self.rows,), values)
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """How this step's packed tokens map onto requests and cache slots."""
 
@@ -46,6 +62,7 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None = None  # [num_decodes] keys per decode row, the new one included
     block_size: int = 16
     cross: CrossAttentionMetadata | None = None  # encoder–decoder models: each request's encoder keys/values
+    virtual_kv: VirtualKV | None = None  # prefix adapters' keys and values for their virtual tokens
     _decode_slots: torch.Tensor | None = None
     _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _prefill_masks: dict[tuple[int, int, int | None], torch.Tensor] = field(default_factory=dict)
@@ -96,6 +113,14 @@ def chunk_mask(length: int, context_len: int, window: int | None, device: torch.
     return mask
 
 
+def index_attention_layers(model: nn.Module) -> list[PagedAttention]:
+    """The model's paged attention modules in order, each told its index (given keys are per layer)."""
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    for i, layer in enumerate(layers):
+        layer.layer_index = i
+    return layers
+
+
 class PagedAttention(nn.Module):
     """Scaled dot-product attention whose keys and values live in a paged cache.
 
@@ -109,6 +134,7 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.layer_index = 0  # set by index_attention_layers: which layer's given keys (VirtualKV) are ours
 
     def project(self, qkv: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rotary: RotaryEmbedding,
                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None
@@ -143,6 +169,8 @@ class PagedAttention(nn.Module):
         """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] → [tokens, heads * dim]; k and v are written
         into the cache at the step's slots unless `kv_cached` says they already are. Without a bound cache
         (training: whole sequences, autograd through the torch paths) every span attends to its own keys."""
+        if meta.virtual_kv is not None:
+            k, v = self._given_kv(k, v, meta, kv_cached)
         if self.kv_cache is None:
             parts = [self._prefill(q[s.start:s.start + s.length], k[s.start:s.start + s.length],
                                    v[s.start:s.start + s.length], s, meta, k, v) for s in meta.prefills]
@@ -176,6 +204,20 @@ class PagedAttention(nn.Module):
             out[meta.num_prefill_tokens:] = decoded if decoded is not None else self._decode(q_decode, meta, k_flat,
                                                                                           v_flat)
         return out.view(q.shape[0], -1)
+
+    def _given_kv(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, kv_cached: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v with the virtual rows' given keys and values; where the projection already wrote the cache,
+        those rows are written again."""
+        given = meta.virtual_kv
+        k, v = given.apply(self.layer_index, k, v, self.kv_cache[0].dtype if self.kv_cache else k.dtype)
+        if kv_cached:
+            slots = meta.slot_mapping[given.rows]
+            self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim).index_copy_(
+                0, slots, k[given.rows].to(self.kv_cache[0].dtype))
+            self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim).index_copy_(
+                0, slots, v[given.rows].to(self.kv_cache[1].dtype))
+        return k, v
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan, meta: AttentionMetadata,
                  k_flat: torch.Tensor, v_flat: torch.Tensor) -> torch.Tensor:
