@@ -1,11 +1,13 @@
-"""LoRA training and serving benchmark: tokenloom against PEFT + transformers on the same data, model,
-hyper-parameters and batch order, in one run. Run by hand (never in CI):
+"""Adapter training and serving benchmark (LoRA or prompt tuning): tokenloom against PEFT + transformers on
+the same data, model, hyper-parameters and batch order, in one run. Run by hand (never in CI):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adapters.py --train-limit 512 --epochs 1
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adapters.py --method prompt-tuning --lr 3e-2
 
 Training: SST-2 (../shared/data/sst2: train.txt, dev.txt; `LABEL text`), classification through the label
 words " negative" / " positive" after the template "{text} Sentiment:", LoRA r / alpha on every attention
-and MLP projection, AdamW, the same seeded batch order for both. Reports dev accuracy before training
+and MLP projection (or N virtual tokens of prompt tuning, initialised from a text's embeddings), AdamW, the
+same seeded batch order for both. Reports dev accuracy before training
 (zero-shot label scoring), after training, and the training wall time of each side.
 
 Serving: 16 concurrent greedy requests spread over 8 copies of the trained adapter (8 adapter slots) against
@@ -28,6 +30,10 @@ import torch
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
 LABELS = ("negative", "positive")
 TEMPLATE = "{text} Sentiment:"
+
+
+def _init_text(args: argparse.Namespace) -> str | None:
+    return (args.init_text or None) if args.method == "prompt-tuning" else None
 
 
 def read_split(path: Path, limit: int | None, seed: int) -> list[tuple[int, str]]:
@@ -55,7 +61,8 @@ def ours(model: str, train_file: Path, dev_file: Path, out: Path, args: argparse
     trainer = Trainer(TrainConfig(model=model, data=str(train_file), eval_data=str(dev_file), output=str(out),
                                   task="classification", labels=",".join(LABELS), template=TEMPLATE,
                                   rank=args.rank, alpha=2 * args.rank, epochs=args.epochs, lr=args.lr,
-                                  batch_size=args.batch_size, seed=args.seed))
+                                  batch_size=args.batch_size, seed=args.seed, method=args.method,
+                                  num_virtual_tokens=args.num_virtual_tokens, init_text=_init_text(args)))
     dev, trainer.dev_set = trainer.dev_set, []  # evaluated outside the timed training, as on the PEFT side
     with ops.use_level("torch"):
         zero_shot = trainer.evaluate(dev)
@@ -70,7 +77,7 @@ def ours(model: str, train_file: Path, dev_file: Path, out: Path, args: argparse
 
 def peft_side(model: str, train_rows: list, dev_rows: list, label_ids: list[int], args: argparse.Namespace) -> dict:
     """PEFT + transformers with the same hyper-parameters, label tokens and batch order."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokenloom.loader.sources import resolve_model
@@ -81,9 +88,23 @@ def peft_side(model: str, train_rows: list, dev_rows: list, label_ids: list[int]
     tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     torch.manual_seed(args.seed)
-    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    virtual = 0
+    if args.method == "lora":
+        config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"])
+    else:
+        virtual = args.num_virtual_tokens
+        init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": _init_text(args),
+                "tokenizer_name_or_path": str(folder)} if _init_text(args) else {}
+        config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual, **init)
+        if init:  # PEFT's TEXT init reads the tokenizer by name; ours encodes the text as tokenloom does
+            ids = tok(_init_text(args), add_special_tokens=False).input_ids
+            ids = (ids * (virtual // len(ids) + 1))[:virtual]
     model_ = get_peft_model(base, config)
+    if virtual and init:
+        with torch.no_grad():
+            model_.prompt_encoder.default.embedding.weight.copy_(base.get_input_embeddings()(torch.tensor(ids)))
     optimizer = torch.optim.AdamW([p for p in model_.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     targets = torch.tensor(label_ids)
 
@@ -93,7 +114,7 @@ def peft_side(model: str, train_rows: list, dev_rows: list, label_ids: list[int]
         ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
         mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
         logits = model_(input_ids=ids, attention_mask=mask).logits
-        last = torch.tensor([len(e) - 1 for e in enc])
+        last = torch.tensor([virtual + len(e) - 1 for e in enc])
         return logits[torch.arange(len(enc)), last][:, targets].float()
 
     def accuracy(rows: list) -> float:
@@ -149,7 +170,11 @@ def main() -> None:
     p.add_argument("--train-limit", type=int, default=512, help="SST-2 training rows (a seeded sample)")
     p.add_argument("--dev-limit", type=int, default=None, help="dev rows (default: all 872)")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--method", default="lora", choices=["lora", "prompt-tuning"])
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--num-virtual-tokens", type=int, default=20)
+    p.add_argument("--init-text", default="Classify the sentiment of this movie review as negative or positive",
+                   help="prompt tuning's initial text ('' for random)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -163,15 +188,18 @@ def main() -> None:
     train_rows = read_split(DATA / "train.txt", args.train_limit, args.seed)
     dev_rows = read_split(DATA / "dev.txt", args.dev_limit, args.seed)
     train_file, dev_file = write_split(train_rows, work / "train.txt"), write_split(dev_rows, work / "dev.txt")
-    ours_result = ours(args.model, train_file, dev_file, work / "lora", args)
+    ours_result = ours(args.model, train_file, dev_file, work / "adapter", args)
     peft_result = None if args.skip_peft else peft_side(args.model, train_rows, dev_rows, ours_result["label_ids"],
                                                          args)
-    serve_result = serving(args.model, work / "lora", args)
+    serve_result = serving(args.model, work / "adapter", args)
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
-    print(f"SST-2: {len(train_rows)} training rows, {len(dev_rows)} dev rows, {args.epochs} epoch(s), LoRA r "
-          f"{args.rank} alpha {2 * args.rank}, lr {args.lr}, batch {args.batch_size}")
+    method = (f"LoRA r {args.rank} alpha {2 * args.rank}" if args.method == "lora" else
+              f"prompt tuning, {args.num_virtual_tokens} virtual tokens from {_init_text(args)!r}")
+    print(f"SST-2: {len(train_rows)} training rows, {len(dev_rows)} dev rows, {args.epochs} epoch(s), {method}, "
+          f"lr {args.lr}, batch {args.batch_size}")
     print(f"zero-shot label scoring (tokenloom): dev accuracy {ours_result['zero_shot']:.4f}")
-    print(f"tokenloom LoRA:     dev accuracy {ours_result['accuracy']:.4f}, training {ours_result['train_s']:.1f} s")
+    print(f"tokenloom {args.method}: dev accuracy {ours_result['accuracy']:.4f}, "
+          f"training {ours_result['train_s']:.1f} s")
     if peft_result:
         print(f"PEFT+transformers:  dev accuracy {peft_result['accuracy']:.4f}, "
               f"training {peft_result['train_s']:.1f} s")

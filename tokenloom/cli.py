@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--stride", type=int, default=None, help="tokens between windows (default: half a window)")
     add_engine_flags(ev)
     ev.set_defaults(func=cmd_eval)
-    tr = sub.add_parser("train", help="train a LoRA adapter on a data file; saved in PEFT's format")
+    tr = sub.add_parser("train", help="train an adapter (LoRA, prompt tuning, P-tuning, prefix tuning) on a data "
+                                      "file; saved in PEFT's format")
     add_train_flags(tr)
     tr.set_defaults(func=cmd_train)
     plugins = sub.add_parser("plugins", help="the installed plugins and what each adds")

@@ -1,6 +1,6 @@
-"""`tokenloom train --method lora`: the loss falls on a small fixed set, a seed makes a run repeatable, a
-resumed run equals an uninterrupted one, PEFT loads what we train and gives our logits, and bad data fails
-naming the file and line."""
+"""`tokenloom train --method lora|prompt-tuning|p-tuning|prefix-tuning`: the loss falls on a small fixed set,
+a seed makes a run repeatable, a resumed run equals an uninterrupted one, PEFT loads what we train and gives
+our logits, and bad data fails naming the file and line."""
 
 from __future__ import annotations
 
@@ -42,9 +42,11 @@ def test_loss_falls_and_a_seed_repeats_the_run(tiny_models, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one(tiny_models, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "p-tuning"])
+def test_a_resumed_run_equals_an_uninterrupted_one(method, tiny_models, tmp_path):
     data = _generation_data(tmp_path / "train.jsonl")
-    options = dict(model=str(tiny_models["qwen2"]), data=str(data), lr=5e-3, batch_size=4, rank=4, seed=3)
+    options = dict(model=str(tiny_models["qwen2"]), data=str(data), lr=5e-3, batch_size=4, rank=4, seed=3,
+                   method=method, num_virtual_tokens=3)
     whole = train(output=str(tmp_path / "whole"), epochs=2, **options)
     train(output=str(tmp_path / "part"), epochs=1, **options)
     resumed = train(output=str(tmp_path / "part"), epochs=2, resume=True, **options)
@@ -74,6 +76,32 @@ def test_peft_loads_what_we_train_and_gives_our_outputs(arch, tiny_models, tmp_p
         assert o.outputs[0].token_ids == tokens
         ours = [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
         assert max(abs(a - b) for a, b in zip(ours, logprobs)) <= 1e-4
+
+
+@pytest.mark.parametrize(("method", "arch"), [("prompt-tuning", "gemma3"), ("p-tuning", "llama"),
+                                            ("prefix-tuning", "qwen3"), ("prefix-tuning", "gpt2")])
+def test_prompt_learning_trains_and_peft_gives_our_outputs(method, arch, tiny_models, tmp_path):
+    """The loss falls; PEFT loads the adapter and its forward pass gives our greedy tokens and logprobs."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.adapters.peft_prompt import peft_logprobs
+    from tests.adapters.test_lora import PROMPTS
+
+    out = tmp_path / method
+    init = {"init_text": "Count the numbers"} if method == "prompt-tuning" else {}
+    result = train(model=str(tiny_models[arch]), data=str(_generation_data(tmp_path / "train.jsonl")),
+                   output=str(out), method=method, num_virtual_tokens=4, epochs=3, lr=3e-2, batch_size=4, **init)
+    assert result.losses[-1] < result.losses[0], result.losses
+    base = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    llm = LLM(str(tiny_models[arch]), dtype="float32", kv_cache_gib=0.01, enable_adapters=True)
+    for prompt, o in zip(PROMPTS, llm.generate(PROMPTS, GREEDY, use_tqdm=False, adapter=AdapterRequest("t", out))):
+        got = o.outputs[0]
+        want = peft_logprobs(peft_model, prompt + got.token_ids)[len(prompt) - 1:-1]
+        assert got.token_ids == want.argmax(-1).tolist()
+        ours = [lp[t].logprob for lp, t in zip(got.logprobs, got.token_ids)]
+        assert max(abs(a - want[i, t].item()) for i, (a, t) in enumerate(zip(ours, got.token_ids))) <= 1e-4
 
 
 def test_classification_through_label_words(tiny_models, tmp_path):
@@ -113,6 +141,14 @@ def test_the_train_command(tiny_models, tmp_path, capsys):
                "--epochs", "2", "--rank", "2", "--batch-size", "2"])
     assert rc == 0 and "epoch 2: loss" in capsys.readouterr().out
     assert json.loads((tmp_path / "cli" / "adapter_config.json").read_text())["r"] == 2
+    rc = main(["train", "-m", str(tiny_models["llama"]), "--data", str(data), "--output", str(tmp_path / "soft"),
+               "--method", "prompt-tuning", "--num-virtual-tokens", "3", "--init-text", "count", "--batch-size", "2"])
+    config = json.loads((tmp_path / "soft" / "adapter_config.json").read_text())
+    assert rc == 0 and config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 3
+    assert config["prompt_tuning_init_text"] == "count"
+    assert main(["train", "-m", str(tiny_models["llama"]), "--data", str(data), "--output", str(tmp_path / "x"),
+                 "--method", "ia3"]) == 2
+    assert "method must be one of lora, prompt-tuning, p-tuning, prefix-tuning; got 'ia3'" in capsys.readouterr().err
     assert main(["train", "-m", str(tiny_models["llama"]), "--data", str(tmp_path / "none.jsonl"),
                  "--output", str(tmp_path / "x")]) == 2
     assert "none.jsonl does not exist" in capsys.readouterr().err

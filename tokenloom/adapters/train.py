@@ -1,7 +1,7 @@
-"""`tokenloom train`: LoRA adapters trained on our own model code, saved in PEFT's format.
+"""`tokenloom train`: adapters trained on our own model code, saved in PEFT's format.
 
-The base model is loaded as for inference (float32), frozen, and wrapped with trainable low-rank updates
-(`LoRALinear`, one per target projection of each layer, fused q|k|v and gate|up included shard by shard).
+The base model is loaded as for inference (float32) and frozen; the method (trainable.py) adds what is
+trained: LoRA updates, or the table of N virtual tokens of prompt tuning, P-tuning or prefix tuning.
 A step packs a batch of whole sequences without the paged cache and runs the torch paths of every op
 (autograd; the native kernels serve inference only). Tasks:
 - generation: jsonl lines {"prompt": ..., "completion": ...}; the loss is on the completion's tokens only;
@@ -15,7 +15,6 @@ each epoch, and `resume=True` continues from the last checkpoint exactly as an u
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenloom.adapters import AdapterError
-from tokenloom.adapters.lora import LoRABatch, LoRALinear, LoRAUpdate, linear_targets
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
+from tokenloom.adapters.trainable import METHODS, LoRATrainable, PromptTrainable
+from tokenloom.adapters.virtual import PLACEHOLDER_TOKEN
 
 
 @dataclass(slots=True)
@@ -38,14 +35,17 @@ class TrainConfig:
     model: str
     data: str
     output: str
-    method: str = "lora"
+    method: str = "lora"  # lora, prompt-tuning, p-tuning or prefix-tuning
     task: str = "generation"
     eval_data: str | None = None
     labels: str | None = None  # classification: the label words, comma-separated, in label order
     template: str = "{text}\nAnswer:"  # classification: the prompt a text becomes
-    rank: int = 8
+    rank: int = 8  # LoRA
     alpha: float = 16.0
     target_modules: str | None = None  # comma-separated; default: every attention and MLP projection
+    num_virtual_tokens: int = 20  # prompt, P- and prefix tuning
+    init_text: str | None = None  # prompt tuning: start from this text's embeddings (else random)
+    encoder_hidden_size: int | None = None  # P-tuning's MLP width (default: the model's hidden size)
     epochs: int = 1
     lr: float = 1e-3
     batch_size: int = 8
@@ -87,8 +87,8 @@ class Trainer:
         from tokenloom.config import ModelConfig
         from tokenloom.loader import load_model
 
-        if config.method != "lora":
-            raise AdapterError(f"method {config.method!r} is not supported yet (lora is)")
+        if config.method not in METHODS:
+            raise AdapterError(f"method must be one of {', '.join(METHODS)}; got {config.method!r}")
         if config.task not in ("generation", "classification"):
             raise AdapterError(f"task must be generation or classification; got {config.task!r}")
         self.config = config
@@ -105,10 +105,18 @@ class Trainer:
         self.label_ids = self._label_token_ids()
         self.train_set = read_examples(Path(config.data), self)
         self.dev_set = read_examples(Path(config.eval_data), self) if config.eval_data else []
-        self.batch = LoRABatch()
-        self.gpt2 = self.loaded.hf_config.model_type == "gpt2"  # HF's Conv1D layers: PEFT's fan_in_fan_out
-        self.updates = self._wrap()  # (checkpoint module name, its trainable update)
-        self.params = [p for _, u in self.updates for p in (u.a, u.b)]
+        if config.method == "lora":
+            gpt2 = self.loaded.hf_config.model_type == "gpt2"  # HF's Conv1D layers: PEFT's fan_in_fan_out
+            self.adapter = LoRATrainable(self.model, config.rank, config.alpha, config.target_modules, gpt2,
+                                         config.model)
+        else:
+            init = None
+            if config.init_text:
+                init = (config.init_text, self.tokenizer.encode(config.init_text, add_special_tokens=False),
+                        str(self.loaded.path))
+            self.adapter = PromptTrainable(self.model, config.method, config.num_virtual_tokens,
+                                           config.encoder_hidden_size, init)
+        self.params = self.adapter.params
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
 
     # ---- set-up ----
@@ -130,34 +138,6 @@ class Trainer:
         if len(ids) > 1 and not self.tokenizer.decode(ids[:1], skip_special_tokens=False).strip():
             return ids[1]
         return ids[0]
-
-    def _wrap(self) -> list[tuple[str, LoRAUpdate]]:
-        """A trainable update (A kaiming-uniform, B zero: PEFT's init) per target projection, installed in
-        a LoRALinear around each layer it adapts; returned with the checkpoint module names."""
-        c = self.config
-        wanted = tuple(t.strip() for t in c.target_modules.split(",")) if c.target_modules else (
-            GPT2_TARGETS if self.gpt2 else DEFAULT_TARGETS)
-        self.hf_targets = sorted(wanted)
-        found: dict[str, list[LoRAUpdate]] = {}
-        named = []
-        for hf_name, (ours, offset, width) in sorted(linear_targets(self.model).items()):
-            if hf_name.rsplit(".", 1)[-1] not in wanted or "lm_head" in hf_name:
-                continue
-            base = self.model.get_submodule(ours)
-            a = torch.nn.Parameter(torch.empty(c.rank, int(base.in_features)))
-            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            update = LoRAUpdate(a, torch.nn.Parameter(torch.zeros(width, c.rank)), offset, c.alpha / c.rank)
-            found.setdefault(ours, []).append(update)
-            named.append((hf_name, update))
-        if not found:
-            raise AdapterError(f"target_modules {list(wanted)} match no linear layer of {c.model}")
-        for ours, updates in found.items():
-            parent_name, _, leaf = ours.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            layer = LoRALinear(getattr(parent, leaf), self.batch, 1)
-            layer.set_updates(0, updates)
-            setattr(parent, leaf, layer)
-        return named
 
     # ---- the loop ----
 
@@ -223,20 +203,23 @@ class Trainer:
         return self.model.compute_logits(hidden[last]).float()[:, self.label_ids]
 
     def _forward(self, sequences: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
-        """Hidden states of whole sequences packed end to end (no cache), and where each starts."""
+        """Hidden states of whole sequences packed end to end (no cache), each after the adapter's virtual
+        tokens, and where each sequence's own tokens start."""
         from tokenloom.models.layers.attention import AttentionMetadata, PrefillSpan
 
+        virtual = [PLACEHOLDER_TOKEN] * self.adapter.num_virtual_tokens
+        sequences = [virtual + s for s in sequences]
         lens = [len(s) for s in sequences]
         starts = [sum(lens[:i]) for i in range(len(lens))]
         ids = torch.tensor([t for s in sequences for t in s])
         positions = torch.cat([torch.arange(n) for n in lens])
         meta = AttentionMetadata(torch.empty(0, dtype=torch.long), [PrefillSpan(s, n, 0) for s, n in zip(starts, lens)],
                                  sum(lens))
-        self.batch.groups = [(0, torch.arange(sum(lens)))]
+        meta.virtual_kv = self.adapter.begin(starts, sum(lens))
         try:
-            return self.model(ids, positions, meta), starts
+            return self.model(ids, positions, meta), [s + len(virtual) for s in starts]
         finally:
-            self.batch.groups = []
+            self.adapter.end()
 
     @torch.no_grad()
     def evaluate(self, examples: list[Example]) -> float:
@@ -263,16 +246,9 @@ class Trainer:
         from safetensors.torch import save_file
 
         c = self.config
-        tensors = {}
-        for name, u in self.updates:
-            tensors[f"base_model.model.{name}.lora_A.weight"] = u.a.detach().contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = u.b.detach().contiguous()
-        save_file(tensors, str(out / "adapter_model.safetensors"))
-        peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c.rank, "lora_alpha": c.alpha,
-                       "lora_dropout": 0.0, "target_modules": self.hf_targets, "bias": "none",
-                       "fan_in_fan_out": self.gpt2, "base_model_name_or_path": str(self.loaded.path),
-                       "inference_mode": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-                       "init_lora_weights": True}
+        save_file(self.adapter.tensors(), str(out / "adapter_model.safetensors"))
+        peft_config = {**self.adapter.peft_config(), "task_type": "CAUSAL_LM",
+                       "base_model_name_or_path": str(self.loaded.path), "inference_mode": True}
         (out / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
         (out / "tokenloom_train.json").write_text(json.dumps(asdict(c), indent=2))
 

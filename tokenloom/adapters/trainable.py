@@ -1,0 +1,165 @@
+"""What `tokenloom train` optimises, one class per method, each installed on our own model code and saved in
+PEFT's format:
+- `LoRATrainable`: a low-rank update (A kaiming-uniform, B zero: PEFT's init) per target projection, in a
+  `LoRALinear` around each layer it adapts (fused q|k|v and gate|up shard by shard);
+- `PromptTrainable`: N virtual tokens before every sequence, given by a table: input embeddings (prompt
+  tuning, initialised from a text's embeddings or randomly), the same through a small MLP (P-tuning, PEFT's
+  `MLP` prompt encoder), or per-layer keys and values (prefix tuning). The serving path (virtual.py) is the
+  training path: the table's rows replace the placeholders' embeddings or keys and values.
+A batch is whole sequences packed end to end; `begin` tells the adapter where each one's rows are.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenloom.adapters import AdapterError
+from tokenloom.adapters.lora import LoRABatch, LoRALinear, LoRAUpdate, linear_targets
+from tokenloom.adapters.virtual import ModelShape, VirtualTokens, model_shape, split_prefix
+from tokenloom.models.layers.attention import VirtualKV, index_attention_layers
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
+PROMPT_PEFT_TYPES = {"prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING", "prefix-tuning": "PREFIX_TUNING"}
+METHODS = ("lora", *PROMPT_PEFT_TYPES)
+
+
+class LoRATrainable:
+    """Trainable LoRA updates on `model`'s target projections."""
+
+    num_virtual_tokens = 0
+
+    def __init__(self, model: nn.Module, rank: int, alpha: float, target_modules: str | None, gpt2: bool,
+                 model_name: str) -> None:
+        self.rank, self.alpha, self.gpt2 = rank, alpha, gpt2
+        wanted = tuple(t.strip() for t in target_modules.split(",")) if target_modules else (
+            GPT2_TARGETS if gpt2 else DEFAULT_TARGETS)
+        self.targets = sorted(wanted)
+        self.batch = LoRABatch()
+        found: dict[str, list[LoRAUpdate]] = {}
+        self.updates: list[tuple[str, LoRAUpdate]] = []  # (checkpoint module name, its update)
+        for hf_name, (ours, offset, width) in sorted(linear_targets(model).items()):
+            if hf_name.rsplit(".", 1)[-1] not in wanted or "lm_head" in hf_name:
+                continue
+            base = model.get_submodule(ours)
+            a = nn.Parameter(torch.empty(rank, int(base.in_features)))
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            update = LoRAUpdate(a, nn.Parameter(torch.zeros(width, rank)), offset, alpha / rank)
+            found.setdefault(ours, []).append(update)
+            self.updates.append((hf_name, update))
+        if not found:
+            raise AdapterError(f"target_modules {list(wanted)} match no linear layer of {model_name}")
+        for ours, updates in found.items():
+            parent_name, _, leaf = ours.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layer = LoRALinear(getattr(parent, leaf), self.batch, 1)
+            layer.set_updates(0, updates)
+            setattr(parent, leaf, layer)
+        self.params = [p for _, u in self.updates for p in (u.a, u.b)]
+
+    def begin(self, starts: list[int], total: int) -> VirtualKV | None:
+        """Every packed row runs with the update."""
+        self.batch.groups = [(0, torch.arange(total))]
+        return None
+
+    def end(self) -> None:
+        """After the forward pass."""
+        self.batch.groups = []
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """adapter_model.safetensors' tensors."""
+        out = {}
+        for name, u in self.updates:
+            out[f"base_model.model.{name}.lora_A.weight"] = u.a.detach().contiguous()
+            out[f"base_model.model.{name}.lora_B.weight"] = u.b.detach().contiguous()
+        return out
+
+    def peft_config(self) -> dict[str, Any]:
+        """adapter_config.json's method fields."""
+        return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": 0.0,
+                "target_modules": self.targets, "bias": "none", "fan_in_fan_out": self.gpt2, "use_rslora": False,
+                "use_dora": False, "modules_to_save": None, "init_lora_weights": True}
+
+
+class PromptTrainable:
+    """A trainable table of N virtual tokens (prompt tuning, P-tuning or prefix tuning) before each sequence."""
+
+    def __init__(self, model: nn.Module, method: str, num_virtual_tokens: int, encoder_hidden_size: int | None,
+                 init: tuple[str, list[int], str] | None = None) -> None:
+        """`init`: prompt tuning's initial text, its token ids and the tokenizer's folder (PEFT records both)."""
+        if num_virtual_tokens < 1:
+            raise AdapterError(f"num_virtual_tokens must be at least 1; got {num_virtual_tokens}")
+        self.method, self.num_virtual_tokens = method, num_virtual_tokens
+        self.shape: ModelShape = model_shape(model)
+        index_attention_layers(model)
+        self.init = init
+        width = (self.shape.num_layers * 2 * self.shape.num_kv_heads * self.shape.head_dim
+                 if method == "prefix-tuning" else self.shape.hidden_size)
+        self.embedding = nn.Embedding(num_virtual_tokens, width)  # N(0, 1), as PEFT's tables start
+        if init is not None:
+            if method != "prompt-tuning":
+                raise AdapterError(f"init_text initialises prompt tuning only, not {method}")
+            if not init[1]:
+                raise AdapterError(f"init_text {init[0]!r} has no tokens")
+            ids = (init[1] * math.ceil(num_virtual_tokens / len(init[1])))[:num_virtual_tokens]
+            with torch.no_grad():
+                self.embedding.weight.copy_(model.input_embeddings()(torch.tensor(ids)))
+        self.encoder_hidden_size = encoder_hidden_size or self.shape.hidden_size
+        self.encoder = None
+        if method == "p-tuning":  # PEFT's MLP prompt encoder
+            h = self.encoder_hidden_size
+            self.encoder = nn.Sequential(nn.Linear(width, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
+                                         nn.Linear(h, width))
+        self.virtual = VirtualTokens()
+        if method != "prefix-tuning":
+            self.virtual.hook(model.input_embeddings())
+        self.params = [self.embedding.weight, *(self.encoder.parameters() if self.encoder is not None else ())]
+
+    def table(self) -> torch.Tensor:
+        """The N virtual tokens' vectors [N, width] (P-tuning's after its encoder)."""
+        weight = self.embedding.weight
+        return self.encoder(weight) if self.encoder is not None else weight
+
+    def begin(self, starts: list[int], total: int) -> VirtualKV | None:
+        """The virtual rows of each packed sequence (its first N) take the table's vectors."""
+        n = self.num_virtual_tokens
+        rows = torch.cat([torch.arange(s, s + n) for s in starts])
+        table = self.table()
+        if self.method != "prefix-tuning":
+            self.virtual.set(rows, table.repeat(len(starts), 1))
+            return None
+        keys, values = split_prefix(table, self.shape)
+        return VirtualKV(rows, keys.repeat(1, len(starts), 1, 1), values.repeat(1, len(starts), 1, 1))
+
+    def end(self) -> None:
+        """After the forward pass."""
+        self.virtual.set(None, None)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """adapter_model.safetensors' tensor: the table as served (PEFT saves P-tuning's encoder output)."""
+        with torch.no_grad():
+            return {"prompt_embeddings": self.table().detach().contiguous()}
+
+    def peft_config(self) -> dict[str, Any]:
+        """adapter_config.json's method fields."""
+        s = self.shape
+        prefix = self.method == "prefix-tuning"
+        config = {"peft_type": PROMPT_PEFT_TYPES[self.method], "num_virtual_tokens": self.num_virtual_tokens,
+                  "token_dim": s.num_kv_heads * s.head_dim if prefix else s.hidden_size,
+                  "num_transformer_submodules": 1, "num_layers": s.num_layers,
+                  "num_attention_heads": s.num_kv_heads if prefix else None}
+        if self.method == "prompt-tuning":
+            config.update(prompt_tuning_init="RANDOM")
+            if self.init is not None:
+                config.update(prompt_tuning_init="TEXT", prompt_tuning_init_text=self.init[0],
+                              tokenizer_name_or_path=self.init[2])
+        elif self.method == "p-tuning":
+            config.update(encoder_reparameterization_type="MLP", encoder_hidden_size=self.encoder_hidden_size,
+                          encoder_num_layers=2, encoder_dropout=0.0)
+        else:
+            config.update(prefix_projection=False, encoder_hidden_size=s.num_kv_heads * s.head_dim)
+        return config
