@@ -3,11 +3,13 @@ the same data, model, hyper-parameters and batch order, in one run. Run by hand 
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adapters.py --train-limit 512 --epochs 1
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adapters.py --method prompt-tuning --lr 3e-2
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adapters.py --method head --model all-minilm-l6-v2 --lr 1e-3
 
 Training: SST-2 (../shared/data/sst2: train.txt, dev.txt; `LABEL text`), classification through the label
 words " negative" / " positive" after the template "{text} Sentiment:", LoRA r / alpha on every attention
-and MLP projection (or N virtual tokens of prompt tuning, initialised from a text's embeddings), AdamW, the
-same seeded batch order for both. Reports dev accuracy before training
+and MLP projection (or N virtual tokens of prompt tuning, initialised from a text's embeddings; or, on an
+encoder, a classification head on the pooled [CLS] token with LoRA on query/value), AdamW, the same seeded
+batch order for both. Reports dev accuracy before training
 (zero-shot label scoring), after training, and the training wall time of each side.
 
 Serving: 16 concurrent greedy requests spread over 8 copies of the trained adapter (8 adapter slots) against
@@ -78,7 +80,7 @@ def ours(model: str, train_file: Path, dev_file: Path, out: Path, args: argparse
 def peft_side(model: str, train_rows: list, dev_rows: list, label_ids: list[int], args: argparse.Namespace) -> dict:
     """PEFT + transformers with the same hyper-parameters, label tokens and batch order."""
     from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from tokenloom.loader.sources import resolve_model
 
@@ -86,20 +88,25 @@ def peft_side(model: str, train_rows: list, dev_rows: list, label_ids: list[int]
     kwargs = {"gguf_file": source.path.name} if source.kind == "gguf" else {}
     folder = source.path.parent if source.kind == "gguf" else source.path
     tok = AutoTokenizer.from_pretrained(folder, **kwargs)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    head = args.method == "head"
+    base = (AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32, num_labels=len(LABELS))
+            if head else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs))
     torch.manual_seed(args.seed)
     virtual = 0
-    if args.method == "lora":
+    if head:
+        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                            target_modules=["query", "value"])
+    elif args.method == "lora":
         config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj"])
     else:
         virtual = args.num_virtual_tokens
-        init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": _init_text(args),
-                "tokenizer_name_or_path": str(folder)} if _init_text(args) else {}
-        config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual, **init)
-        if init:  # PEFT's TEXT init reads the tokenizer by name; ours encodes the text as tokenloom does
-            ids = tok(_init_text(args), add_special_tokens=False).input_ids
+        config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual)
+        # PEFT's TEXT init loads the tokenizer by name (a GGUF folder has none): the same init done here.
+        init = _init_text(args)
+        if init:
+            ids = tok(init, add_special_tokens=False).input_ids
             ids = (ids * (virtual // len(ids) + 1))[:virtual]
     model_ = get_peft_model(base, config)
     if virtual and init:
@@ -109,6 +116,9 @@ def peft_side(model: str, train_rows: list, dev_rows: list, label_ids: list[int]
     targets = torch.tensor(label_ids)
 
     def label_logits(rows: list[tuple[int, str]]) -> torch.Tensor:
+        if head:
+            batch = tok([text for _, text in rows], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            return model_(**batch).logits.float()
         enc = [tok(TEMPLATE.format(text=text)).input_ids for _, text in rows]
         width = max(len(e) for e in enc)
         ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
@@ -170,7 +180,7 @@ def main() -> None:
     p.add_argument("--train-limit", type=int, default=512, help="SST-2 training rows (a seeded sample)")
     p.add_argument("--dev-limit", type=int, default=None, help="dev rows (default: all 872)")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--method", default="lora", choices=["lora", "prompt-tuning"])
+    p.add_argument("--method", default="lora", choices=["lora", "prompt-tuning", "head"])
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--num-virtual-tokens", type=int, default=20)
     p.add_argument("--init-text", default="Classify the sentiment of this movie review as negative or positive",
@@ -191,13 +201,16 @@ def main() -> None:
     ours_result = ours(args.model, train_file, dev_file, work / "adapter", args)
     peft_result = None if args.skip_peft else peft_side(args.model, train_rows, dev_rows, ours_result["label_ids"],
                                                          args)
-    serve_result = serving(args.model, work / "adapter", args)
+    serve_result = serving(args.model, work / "adapter", args) if args.method != "head" else None
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
-    method = (f"LoRA r {args.rank} alpha {2 * args.rank}" if args.method == "lora" else
-              f"prompt tuning, {args.num_virtual_tokens} virtual tokens from {_init_text(args)!r}")
+    method = {"lora": f"LoRA r {args.rank} alpha {2 * args.rank}",
+              "head": f"classification head + LoRA r {args.rank} alpha {2 * args.rank} on query/value",
+              "prompt-tuning": f"prompt tuning, {args.num_virtual_tokens} virtual tokens from "
+                               f"{_init_text(args)!r}"}[args.method]
     print(f"SST-2: {len(train_rows)} training rows, {len(dev_rows)} dev rows, {args.epochs} epoch(s), {method}, "
           f"lr {args.lr}, batch {args.batch_size}")
-    print(f"zero-shot label scoring (tokenloom): dev accuracy {ours_result['zero_shot']:.4f}")
+    before = "the untrained head" if args.method == "head" else "zero-shot label scoring"
+    print(f"{before} (tokenloom): dev accuracy {ours_result['zero_shot']:.4f}")
     print(f"tokenloom {args.method}: dev accuracy {ours_result['accuracy']:.4f}, "
           f"training {ours_result['train_s']:.1f} s")
     if peft_result:
@@ -205,9 +218,10 @@ def main() -> None:
               f"training {peft_result['train_s']:.1f} s")
         print(f"accuracy difference {100 * (ours_result['accuracy'] - peft_result['accuracy']):+.1f} points; "
               f"training time ratio {ours_result['train_s'] / peft_result['train_s']:.2f}x PEFT's")
-    print(f"serving, 16 requests over 8 adapters: {serve_result['adapters_tok_s']:.1f} tok/s vs base "
-          f"{serve_result['base_tok_s']:.1f} ({serve_result['adapters_tok_s'] / serve_result['base_tok_s']:.2f}x); "
-          f"adapter load {serve_result['adapter_load_ms']:.0f} ms")
+    if serve_result:
+        rate = serve_result["adapters_tok_s"] / serve_result["base_tok_s"]
+        print(f"serving, 16 requests over 8 adapters: {serve_result['adapters_tok_s']:.1f} tok/s vs base "
+              f"{serve_result['base_tok_s']:.1f} ({rate:.2f}x); adapter load {serve_result['adapter_load_ms']:.0f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"ours": ours_result, "peft": peft_result, "serving": serve_result},
                                               indent=2, default=str))

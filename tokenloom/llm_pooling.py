@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from tokenloom.adapters import AdapterRequest
 from tokenloom.engine import pooling_outputs as tasks
 from tokenloom.engine.llm_engine import InvalidRequestError, LLMEngine
 from tokenloom.engine.pooling import EncoderInput
@@ -66,13 +67,16 @@ class PoolingTasks:
         encoded, data = self._encode_all(engine, items, make, "embed", config)
         return [EmbeddingOutput(d.tolist(), len(e.token_ids), e.truncated) for e, d in zip(encoded, data)]
 
-    def classify(self, inputs: TextOrPair | Sequence[TextOrPair], *, truncate: bool = False
-                 ) -> list[ClassificationOutput]:
-        """Label probabilities for texts, or for (text, text_pair) tuples (e.g. NLI premise, hypothesis)."""
-        engine = self._encoder("classify")
+    def classify(self, inputs: TextOrPair | Sequence[TextOrPair], *, truncate: bool = False,
+                 adapter: AdapterRequest | None = None) -> list[ClassificationOutput]:
+        """Label probabilities for texts, or for (text, text_pair) tuples (e.g. NLI premise, hypothesis);
+        with `adapter`, through a trained classification head (a PEFT SEQ_CLS adapter: LoRA + classifier,
+        e.g. from `tokenloom train --method head`) on a bare encoder, its labels those it was trained with."""
+        engine = self._encoder("classify", adapter)
         items = [inputs] if isinstance(inputs, (str, tuple)) else list(inputs)
-        encoded, data = self._encode_all(engine, items, lambda item: _tokenize(engine, item, truncate), "classify")
-        config = engine.loaded.hf_config
+        encoded, data = self._encode_all(engine, items, lambda item: _tokenize(engine, item, truncate), "classify",
+                                         adapter=adapter)
+        config = engine.label_config(adapter)
         return [tasks.classification(d, config, e) for e, d in zip(encoded, data)]
 
     def score(self, text_pairs: tuple[str, str] | Sequence[tuple[str, str]], *, truncate: bool = False
@@ -139,13 +143,14 @@ class PoolingTasks:
         encoded, data = self._encode_all(engine, items, make, "fill_mask")
         return [tasks.fill_mask(d, e, engine.tokenizer, top_k) for e, d in zip(encoded, data)]
 
-    def _encoder(self, task: str) -> LLMEngine:
-        """The pooling engine, if the model can do `task`."""
+    def _encoder(self, task: str, adapter: AdapterRequest | None = None) -> LLMEngine:
+        """The pooling engine, if the model can do `task` (or `adapter` brings the head for it)."""
         if self.kind != "encoder":
             name = self.engine.loaded.name
             raise InvalidRequestError(f"model {name} is generative: it supports {', '.join(self.supported_tasks)}, "
                                       f"not {task}; {task} needs an encoder-only model (e.g. all-minilm-l6-v2)")
-        self.engine.require(task)
+        if adapter is None:
+            self.engine.require(task)
         return self.engine
 
     def _require_generative(self, what: str) -> None:
@@ -157,7 +162,8 @@ class PoolingTasks:
 
     @staticmethod
     def _encode_all(engine: LLMEngine, items: list[Any], make: Callable[[Any], EncoderInput], task: str,
-             pooling: Any = None) -> tuple[list[EncoderInput], list[torch.Tensor]]:
+                    pooling: Any = None, adapter: AdapterRequest | None = None
+                    ) -> tuple[list[EncoderInput], list[torch.Tensor]]:
         """Tokenize every item (errors name its index), run them all, fail if any input failed."""
         encoded = []
         for i, item in enumerate(items):
@@ -165,7 +171,7 @@ class PoolingTasks:
                 encoded.append(make(item))
             except ValueError as exc:
                 raise InvalidRequestError(f"input {i}: {exc}") from exc
-        results = engine.encode(encoded, task, pooling)
+        results = engine.encode(encoded, task, pooling, adapter)
         failed = [f"input {i}: {r.error}" for i, r in enumerate(results) if r.error]
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(results)} inputs failed; " + "; ".join(failed[:3]))

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tokenloom.adapters import AdapterError, AdapterRequest
+from tokenloom.adapters.heads import HEAD_MODULES, SequenceHead, read_head
 
 _PREFIX = "base_model.model."
 
@@ -158,17 +159,19 @@ class LoRAAdapter:
     path: Path
     rank: int
     updates: dict[str, list[LoRAUpdate]]
+    head: SequenceHead | None = None  # a SEQ_CLS adapter's classification head (encoders)
 
     def memory_bytes(self) -> int:
         """Bytes of its matrices."""
-        return sum(u.a.numel() * u.a.element_size() + u.b.numel() * u.b.element_size()
-                   for updates in self.updates.values() for u in updates)
+        head = self.head.memory_bytes() if self.head is not None else 0
+        return head + sum(u.a.numel() * u.a.element_size() + u.b.numel() * u.b.element_size()
+                          for updates in self.updates.values() for u in updates)
 
 
 def read_lora(request: AdapterRequest, config_file: Path, config: dict[str, Any], weights_file: Path,
               model: nn.Module, device: torch.device, max_rank: int) -> LoRAAdapter:
     """A PEFT LoRA folder's config and weights mapped onto `model`; AdapterError names what does not fit."""
-    _check_config(request.name, config_file, config, max_rank)
+    seq_cls = _check_config(request.name, config_file, config, max_rank, hasattr(model, "pooled"))
     from safetensors.torch import load_file
 
     try:
@@ -179,8 +182,10 @@ def read_lora(request: AdapterRequest, config_file: Path, config: dict[str, Any]
     scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
     targets = linear_targets(model)
     updates: dict[str, list[LoRAUpdate]] = {}
+    rename = getattr(model, "module_name", None)  # encoders: checkpoint module names differ from ours
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         module = key.removeprefix(_PREFIX).removesuffix(".lora_A.weight")
+        module = (rename(module) or module) if rename is not None else module
         b_key = key.replace(".lora_A.weight", ".lora_B.weight")
         if module not in targets or b_key not in tensors:
             raise AdapterError(f"adapter {request.name!r}: {weights_file}: module {module!r} "
@@ -196,14 +201,27 @@ def read_lora(request: AdapterRequest, config_file: Path, config: dict[str, Any]
                                f"({width}, {rank}) (an adapter of another base model?)")
         updates.setdefault(ours, []).append(
             LoRAUpdate(a.to(device, torch.float32), b.to(device, torch.float32), offset, scaling))
-    if not updates:
+    head = None
+    pooler_updates = updates.pop("pooler", [])  # the head's own: it runs on the pooled rows alone
+    if seq_cls:
+        try:
+            head = read_head(tensors, Path(request.path), model.spec.hidden_size, device, str(weights_file),
+                             pooler_updates)
+        except ValueError as exc:
+            raise AdapterError(f"adapter {request.name!r}: {exc}") from exc
+    if not updates and head is None:
         raise AdapterError(f"adapter {request.name!r}: {weights_file} holds no lora_A/lora_B weights")
-    return LoRAAdapter(request.name, Path(request.path), rank, updates)
+    return LoRAAdapter(request.name, Path(request.path), rank, updates, head)
 
 
-def _check_config(name: str, file: Path, config: dict[str, Any], max_rank: int) -> None:
+def _check_config(name: str, file: Path, config: dict[str, Any], max_rank: int, encoder: bool) -> bool:
+    """Refuse what we do not serve; True for a sequence-classification adapter (a head to read)."""
     def fail(what: str) -> None:
         raise AdapterError(f"adapter {name!r}: {file}: {what}")
+
+    seq_cls = config.get("task_type") == "SEQ_CLS"
+    if seq_cls and not encoder:
+        fail("SEQ_CLS adapters (a classification head) run on encoder models (BERT family) for now")
 
     if config.get("peft_type") != "LORA":
         fail(f"peft_type {config.get('peft_type')!r} is not supported here (LORA is)")
@@ -216,10 +234,12 @@ def _check_config(name: str, file: Path, config: dict[str, Any], max_rank: int) 
         fail("DoRA adapters are not supported")
     if config.get("bias", "none") != "none":
         fail(f"bias {config.get('bias')!r} is not supported (none is)")
-    if config.get("modules_to_save"):
-        fail(f"modules_to_save {config['modules_to_save']!r} is not supported")
+    extra = set(config.get("modules_to_save") or ()) - (set(HEAD_MODULES) if seq_cls else set())
+    if extra:
+        fail(f"modules_to_save {sorted(extra)!r} is not supported (a SEQ_CLS adapter's classifier is)")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         fail("per-module rank_pattern / alpha_pattern is not supported")
+    return seq_cls
 
 
 def _in_features(module: nn.Module) -> int:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tokenloom.adapters import AdapterError, AdapterRequest
+from tokenloom.adapters.heads import SequenceHead
 from tokenloom.adapters.lora import LoRAAdapter, LoRABatch, LoRALinear, read_lora
 from tokenloom.adapters.virtual import (
     PROMPT_METHODS,
@@ -145,12 +146,24 @@ class AdapterManager:
 
     # ---- a step ----
 
-    def begin_step(self, lora_groups: list[tuple[int, torch.Tensor]], token_slots: torch.Tensor | None,
-                   spans: list[VirtualSpan]) -> VirtualKV | None:
-        """Set this step's adapter state: LoRA rows by slot, soft-prompt rows; returns the prefix rows'
-        keys and values for the attention metadata (None when the step has none)."""
-        self.batch.set([(s, rows) for s, rows in lora_groups if isinstance(self.slots[s], LoRAAdapter)],
-                       token_slots)
+    def head(self, slot: int) -> SequenceHead | None:
+        """The classification head of the adapter in `slot` (None when it has none)."""
+        adapter = self.slots[slot]
+        return adapter.head if isinstance(adapter, LoRAAdapter) else None
+
+    def begin_step(self, rows_by_slot: dict[int, list[int]], num_rows: int,
+                   spans: list[VirtualSpan] = ()) -> VirtualKV | None:
+        """Set this step's adapter state: the packed rows of each adapter's requests (LoRAs run on theirs),
+        soft-prompt rows; returns the prefix rows' keys and values for the attention metadata (None when
+        the step has none)."""
+        groups = [(slot, torch.tensor(rows, dtype=torch.long, device=self.device))
+                  for slot, rows in sorted(rows_by_slot.items()) if isinstance(self.slots[slot], LoRAAdapter)]
+        token_slots = None
+        if groups:
+            token_slots = torch.full((num_rows,), -1, dtype=torch.long, device=self.device)
+            for slot, rows in groups:
+                token_slots[rows] = slot
+        self.batch.set(groups, token_slots)
         embed_spans = [s for s in spans if self.slots[s.slot].embeddings is not None]
         if embed_spans:
             rows, embeds = self._gather(embed_spans, lambda a: a.embeddings, 0)

@@ -1,7 +1,9 @@
 """`tokenloom train`: adapters trained on our own model code, saved in PEFT's format.
 
 The base model is loaded as for inference (float32) and frozen; the method (trainable.py) adds what is
-trained: LoRA updates, or the table of N virtual tokens of prompt tuning, P-tuning or prefix tuning.
+trained: LoRA updates, the table of N virtual tokens of prompt tuning, P-tuning or prefix tuning (decoders),
+or a classification head with LoRA underneath (encoders, `method="head"`: the text's label from the pooled
+[CLS] token, labels named by `labels`).
 A step packs a batch of whole sequences without the paged cache and runs the torch paths of every op
 (autograd; the native kernels serve inference only). Tasks:
 - generation: jsonl lines {"prompt": ..., "completion": ...}; the loss is on the completion's tokens only;
@@ -24,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenloom.adapters import AdapterError
-from tokenloom.adapters.trainable import METHODS, LoRATrainable, PromptTrainable
+from tokenloom.adapters.trainable import METHODS, HeadTrainable, LoRATrainable, PromptTrainable
 from tokenloom.adapters.virtual import PLACEHOLDER_TOKEN
 
 
@@ -35,12 +37,12 @@ class TrainConfig:
     model: str
     data: str
     output: str
-    method: str = "lora"  # lora, prompt-tuning, p-tuning or prefix-tuning
+    method: str = "lora"  # lora, prompt-tuning, p-tuning, prefix-tuning (decoders) or head (encoders)
     task: str = "generation"
     eval_data: str | None = None
-    labels: str | None = None  # classification: the label words, comma-separated, in label order
-    template: str = "{text}\nAnswer:"  # classification: the prompt a text becomes
-    rank: int = 8  # LoRA
+    labels: str | None = None  # classification: the label words (a head's label names), comma-separated
+    template: str = "{text}\nAnswer:"  # classification on a decoder: the prompt a text becomes
+    rank: int = 8  # LoRA (also under a head)
     alpha: float = 16.0
     target_modules: str | None = None  # comma-separated; default: every attention and MLP projection
     num_virtual_tokens: int = 20  # prompt, P- and prefix tuning
@@ -96,16 +98,23 @@ class Trainer:
         # Loaded without an engine: no paged cache is bound, so attention runs on whole packed sequences.
         self.loaded = load_model(ModelConfig(model=config.model, dtype="float32", quantization="none",
                                              seed=config.seed), torch.device("cpu"))
-        if self.loaded.kind != "decoder":
-            raise AdapterError(f"training runs on decoder-only models for now; {self.loaded.name} is "
-                               f"{self.loaded.kind}")
+        self.encoder = self.loaded.kind == "encoder"
+        if (config.method == "head") != self.encoder:
+            raise AdapterError(f"method {config.method!r} cannot train {self.loaded.name} ({self.loaded.kind} "
+                               f"model): the head method trains encoder-only models, the other methods "
+                               f"decoder-only ones")
+        if self.encoder and config.task != "classification":
+            raise AdapterError("the head method trains a classification head: use task='classification'")
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.label_words = [w.strip() for w in (config.labels or "").split(",") if w.strip()]
         self.label_ids = self._label_token_ids()
         self.train_set = read_examples(Path(config.data), self)
         self.dev_set = read_examples(Path(config.eval_data), self) if config.eval_data else []
-        if config.method == "lora":
+        if self.encoder:
+            self.adapter = HeadTrainable(self.model, len(self.label_words), config.rank, config.alpha,
+                                         config.target_modules, config.model)
+        elif config.method == "lora":
             gpt2 = self.loaded.hf_config.model_type == "gpt2"  # HF's Conv1D layers: PEFT's fan_in_fan_out
             self.adapter = LoRATrainable(self.model, config.rank, config.alpha, config.target_modules, gpt2,
                                          config.model)
@@ -126,6 +135,8 @@ class Trainer:
             return []
         if len(self.label_words) < 2:
             raise AdapterError("classification needs labels: two or more label words, e.g. labels='negative,positive'")
+        if self.encoder:  # a head scores the labels itself
+            return []
         ids = [self._first_token(w) for w in self.label_words]
         if len(set(ids)) != len(ids):
             raise AdapterError(f"label words {self.label_words} share their first token; pick distinct words")
@@ -199,6 +210,8 @@ class Trainer:
         return torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
 
     def _label_logits(self, hidden: torch.Tensor, starts: list[int], examples: list[Example]) -> torch.Tensor:
+        if self.encoder:
+            return self.adapter.logits(hidden[torch.tensor(starts)])
         last = torch.tensor([s + len(e.prompt) - 1 for e, s in zip(examples, starts)])
         return self.model.compute_logits(hidden[last]).float()[:, self.label_ids]
 
@@ -207,6 +220,8 @@ class Trainer:
         tokens, and where each sequence's own tokens start."""
         from tokenloom.models.layers.attention import AttentionMetadata, PrefillSpan
 
+        if self.encoder:
+            return self._encode(sequences)
         virtual = [PLACEHOLDER_TOKEN] * self.adapter.num_virtual_tokens
         sequences = [virtual + s for s in sequences]
         lens = [len(s) for s in sequences]
@@ -218,6 +233,20 @@ class Trainer:
         meta.virtual_kv = self.adapter.begin(starts, sum(lens))
         try:
             return self.model(ids, positions, meta), [s + len(virtual) for s in starts]
+        finally:
+            self.adapter.end()
+
+    def _encode(self, sequences: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """An encoder's hidden states of whole sequences packed end to end, and where each starts."""
+        from tokenloom.models.layers.encoder_attention import EncoderMetadata
+
+        lens = [len(s) for s in sequences]
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        ids = torch.tensor([t for s in sequences for t in s])
+        positions = torch.cat([torch.arange(n) for n in lens])
+        self.adapter.begin(starts, sum(lens))
+        try:
+            return self.model(ids, positions, EncoderMetadata.from_lens(lens)), starts
         finally:
             self.adapter.end()
 
@@ -247,7 +276,7 @@ class Trainer:
 
         c = self.config
         save_file(self.adapter.tensors(), str(out / "adapter_model.safetensors"))
-        peft_config = {**self.adapter.peft_config(), "task_type": "CAUSAL_LM",
+        peft_config = {"task_type": "CAUSAL_LM", **self.adapter.peft_config(),
                        "base_model_name_or_path": str(self.loaded.path), "inference_mode": True}
         (out / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
         (out / "tokenloom_train.json").write_text(json.dumps(asdict(c), indent=2))
@@ -318,5 +347,8 @@ def _example(row: dict[str, Any], where: str, c: TrainConfig, tok: Any, label_wo
             index = -1
     if not 0 <= index < len(label_words):
         raise AdapterError(f"{where}: unknown label {label!r}; labels are 0..{len(label_words) - 1} or {label_words}")
+    if c.method == "head":  # an encoder reads the text itself, [CLS] ... [SEP] (the last kept when cut)
+        ids = tok.encode(text.strip())
+        return Example(ids if len(ids) <= c.max_length else ids[:c.max_length - 1] + ids[-1:], [], index)
     prompt = tok.encode(c.template.format(text=text.strip()))[-c.max_length:]
     return Example(prompt, [], index)

@@ -2,6 +2,8 @@
 PEFT's format:
 - `LoRATrainable`: a low-rank update (A kaiming-uniform, B zero: PEFT's init) per target projection, in a
   `LoRALinear` around each layer it adapts (fused q|k|v and gate|up shard by shard);
+- `HeadTrainable`: a classification head on an encoder's pooled first token (BERT's pooler, then a new
+  `classifier`), LoRA on the encoder underneath: PEFT's SEQ_CLS LoRA adapter;
 - `PromptTrainable`: N virtual tokens before every sequence, given by a table: input embeddings (prompt
   tuning, initialised from a text's embeddings or randomly), the same through a small MLP (P-tuning, PEFT's
   `MLP` prompt encoder), or per-layer keys and values (prefix tuning). The serving path (virtual.py) is the
@@ -25,7 +27,8 @@ from tokenloom.models.layers.attention import VirtualKV, index_attention_layers
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
 PROMPT_PEFT_TYPES = {"prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING", "prefix-tuning": "PREFIX_TUNING"}
-METHODS = ("lora", *PROMPT_PEFT_TYPES)
+ENCODER_TARGETS = ("query", "value")  # PEFT's default LoRA targets for BERT
+METHODS = ("lora", *PROMPT_PEFT_TYPES, "head")
 
 
 class LoRATrainable:
@@ -34,23 +37,25 @@ class LoRATrainable:
     num_virtual_tokens = 0
 
     def __init__(self, model: nn.Module, rank: int, alpha: float, target_modules: str | None, gpt2: bool,
-                 model_name: str) -> None:
+                 model_name: str, default_targets: tuple[str, ...] | None = None) -> None:
         self.rank, self.alpha, self.gpt2 = rank, alpha, gpt2
         wanted = tuple(t.strip() for t in target_modules.split(",")) if target_modules else (
-            GPT2_TARGETS if gpt2 else DEFAULT_TARGETS)
+            default_targets or (GPT2_TARGETS if gpt2 else DEFAULT_TARGETS))
+        # An encoder's checkpoint names its modules otherwise (bert.encoder...): saved under those names.
+        checkpoint_name = getattr(model, "checkpoint_module_name", lambda name: name)
         self.targets = sorted(wanted)
         self.batch = LoRABatch()
         found: dict[str, list[LoRAUpdate]] = {}
         self.updates: list[tuple[str, LoRAUpdate]] = []  # (checkpoint module name, its update)
         for hf_name, (ours, offset, width) in sorted(linear_targets(model).items()):
-            if hf_name.rsplit(".", 1)[-1] not in wanted or "lm_head" in hf_name:
+            if hf_name.rsplit(".", 1)[-1] not in wanted or "lm_head" in hf_name or hf_name.startswith("pooler"):
                 continue
             base = model.get_submodule(ours)
             a = nn.Parameter(torch.empty(rank, int(base.in_features)))
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             update = LoRAUpdate(a, nn.Parameter(torch.zeros(width, rank)), offset, alpha / rank)
             found.setdefault(ours, []).append(update)
-            self.updates.append((hf_name, update))
+            self.updates.append((checkpoint_name(hf_name), update))
         if not found:
             raise AdapterError(f"target_modules {list(wanted)} match no linear layer of {model_name}")
         for ours, updates in found.items():
@@ -163,3 +168,49 @@ class PromptTrainable:
         else:
             config.update(prefix_projection=False, encoder_hidden_size=s.num_kv_heads * s.head_dim)
         return config
+
+
+class HeadTrainable:
+    """A new classification head (PEFT's `classifier`: [labels, hidden], HF's init) on an encoder's pooled
+    first token, with LoRA updates on the encoder's layers (PEFT's format has no head-only adapter)."""
+
+    num_virtual_tokens = 0
+
+    def __init__(self, model: nn.Module, num_labels: int, rank: int, alpha: float, target_modules: str | None,
+                 model_name: str) -> None:
+        if getattr(model, "pooler", None) is None:
+            raise AdapterError(f"{model_name} has no pooler (pooler.dense) for a classification head: the head "
+                               f"method needs a bare BERT-family encoder checkpoint that carries one")
+        if rank < 1:
+            raise AdapterError(f"the head method trains LoRA under the head (a PEFT SEQ_CLS adapter): rank must be "
+                               f">= 1; got {rank}")
+        hidden = int(model.spec.hidden_size)
+        self.model = model
+        self.classifier = nn.Linear(hidden, num_labels)
+        nn.init.normal_(self.classifier.weight, std=float(getattr(model.config, "initializer_range", 0.02)))
+        nn.init.zeros_(self.classifier.bias)
+        self.lora = LoRATrainable(model, rank, alpha, target_modules, False, model_name, ENCODER_TARGETS)
+        self.params = [*self.lora.params, self.classifier.weight, self.classifier.bias]
+
+    def logits(self, first_rows: torch.Tensor) -> torch.Tensor:
+        """First-token hidden states → [seqs, labels] logits."""
+        return self.classifier(self.model.pooled(first_rows))
+
+    def begin(self, starts: list[int], total: int) -> VirtualKV | None:
+        """Every packed row runs with the LoRA updates."""
+        return self.lora.begin(starts, total)
+
+    def end(self) -> None:
+        """After the forward pass."""
+        self.lora.end()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The LoRA matrices and the head, under PEFT's names."""
+        out = self.lora.tensors()
+        out["base_model.model.classifier.weight"] = self.classifier.weight.detach().contiguous()
+        out["base_model.model.classifier.bias"] = self.classifier.bias.detach().contiguous()
+        return out
+
+    def peft_config(self) -> dict[str, Any]:
+        """adapter_config.json's method fields: a SEQ_CLS LoRA whose classifier is a module to save."""
+        return {**self.lora.peft_config(), "task_type": "SEQ_CLS", "modules_to_save": ["classifier", "score"]}

@@ -11,6 +11,7 @@ import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,13 +72,21 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         cache = config.cache_config
         self.kv_dtype = cache.torch_dtype(self.loaded.dtype)
+        self.adapters = None
+        if config.adapter_config.enable_adapters:
+            if self.loaded.kind not in ("decoder", "encoder"):
+                raise ConfigError(f"enable_adapters: adapters run on decoder-only and encoder-only models; "
+                                  f"{self.loaded.name} is {self.loaded.kind}")
+            a = config.adapter_config
+            self.adapters = AdapterManager(self.loaded.model, device, a.max_adapters, a.max_adapter_rank)
         pooling = encoder_inputs = None
         if self.loaded.kind == "encoder":  # no KV cache: inputs run whole, in one step
             num_blocks = 0
             self.pooling_config = read_pooling_config(self.loaded.path)
             self.max_model_len = encoder_max_len(self.loaded, self.pooling_config, config.model_config.max_model_len)
             encoder_inputs = EncoderTokenizer(self.loaded, self.max_model_len)
-            pooling = PoolingRunner(self.loaded.model, self.pooling_config, self.tokenizer.hf.mask_token_id, device)
+            pooling = PoolingRunner(self.loaded.model, self.pooling_config, self.tokenizer.hf.mask_token_id, device,
+                                    self.adapters)
         else:
             block_bytes = kv_bytes_per_block(self.loaded.model, cache.block_size, self.kv_dtype)
             num_blocks = int(cache.kv_cache_gib * 2**30 // block_bytes)
@@ -87,13 +96,6 @@ class LLMEngine:
             self.max_model_len = min(self.loaded.max_model_len, num_blocks * cache.block_size)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
-        self.adapters = None
-        if config.adapter_config.enable_adapters:
-            if self.loaded.kind != "decoder":
-                raise ConfigError(f"enable_adapters: adapters run on decoder-only models for now; "
-                                  f"{self.loaded.name} is {self.loaded.kind}")
-            a = config.adapter_config
-            self.adapters = AdapterManager(self.loaded.model, device, a.max_adapters, a.max_adapter_rank)
         self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.kv_dtype, device, pooling,
                                   self.adapters)
         self.inputs = InputProcessor(self.loaded, self.max_model_len, device, encoder_inputs)
@@ -146,7 +148,7 @@ class LLMEngine:
         if request_id in self.outputs.parents or request_id in self._pooling:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if isinstance(params, PoolingParams):
-            self._add_pooling(request_id, prompt, params)
+            self._add_pooling(request_id, prompt, params, adapter)
             return
         if self.loaded.kind == "encoder":
             arch = type(self.model).__name__
@@ -173,6 +175,11 @@ class LLMEngine:
                                       f"with enable_adapters=True (--enable-adapters)", "adapter")
         return self.adapters.slot_for(adapter, self._busy_adapter_slots())
 
+    def label_config(self, adapter: AdapterRequest | None = None) -> Any:
+        """Where classification labels come from: the adapter's head (loading it), else the model's config."""
+        head = self.adapters.head(self.load_adapter(adapter)) if adapter is not None else None
+        return head.label_config() if head is not None else self.loaded.hf_config
+
     def unload_adapter(self, name: str) -> bool:
         """Free adapter `name`'s slot (False when it is not loaded); refused while requests use it."""
         return self.adapters is not None and self.adapters.unload(name, self._busy_adapter_slots())
@@ -181,23 +188,29 @@ class LLMEngine:
         return {r.adapter_slot for r in (*self.scheduler.running, *self.scheduler.waiting)
                 if r.adapter_slot is not None}
 
-    def _add_pooling(self, request_id: str, inp: EncoderInput, params: PoolingParams) -> None:
-        self.require(params.task)
+    def _add_pooling(self, request_id: str, inp: EncoderInput, params: PoolingParams,
+                     adapter: AdapterRequest | None = None) -> None:
+        slot = self.load_adapter(adapter) if adapter is not None else None
+        if slot is None or not (params.task == "classify" and self.adapters.head(slot) is not None):
+            self.require(params.task)
         if not isinstance(inp, EncoderInput):
             raise InvalidRequestError("a pooling request takes an EncoderInput (engine.tokenize / from_token_ids)")
-        request = Request(request_id, inp.token_ids, None, pooling_params=params, token_type_ids=inp.token_type_ids)
+        request = Request(request_id, inp.token_ids, None, pooling_params=params, token_type_ids=inp.token_type_ids,
+                          adapter_slot=slot)
         self._pooling[request_id] = request
         self.scheduler.add(request)
 
-    def encode(self, inputs: list[EncoderInput], task: str, pooling: PoolingConfig | None = None
-               ) -> list[PoolingResult]:
-        """Pool every input for `task` and return the results in input order (each may carry an error).
-        Inputs go in longest first, so each batch holds inputs of similar length (little padding)."""
-        self.require(task)
+    def encode(self, inputs: list[EncoderInput], task: str, pooling: PoolingConfig | None = None,
+               adapter: AdapterRequest | None = None) -> list[PoolingResult]:
+        """Pool every input for `task` (with `adapter`'s LoRA and head, if given) and return the results in
+        input order (each may carry an error). Inputs go in longest first, so each batch holds inputs of
+        similar length (little padding)."""
+        if adapter is None:
+            self.require(task)
         base = f"encode{next(self._run_ids)}-"
         ids = [f"{base}{i}" for i in range(len(inputs))]
         for i in sorted(range(len(inputs)), key=lambda i: -len(inputs[i].token_ids)):
-            self.add_request(ids[i], inputs[i], PoolingParams(task, pooling))
+            self.add_request(ids[i], inputs[i], PoolingParams(task, pooling), adapter=adapter)
         results = {r.request_id: r for r in self.run(ids)}
         return [results[rid] for rid in ids]
 

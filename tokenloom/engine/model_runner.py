@@ -124,7 +124,7 @@ class ModelRunner:
         self._copy_blocks(sched.block_copies)
         batch = self._prepare(sched)
         if self.adapters is not None:
-            batch.meta.virtual_kv = self.adapters.begin_step(batch.adapter_groups, batch.token_slots,
+            batch.meta.virtual_kv = self.adapters.begin_step(batch.adapter_rows, len(batch.input_ids),
                                                              batch.virtual_spans)
         try:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta)
@@ -203,17 +203,10 @@ class ModelRunner:
         if self.encoder_cache is not None:
             meta.cross = self.encoder_cache.prepare([sched.requests[i] for i in order],
                                                     [sched.num_tokens[i] for i in order])
-        groups = [(slot, torch.tensor(rows, dtype=torch.long, device=self.device))
-                  for slot, rows in sorted(adapter_rows.items())]
-        token_slots = None
-        if groups:
-            token_slots = torch.full((offset,), -1, dtype=torch.long, device=self.device)
-            for slot, rows in groups:
-                token_slots[rows] = slot
         return _Batch(torch.tensor(ids, dtype=torch.long, device=self.device),
                       torch.from_numpy(np.concatenate(positions)).to(self.device), meta,
                       sample_rows, torch.tensor(sample_index, dtype=torch.long, device=self.device), plp_rows,
-                      groups, token_slots, virtual_spans)
+                      adapter_rows, virtual_spans)
 
     def _decode_tables(self, rows: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.block_size
@@ -247,6 +240,5 @@ class _Batch:
     sample_rows: list[int]
     sample_index: torch.Tensor
     prompt_logprob_rows: list[tuple[Request, torch.Tensor, torch.Tensor]]
-    adapter_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, packed token rows)
-    token_slots: torch.Tensor | None = None  # each packed token's adapter slot, -1 for the base model
+    adapter_rows: dict[int, list[int]] = field(default_factory=dict)  # adapter slot → its requests' packed rows
     virtual_spans: list[VirtualSpan] = field(default_factory=list)  # virtual tokens' rows (prompt adapters)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from tokenloom.engine.request import InvalidRequestError
 from tokenloom.loader import LoadedModel
 from tokenloom.models.layers.encoder_attention import EncoderMetadata
 from tokenloom.models.pooling import PoolingConfig, pool
+
+if TYPE_CHECKING:
+    from tokenloom.adapters.manager import AdapterManager
 
 # task → which hidden rows its head reads
 _SEQUENCE_TASKS = ("classify", "score")
@@ -141,11 +144,12 @@ class PoolingRunner:
     request's head (one call per task over the rows it reads) or pooling."""
 
     def __init__(self, model: nn.Module, config: PoolingConfig, mask_token_id: int | None,
-                 device: torch.device) -> None:
+                 device: torch.device, adapters: AdapterManager | None = None) -> None:
         self.model = model
         self.config = config
         self.mask_token_id = mask_token_id
         self.device = device
+        self.adapters = adapters  # LoRAs on the encoder's layers, classification heads on top
 
     def execute(self, requests: list[Any]) -> dict[str, torch.Tensor]:
         """Each request's float32 result on the CPU, by request id."""
@@ -157,7 +161,17 @@ class PoolingRunner:
         if any(r.token_type_ids for r in requests):
             types = torch.tensor([t for r in requests for t in (r.token_type_ids or [0] * r.num_prompt_tokens)],
                                  device=self.device)
-        hidden = self.model(ids, positions, meta, types)
+        if self.adapters is not None:
+            rows: dict[int, list[int]] = {}
+            for r, start, n in zip(requests, meta.cu_seqlens.tolist(), lens):
+                if r.adapter_slot is not None:
+                    rows.setdefault(r.adapter_slot, []).extend(range(start, start + n))
+            self.adapters.begin_step(rows, len(ids))
+        try:
+            hidden = self.model(ids, positions, meta, types)
+        finally:
+            if self.adapters is not None:
+                self.adapters.end_step()
         data = self._heads(requests, hidden, meta, ids)
         return {r.request_id: d.float().cpu() for r, d in zip(requests, data)}
 
@@ -166,7 +180,12 @@ class PoolingRunner:
         out: list[torch.Tensor | None] = [None] * len(requests)
         starts = meta.cu_seqlens.tolist()
         tasks = [r.pooling_params.task for r in requests]
-        for task in set(tasks) - {"embed"}:
+        for slot, members in self._adapter_heads(requests, tasks).items():
+            head = self.adapters.head(slot)
+            logits = head.logits(self.model, hidden[torch.tensor([starts[i] for i in members], device=hidden.device)])
+            for i, part in zip(members, logits):
+                out[i], tasks[i] = part, "done"
+        for task in set(tasks) - {"embed", "done"}:
             members = [i for i, t in enumerate(tasks) if t == task]
             if task in _SEQUENCE_TASKS:
                 rows = [torch.arange(starts[i], starts[i] + 1) for i in members]
@@ -185,3 +204,13 @@ class PoolingRunner:
                 if t == "embed" and c == config:
                     out[i] = vectors[i]
         return out
+
+    def _adapter_heads(self, requests: list[Any], tasks: list[str]) -> dict[int, list[int]]:
+        """Classify requests whose adapter brings its own head, by adapter slot."""
+        groups: dict[int, list[int]] = {}
+        if self.adapters is None:
+            return groups
+        for i, (r, task) in enumerate(zip(requests, tasks)):
+            if task == "classify" and r.adapter_slot is not None and self.adapters.head(r.adapter_slot) is not None:
+                groups.setdefault(r.adapter_slot, []).append(i)
+        return groups

@@ -37,6 +37,35 @@ class EncoderModel(nn.Module):
         self.config = config
         self.spec = EncoderSpec.from_config(config)
         self.model = EncoderBody(self.spec)
+        # A bare BERT's pooler (dense + tanh on [CLS]), kept when its checkpoint has one: a classification
+        # head trained on the encoder (PEFT's SEQ_CLS adapters) sits on it, as BertForSequenceClassification's.
+        self.pooler: nn.Linear | None = None
+
+    def module_name(self, checkpoint_name: str) -> str | None:
+        """A checkpoint module name (`bert.encoder.layer.0.attention.self.query`) → ours (None: not a body
+        module); the inverse of `checkpoint_module_name`."""
+        name = checkpoint_name.removeprefix(_PREFIX[self.spec.family])
+        if name == "pooler.dense" and self.pooler is not None:
+            return "pooler"
+        return "model." + hf_body_name(name, self.spec.family) if name.startswith(_BODY_ROOTS) else None
+
+    def checkpoint_module_name(self, name: str) -> str:
+        """Our body module name → the checkpoint's (BERT and RoBERTa: the same path under the family prefix)."""
+        if self.spec.family == "distilbert":
+            raise ValueError("adapters on DistilBERT checkpoints are not supported (its module names differ)")
+        return _PREFIX[self.spec.family] + name.removeprefix("model.")
+
+    def pooled(self, rows: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]] = ()
+               ) -> torch.Tensor:
+        """First-token hidden states → the pooler's output (tanh of its dense layer, plus low-rank `updates`
+        (A, B, scaling) to it: an adapter's LoRA on the pooler)."""
+        if self.pooler is None:
+            raise ValueError(f"{type(self).__name__}: the checkpoint has no pooler (pooler.dense) for a "
+                             f"classification head to sit on")
+        out = self.pooler(rows)
+        for a, b, scaling in updates:
+            out = out + (rows @ a.t().to(rows.dtype)) @ b.t().to(rows.dtype) * scaling
+        return torch.tanh(out)
 
     @property
     def max_input_len(self) -> int:
@@ -75,6 +104,19 @@ class EncoderModel(nn.Module):
                 return "model." + hf_body_name(name, self.spec.family)
             return self.head_name(name, names)
         load_named_weights(self, weights, rename)
+        if not self.head_names:
+            self._keep_pooler({n.removeprefix(prefix): t for n, t in weights})
+
+    def _keep_pooler(self, tensors: dict[str, torch.Tensor]) -> None:
+        weight, bias = tensors.get("pooler.dense.weight"), tensors.get("pooler.dense.bias")
+        if weight is None or bias is None:
+            return
+        ref = self.model.embeddings.word_embeddings.weight
+        self.pooler = nn.Linear(weight.shape[1], weight.shape[0], device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            self.pooler.weight.copy_(weight)
+            self.pooler.bias.copy_(bias)
+        self.pooler.requires_grad_(False)
 
 
 class EncoderForSequenceClassification(EncoderModel):

@@ -1,0 +1,122 @@
+"""Classification heads on an encoder (PEFT's SEQ_CLS LoRA adapters: LoRA on the layers, `classifier` on the
+pooled [CLS] token): `tokenloom train --method head` trains one that PEFT loads with our logits; a head saved by
+PEFT serves through `llm.classify(adapter=...)` with PEFT's logits; heads and the base model mix in one batch;
+wrong pairings fail clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.encoder_models import tiny_encoder_path
+from tokenloom import AdapterRequest
+from tokenloom.adapters import AdapterError
+from tokenloom.adapters.train import train
+from tokenloom.engine.pooling import PoolingParams
+from tokenloom.llm import LLM
+
+TEXTS = ["good fine great film", "bad awful poor film 3", "A man is riding a horse.", "Ünïcödé text 🙂"]
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A tiny random bare BERT (BertModel, with its pooler)."""
+    return tiny_encoder_path(tmp_path_factory, "bert-Model")
+
+
+def _peft_logits(base_path, adapter, texts: list[str], num_labels: int) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=num_labels, dtype=torch.float32,
+                                                              id2label={i: str(i) for i in range(num_labels)})
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    tok = AutoTokenizer.from_pretrained(base_path)
+    with torch.no_grad():
+        return torch.stack([model(**tok(t, return_tensors="pt")).logits[0] for t in texts])
+
+
+def _save_peft_head(base_path, out, num_labels: int, seed: int) -> None:
+    """A random SEQ_CLS LoRA adapter saved by PEFT (B and the classifier random, unlike PEFT's init)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=num_labels, dtype=torch.float32,
+                                                              id2label={i: str(i) for i in range(num_labels)})
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["query", "value", "dense"]))
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save.default.weight.normal_()
+    model.save_pretrained(out)
+
+
+def _data(path, n: int = 16):
+    path.write_text("".join(f"{i % 2} {'good fine great' if i % 2 else 'bad awful poor'} film {i}\n"
+                            for i in range(n)))
+    return path
+
+
+def test_a_trained_head_learns_and_peft_gives_our_logits(bert, tmp_path):
+    data = _data(tmp_path / "train.txt")
+    result = train(model=str(bert), data=str(data), eval_data=str(data), method="head", task="classification",
+                   labels="negative,positive", output=str(tmp_path / "head"), epochs=5, lr=5e-2, batch_size=4,
+                   rank=4, seed=1)
+    assert result.losses[-1] < result.losses[0] / 4 and result.metrics[-1] == 1.0, (result.losses, result.metrics)
+    config = json.loads((tmp_path / "head" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["target_modules"] == ["query", "value"]
+    llm = LLM(str(bert), dtype="float32", enable_adapters=True)
+    outs = llm.classify(TEXTS, adapter=AdapterRequest("head", tmp_path / "head"))
+    assert [o.labels for o in outs] == [["negative", "positive"]] * len(TEXTS)
+    assert outs[0].label == "positive" and outs[1].label == "negative"
+    want = _peft_logits(bert, tmp_path / "head", TEXTS, 2)
+    assert torch.allclose(torch.tensor([o.logits for o in outs]), want, atol=1e-4)
+
+
+def test_a_peft_head_serves_with_peft_logits_next_to_other_heads_and_the_base(bert, tmp_path):
+    _save_peft_head(bert, tmp_path / "three", 3, seed=5)
+    _save_peft_head(bert, tmp_path / "two", 2, seed=6)
+    llm = LLM(str(bert), dtype="float32", enable_adapters=True)
+    three, two = AdapterRequest("three", tmp_path / "three"), AdapterRequest("two", tmp_path / "two")
+    alone = {a.name: torch.tensor([o.logits for o in llm.classify(TEXTS, adapter=a)]) for a in (three, two)}
+    assert torch.allclose(alone["three"], _peft_logits(bert, tmp_path / "three", TEXTS, 3), atol=1e-4)
+    assert torch.allclose(alone["two"], _peft_logits(bert, tmp_path / "two", TEXTS, 2), atol=1e-4)
+    assert llm.classify(TEXTS[:1], adapter=three)[0].labels == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    base = llm.embed(TEXTS)
+    # One engine step: both heads' requests and the base model's embeddings together.
+    engine = llm.engine
+    for i, text in enumerate(TEXTS):
+        inp = engine.tokenize(text)
+        engine.add_request(f"t{i}", inp, PoolingParams("classify"), adapter=three)
+        engine.add_request(f"w{i}", inp, PoolingParams("classify"), adapter=two)
+        engine.add_request(f"e{i}", inp, PoolingParams("embed"))
+    results = {r.request_id: r.data for r in engine.step()}
+    assert len(results) == 3 * len(TEXTS)
+    for i in range(len(TEXTS)):
+        assert torch.allclose(results[f"t{i}"], alone["three"][i], atol=1e-5)
+        assert torch.allclose(results[f"w{i}"], alone["two"][i], atol=1e-5)
+        assert torch.allclose(results[f"e{i}"], torch.tensor(base[i].embedding), atol=1e-5)
+
+
+def test_wrong_pairings_fail_clearly(bert, tiny_models, tmp_path, tmp_path_factory):
+    data = _data(tmp_path / "train.txt")
+    with pytest.raises(AdapterError, match="the head method trains encoder-only models"):
+        train(model=str(tiny_models["llama"]), data=str(data), method="head", task="classification",
+              labels="a,b", output=str(tmp_path / "x"))
+    with pytest.raises(AdapterError, match=r"method 'lora' cannot train .* \(encoder model\)"):
+        train(model=str(bert), data=str(data), task="classification", labels="a,b", output=str(tmp_path / "x"))
+    with_head = tiny_encoder_path(tmp_path_factory, "bert-ForSequenceClassification")
+    with pytest.raises(AdapterError, match="has no pooler"):
+        train(model=str(with_head), data=str(data), method="head", task="classification", labels="a,b",
+              output=str(tmp_path / "x"))
+    _save_peft_head(bert, tmp_path / "head", 2, seed=1)
+    decoder = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_gib=0.01, enable_adapters=True)
+    with pytest.raises(ValueError, match="SEQ_CLS adapters .* run on encoder models"):
+        decoder.generate(["hi"], adapter=AdapterRequest("head", tmp_path / "head"), use_tqdm=False)
+    off = LLM(str(bert), dtype="float32")
+    with pytest.raises(ValueError, match="adapters are off"):
+        off.classify(TEXTS, adapter=AdapterRequest("head", tmp_path / "head"))
+    with pytest.raises(ValueError, match="does not support classify"):
+        LLM(str(bert), dtype="float32", enable_adapters=True).classify(TEXTS)
