@@ -1,19 +1,21 @@
-"""Adapter training and serving benchmark (LoRA or prompt tuning): tokenloom against PEFT + transformers on
-the same data, model, hyper-parameters and batch order, in one run. Run by hand (never in CI):
+"""Adapter training and serving benchmark (LoRA, prompt tuning or an encoder's head): tokenloom against PEFT +
+transformers on the same data, model, hyper-parameters and batch order, in one run. Run by hand (never in CI):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adapters.py --train-limit 512 --epochs 1
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adapters.py --method prompt-tuning --lr 3e-2
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adapters.py --method head --model all-minilm-l6-v2 --lr 1e-3
 
-Training: SST-2 (../shared/data/sst2: train.txt, dev.txt; `LABEL text`), classification through the label
-words " negative" / " positive" after the template "{text} Sentiment:", LoRA r / alpha on every attention
+Training: SST-2 (../shared/data/sst2: train.txt, dev.txt; `LABEL text`) or TREC (`--dataset trec`: 6 question
+types; 500 seeded rows of train.txt held out as dev), classification through the label words (" negative" /
+" positive" after the template "{text} Sentiment:" for SST-2), LoRA r / alpha on every attention
 and MLP projection (or N virtual tokens of prompt tuning, initialised from a text's embeddings; or, on an
 encoder, a classification head on the pooled [CLS] token with LoRA on query/value), AdamW, the same seeded
 batch order for both. Reports dev accuracy before training
 (zero-shot label scoring), after training, and the training wall time of each side.
 
-Serving: 16 concurrent greedy requests spread over 8 copies of the trained adapter (8 adapter slots) against
-the same requests on the base model, generated tokens per second.
+Serving: 16 concurrent greedy requests spread over 8 adapters (8 slots) against the same requests on the base
+model, generated tokens per second: 8 copies of the trained adapter, or with `--serve-mix` mixed kinds (2
+copies of it, 2 LoRAs r 8, 2 soft prompts and 2 prefixes of 20 virtual tokens, random weights).
 """
 
 from __future__ import annotations
@@ -29,9 +31,15 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
-LABELS = ("negative", "positive")
-TEMPLATE = "{text} Sentiment:"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# dataset → (label words in label order, prompt template, prompt tuning's initial text)
+DATASETS = {
+    "sst2": (("negative", "positive"), "{text} Sentiment:",
+             "Classify the sentiment of this movie review as negative or positive"),
+    "trec": (("description", "entity", "abbreviation", "person", "location", "number"), "{text} Question type:",
+             "Classify the question as asking for a description, entity, abbreviation, person, location or number"),
+}
+TREC_DEV = 500  # TREC has no dev split here: a seeded 500 rows of train.txt are held out as dev
 
 
 def _init_text(args: argparse.Namespace) -> str | None:
@@ -61,7 +69,7 @@ def ours(model: str, train_file: Path, dev_file: Path, out: Path, args: argparse
     from tokenloom.models import ops
 
     trainer = Trainer(TrainConfig(model=model, data=str(train_file), eval_data=str(dev_file), output=str(out),
-                                  task="classification", labels=",".join(LABELS), template=TEMPLATE,
+                                  task="classification", labels=",".join(args.labels), template=args.template,
                                   rank=args.rank, alpha=2 * args.rank, epochs=args.epochs, lr=args.lr,
                                   batch_size=args.batch_size, seed=args.seed, method=args.method,
                                   num_virtual_tokens=args.num_virtual_tokens, init_text=_init_text(args)))
@@ -89,7 +97,7 @@ def peft_side(model: str, train_rows: list, dev_rows: list, label_ids: list[int]
     folder = source.path.parent if source.kind == "gguf" else source.path
     tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     head = args.method == "head"
-    base = (AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32, num_labels=len(LABELS))
+    base = (AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32, num_labels=len(args.labels))
             if head else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs))
     torch.manual_seed(args.seed)
     virtual = 0
@@ -119,7 +127,7 @@ def peft_side(model: str, train_rows: list, dev_rows: list, label_ids: list[int]
         if head:
             batch = tok([text for _, text in rows], padding=True, truncation=True, max_length=256, return_tensors="pt")
             return model_(**batch).logits.float()
-        enc = [tok(TEMPLATE.format(text=text)).input_ids for _, text in rows]
+        enc = [tok(args.template.format(text=text)).input_ids for _, text in rows]
         width = max(len(e) for e in enc)
         ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
         mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
@@ -158,10 +166,12 @@ def serving(model: str, adapter: Path, args: argparse.Namespace) -> dict:
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     prompts = [f"Review {i}: the film was" for i in range(16)]
     copies = []
-    for i in range(8):
+    for i in range(2 if args.serve_mix else 8):
         path = Path(tempfile.mkdtemp()) / f"copy{i}"
         shutil.copytree(adapter, path)
         copies.append(AdapterRequest(f"copy{i}", path))
+    if args.serve_mix:
+        copies += random_adapters(llm.engine.model, Path(tempfile.mkdtemp()))
     start = time.perf_counter()
     llm.engine.adapters.slot_for(copies[0], set())
     load_ms = (time.perf_counter() - start) * 1e3
@@ -174,6 +184,44 @@ def serving(model: str, adapter: Path, args: argparse.Namespace) -> dict:
     return {"base_tok_s": rates["base"], "adapters_tok_s": rates["8 adapters"], "adapter_load_ms": load_ms}
 
 
+def random_adapters(model: torch.nn.Module, root: Path) -> list:
+    """Two LoRAs (r 8 on every attention and MLP projection), two soft prompts and two prefixes (20 virtual
+    tokens each), random weights, written in PEFT's format for `model`."""
+
+    from tokenloom import AdapterRequest
+    from tokenloom.adapters.lora import linear_targets
+    from tokenloom.adapters.virtual import model_shape
+
+    shape, out = model_shape(model), []
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for i in range(2):
+        tensors = {}
+        for name, (ours, _, width) in linear_targets(model).items():
+            if name.rsplit(".", 1)[-1] in targets:
+                module = model.get_submodule(ours)
+                in_features = int(getattr(module, "in_features", 0) or module.base.in_features)
+                tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(8, in_features) * 0.01
+                tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(width, 8) * 0.01
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16,
+                  "target_modules": list(targets)}
+        out.append(_write_adapter(root / f"lora{i}", config, tensors))
+        for kind, width in (("PROMPT_TUNING", shape.hidden_size),
+                            ("PREFIX_TUNING", shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim)):
+            config = {"peft_type": kind, "task_type": "CAUSAL_LM", "num_virtual_tokens": 20}
+            out.append(_write_adapter(root / f"{kind.lower()}{i}", config,
+                                      {"prompt_embeddings": torch.randn(20, width) * 0.02}))
+    return [AdapterRequest(p.name, p) for p in out]
+
+
+def _write_adapter(path: Path, config: dict, tensors: dict) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma-3-270m")
@@ -183,20 +231,32 @@ def main() -> None:
     p.add_argument("--method", default="lora", choices=["lora", "prompt-tuning", "head"])
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--num-virtual-tokens", type=int, default=20)
-    p.add_argument("--init-text", default="Classify the sentiment of this movie review as negative or positive",
-                   help="prompt tuning's initial text ('' for random)")
+    p.add_argument("--dataset", default="sst2", choices=sorted(DATASETS))
+    p.add_argument("--init-text", default=None, help="prompt tuning's initial text (default: per dataset; '' for "
+                                                    "random)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--serve-mix", action="store_true", help="serve adapters of mixed kinds (see above)")
     p.add_argument("--json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="adapters-bench-"))
-    train_rows = read_split(DATA / "train.txt", args.train_limit, args.seed)
-    dev_rows = read_split(DATA / "dev.txt", args.dev_limit, args.seed)
+    args.labels, args.template, default_init = DATASETS[args.dataset]
+    if args.init_text is None:
+        args.init_text = default_init
+    if args.dataset == "trec":
+        rows = read_split(DATA / "trec" / "train.txt", None, 0)
+        held = set(random.Random(1234).sample(range(len(rows)), TREC_DEV))
+        pool = [r for i, r in enumerate(rows) if i not in held]
+        train_rows = random.Random(args.seed).sample(pool, min(args.train_limit, len(pool)))
+        dev_rows = [r for i, r in enumerate(rows) if i in held][:args.dev_limit]
+    else:
+        train_rows = read_split(DATA / "sst2" / "train.txt", args.train_limit, args.seed)
+        dev_rows = read_split(DATA / "sst2" / "dev.txt", args.dev_limit, args.seed)
     train_file, dev_file = write_split(train_rows, work / "train.txt"), write_split(dev_rows, work / "dev.txt")
     ours_result = ours(args.model, train_file, dev_file, work / "adapter", args)
     peft_result = None if args.skip_peft else peft_side(args.model, train_rows, dev_rows, ours_result["label_ids"],
@@ -207,8 +267,8 @@ def main() -> None:
               "head": f"classification head + LoRA r {args.rank} alpha {2 * args.rank} on query/value",
               "prompt-tuning": f"prompt tuning, {args.num_virtual_tokens} virtual tokens from "
                                f"{_init_text(args)!r}"}[args.method]
-    print(f"SST-2: {len(train_rows)} training rows, {len(dev_rows)} dev rows, {args.epochs} epoch(s), {method}, "
-          f"lr {args.lr}, batch {args.batch_size}")
+    print(f"{args.dataset}: {len(train_rows)} training rows, {len(dev_rows)} dev rows, {args.epochs} epoch(s), "
+          f"{method}, lr {args.lr}, batch {args.batch_size}")
     before = "the untrained head" if args.method == "head" else "zero-shot label scoring"
     print(f"{before} (tokenloom): dev accuracy {ours_result['zero_shot']:.4f}")
     print(f"tokenloom {args.method}: dev accuracy {ours_result['accuracy']:.4f}, "

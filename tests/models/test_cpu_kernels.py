@@ -213,3 +213,37 @@ def test_a_float16_cache_under_float32_activations(kernels, arch, tiny_models):
     with ops.use_level("torch"):
         plain, _ = run("float16")
     assert [o.outputs[0].token_ids for o in plain] == [o.outputs[0].token_ids for o in narrow]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("in_features,out_features", [(64, 96), (37, 19), (640, 1536)])
+def test_lora_kernel_adds_each_tokens_own_adapter(kernels, dtype, tol, in_features, out_features):
+    """Slots of ranks 4, 0 (empty), 8 and 2, their columns writing all or part of the outputs (a fused
+    layer's shards); tokens of every slot and of none (-1); widths off the vector size."""
+    torch.manual_seed(in_features)
+    ranks = [4, 0, 8, 2]
+    k = sum(ranks)
+    a = torch.randn(k, in_features).to(dtype)
+    spans = [(0, out_features), (out_features // 3, out_features // 2), (1, out_features - 1)]
+    cols, parts, start = [], [], 0
+    for c in range(k):
+        offset, width = spans[c % 3]
+        cols.append((start, offset, width))
+        parts.append(torch.randn(width).to(dtype))
+        start += width
+    b_flat, cols = torch.cat(parts), torch.tensor(cols)
+    ranges = torch.tensor([[sum(ranks[:i]), sum(ranks[:i + 1])] for i in range(len(ranks))])
+    slots = torch.tensor([0, -1, 2, 3, 1, 2, 0, -1, 3])
+    x = torch.randn(len(slots), in_features).to(dtype)
+    base = torch.randn(len(slots), out_features).to(dtype)
+    want = base.float().clone()
+    for t, s in enumerate(slots.tolist()):
+        for c in range(*ranges[s].tolist()) if s >= 0 else ():
+            st, offset, width = cols[c].tolist()
+            want[t, offset:offset + width] += (x[t].float() @ a[c].float()) * b_flat[st:st + width].float()
+    out = base.clone()
+    kernels.lora_add(out, x, a, b_flat, cols, slots, ranges)
+    assert torch.allclose(out.float(), want, atol=tol * want.abs().max().item(), rtol=tol)
+    assert torch.equal(out[slots < 0], base[slots < 0]) and torch.equal(out[slots == 1], base[slots == 1])
+    with pytest.raises(RuntimeError, match="reaches outside"):
+        kernels.lora_add(out, x, a, b_flat[:-1], cols, slots, ranges)

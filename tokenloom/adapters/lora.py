@@ -27,6 +27,7 @@ from torch import nn
 
 from tokenloom.adapters import AdapterError, AdapterRequest
 from tokenloom.adapters.heads import HEAD_MODULES, SequenceHead, read_head
+from tokenloom.models import ops
 
 _PREFIX = "base_model.model."
 
@@ -74,11 +75,12 @@ class LoRALinear(nn.Module):
         self.batch = batch
         self.updates: list[list[LoRAUpdate]] = [[] for _ in range(max_adapters)]
         self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None
+        self._native: tuple[torch.Tensor, ...] | None = None
 
     def set_updates(self, slot: int, updates: list[LoRAUpdate]) -> None:
         """Install (or, with [], remove) an adapter's updates in `slot`."""
         self.updates[slot] = updates
-        self._stacked = None
+        self._stacked = self._native = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -92,6 +94,9 @@ class LoRALinear(nn.Module):
         if not self.batch.groups:
             return out
         if self.batch.token_slots is not None and not torch.is_grad_enabled():
+            a, b_flat, cols, ranges = self._native_stacks(x.dtype, x.device)
+            if not a.shape[0] or ops.lora_add(out, x, a, b_flat, cols, self.batch.token_slots, ranges):
+                return out
             a_all, b_all, col_slot, layout = self._stacks(x.dtype, x.device)
             if a_all.shape[0]:
                 xa = torch.nn.functional.linear(x, a_all).mul_(self.batch.mask(layout, col_slot, x.dtype))
@@ -110,6 +115,30 @@ class LoRALinear(nn.Module):
                 out[:, u.offset:u.offset + u.b.shape[0]].index_add_(0, rows, (delta * u.scaling).to(out.dtype))
         return out
 
+
+    def _native_stacks(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """For the native kernel, in `dtype`: A_all [K, in]; each column's row of B (scaled) over its shard's
+        outputs only, concatenated, with (start, output offset, width) per column [K, 3]; each slot's column
+        range [slots, 2]."""
+        if self._native is None or self._native[0].dtype != dtype:
+            a_rows, b_parts, cols, ranges = [], [], [], []
+            start = 0
+            for updates in self.updates:
+                first = len(cols)
+                for u in updates:
+                    a_rows.append(u.a)
+                    for k in range(u.a.shape[0]):
+                        b_parts.append(u.b[:, k] * u.scaling)
+                        cols.append((start, u.offset, u.b.shape[0]))
+                        start += u.b.shape[0]
+                ranges.append((first, len(cols)))
+            in_features = int(self.base.in_features)
+            a = torch.cat(a_rows) if a_rows else torch.zeros(0, in_features)
+            b_flat = torch.cat(b_parts) if b_parts else torch.zeros(0)
+            self._native = (a.to(device, dtype).contiguous(), b_flat.to(device, dtype).contiguous(),
+                            torch.tensor(cols, dtype=torch.long).view(-1, 3).to(device),
+                            torch.tensor(ranges, dtype=torch.long).view(-1, 2).to(device))
+        return self._native
 
     def _stacks(self, dtype: torch.dtype, device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:

@@ -140,6 +140,19 @@ def dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return k.dense_rows_linear(x, weight, bias, float_out) if supported else None
 
 
+def lora_add(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_flat: torch.Tensor, cols: torch.Tensor,
+             token_slots: torch.Tensor, ranges: torch.Tensor) -> bool:
+    """In place, for each token t: out[t] += LoRA update of its adapter slot's columns only (`ranges` [slots, 2]:
+    each slot's [begin, end) of the stacked a [K, in]; column k's row of B, scaled, is b_flat[cols[k, 0]:][:len]
+    for outputs [cols[k, 1], + cols[k, 2]); slot -1: none). Weights in x's dtype. False where no kernel runs
+    (the caller takes the torch path)."""
+    k = _cpu(x)
+    if k is None or x.dim() != 2 or out.dim() != 2 or x.dtype != out.dtype or x.stride(1) != 1 or out.stride(1) != 1:
+        return False
+    k.lora_add(out, x, a, b_flat, cols, token_slots, ranges)
+    return True
+
+
 def vectorised_group_quant() -> bool:
     """Whether the group-quantized few-rows kernels are vectorised at the level in use (the portable
     level's scalar loop is slower than a GEMM over the dequantized matrix)."""
