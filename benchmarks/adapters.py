@@ -49,7 +49,7 @@ def _init_text(args: argparse.Namespace) -> str | None:
 def read_split(path: Path, limit: int | None, seed: int) -> list[tuple[int, str]]:
     """(label, text) rows of a `LABEL text` file, a seeded random `limit` of them."""
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # TREC has one Latin-1 byte
         label, _, text = line.partition(" ")
         if text.strip():
             rows.append((int(label), text.strip()))

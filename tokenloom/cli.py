@@ -226,26 +226,27 @@ def _eval_perplexity(args: argparse.Namespace) -> int:
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (model, data and output required)."""
+    """One flag per TrainConfig field, and `--config FILE.yaml` holding any of them (flags win); model,
+    data and output must come from one or the other."""
     from tokenloom.adapters.train import TrainConfig
 
+    parser.add_argument("--config", help="a YAML file of these options (method, model, data, task, ...)")
     for f in dataclasses.fields(TrainConfig):
         names = ["--" + f.name.replace("_", "-")] + (["-m"] if f.name == "model" else [])
         kind = str(f.type).split("|")[0].strip()
+        default = "" if f.default is dataclasses.MISSING else f" (default: {f.default})"
         if kind == "bool":
-            parser.add_argument(*names, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction)
-        elif f.default is dataclasses.MISSING:
-            parser.add_argument(*names, dest=f.name, type=_TYPES[kind], required=True)
+            parser.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction)
         else:
-            parser.add_argument(*names, dest=f.name, default=f.default, type=_TYPES[kind],
-                                help=f"(default: {f.default})")
+            parser.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, type=_TYPES[kind], help=default)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train an adapter and save it in PEFT's format (`tokenloom train -m MODEL --data F --output DIR`)."""
     from tokenloom.adapters.train import TrainConfig, train
 
-    result = train(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    result = train(args.config, **options)
     for epoch, loss in enumerate(result.losses, 1):
         metric = f", dev {result.metrics[epoch - 1]:.4f}" if epoch <= len(result.metrics) else ""
         print(f"epoch {epoch}: loss {loss:.4f}{metric}")

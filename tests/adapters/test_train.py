@@ -153,3 +153,48 @@ def test_the_train_command(tiny_models, tmp_path, capsys):
     assert main(["train", "-m", str(tiny_models["llama"]), "--data", str(tmp_path / "none.jsonl"),
                  "--output", str(tmp_path / "x")]) == 2
     assert "none.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_a_yaml_config_with_options_that_override_it(tiny_models, tmp_path, capsys):
+    from tokenloom.cli import main
+
+    data = _generation_data(tmp_path / "train.jsonl", n=4)
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: {tiny_models['llama']}\ndata: {data}\nmethod: prefix-tuning\nnum-virtual-tokens: 3\n"
+                      f"epochs: 2\nbatch_size: 2\nlr: 0.01\n")
+    result = train(config, output=str(tmp_path / "a"), epochs=1)
+    assert len(result.losses) == 1
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "PREFIX_TUNING" and saved["num_virtual_tokens"] == 3
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "b"), "--num-virtual-tokens", "2"]) == 0
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["num_virtual_tokens"] == 2
+    config.write_text(f"model: {tiny_models['llama']}\ndata: {data}\nrank: eight\n")
+    with pytest.raises(AdapterError, match=r"train.yaml line 3: rank must be int; got 'eight'"):
+        train(config, output=str(tmp_path / "c"))
+    config.write_text(f"model: {tiny_models['llama']}\nlearning_rate: 0.1\n")
+    with pytest.raises(AdapterError, match=r"train.yaml line 2: unknown option 'learning_rate'; options are model"):
+        train(config, output=str(tmp_path / "c"))
+    config.write_text(f"model: {tiny_models['llama']}\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "training needs data, output" in capsys.readouterr().err
+
+
+def test_lora_dropout_and_bf16_autocast_train_and_resume_exactly(tiny_models, tmp_path):
+    data = _generation_data(tmp_path / "train.jsonl")
+    options = dict(model=str(tiny_models["llama"]), data=str(data), lr=1e-2, batch_size=4, rank=4, seed=2,
+                   lora_dropout=0.3, dtype="bfloat16")
+    whole = train(output=str(tmp_path / "whole"), epochs=2, **options)
+    assert json.loads((tmp_path / "whole" / "adapter_config.json").read_text())["lora_dropout"] == 0.3
+    train(output=str(tmp_path / "part"), epochs=1, **options)
+    resumed = train(output=str(tmp_path / "part"), epochs=2, resume=True, **options)
+    assert resumed.losses == whole.losses  # the dropout masks of epoch 2 too (the RNG state is checkpointed)
+    no_dropout = train(output=str(tmp_path / "plain"), epochs=2, **{**options, "lora_dropout": 0.0})
+    assert no_dropout.losses[1] != whole.losses[1]
+
+
+def test_a_file_that_is_not_utf8_names_its_line(tiny_models, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("0 fine\n1 caf\xe9 noir\n".encode("latin-1"))
+    with pytest.raises(AdapterError, match=r"latin1.txt:2: not UTF-8 \(byte 0xe9 at column 6\)"):
+        train(model=str(tiny_models["llama"]), data=str(bad), output=str(tmp_path / "x"), task="classification",
+              labels="no,yes")

@@ -41,6 +41,7 @@ class LoRAUpdate:
     b: torch.Tensor  # [out, r]
     offset: int
     scaling: float
+    dropout: float = 0.0  # on the update's input, while training (PEFT's lora_dropout)
 
 
 @dataclass(slots=True)
@@ -111,7 +112,8 @@ class LoRALinear(nn.Module):
                 continue
             xs = x[rows]
             for u in updates:
-                delta = (xs @ u.a.t().to(xs.dtype)) @ u.b.t().to(xs.dtype)
+                xd = torch.nn.functional.dropout(xs, u.dropout) if u.dropout and torch.is_grad_enabled() else xs
+                delta = (xd @ u.a.t().to(xs.dtype)) @ u.b.t().to(xs.dtype)
                 out[:, u.offset:u.offset + u.b.shape[0]].index_add_(0, rows, (delta * u.scaling).to(out.dtype))
         return out
 

@@ -16,6 +16,7 @@ each epoch, and `resume=True` continues from the last checkpoint exactly as an u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,7 @@ class TrainConfig:
     rank: int = 8  # LoRA (also under a head)
     alpha: float = 16.0
     target_modules: str | None = None  # comma-separated; default: every attention and MLP projection
+    lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs while training
     num_virtual_tokens: int = 20  # prompt, P- and prefix tuning
     init_text: str | None = None  # prompt tuning: start from this text's embeddings (else random)
     encoder_hidden_size: int | None = None  # P-tuning's MLP width (default: the model's hidden size)
@@ -54,6 +56,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 256
     seed: int = 0
+    dtype: str = "float32"  # float32, or bfloat16 autocast (the trained weights stay float32)
     patience: int | None = None  # early stopping: epochs without a better dev metric
     resume: bool = False
 
@@ -77,9 +80,49 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def train(**options: Any) -> TrainResult:
-    """Train an adapter (see TrainConfig for the options) and save it in PEFT's format under `output`."""
-    return Trainer(TrainConfig(**options)).run()
+def train(config: str | Path | None = None, **options: Any) -> TrainResult:
+    """Train an adapter and save it in PEFT's format under `output`: the options are TrainConfig's fields,
+    from a YAML file `config` (its keys those fields, `-` or `_` alike) and/or keywords (which win)."""
+    return Trainer(make_config(config, options)).run()
+
+
+def make_config(path: str | Path | None, options: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from a YAML file's keys overridden by `options`; AdapterError names a wrong key or value."""
+    values = read_train_yaml(Path(path)) if path is not None else {}
+    values.update(options)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in values]
+    if missing:
+        raise AdapterError(f"training needs {', '.join(missing)} (in the YAML file or as options)")
+    return TrainConfig(**values)
+
+
+def read_train_yaml(path: Path) -> dict[str, Any]:
+    """A training YAML: a mapping of TrainConfig fields (`num-virtual-tokens` or `num_virtual_tokens`)."""
+    import yaml
+
+    from tokenloom.yamlio import compose_file
+
+    node = compose_file(path, AdapterError, "training configuration")
+    if not isinstance(node, yaml.MappingNode):
+        raise AdapterError(f"{path}: a training configuration is a mapping of options (model, data, method, ...)")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value).replace("-", "_")
+        where = f"{path} line {key_node.start_mark.line + 1}"
+        if key not in fields:
+            raise AdapterError(f"{where}: unknown option {key_node.value!r}; options are {', '.join(fields)}")
+        value = yaml.safe_load(yaml.serialize(value_node))
+        kind = str(fields[key].type).split("|")[0].strip()
+        expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[kind]
+        if value is None and "None" in str(fields[key].type):
+            values[key] = None
+            continue
+        if not isinstance(value, expected) or (kind in ("int", "float") and isinstance(value, bool)):
+            raise AdapterError(f"{where}: {key_node.value} must be {kind}; got {value!r}")
+        values[key] = float(value) if kind == "float" else value
+    return values
 
 
 class Trainer:
@@ -89,6 +132,8 @@ class Trainer:
         from tokenloom.config import ModelConfig
         from tokenloom.loader import load_model
 
+        if config.dtype not in ("float32", "bfloat16"):
+            raise AdapterError(f"dtype must be float32 or bfloat16 (autocast); got {config.dtype!r}")
         if config.method not in METHODS:
             raise AdapterError(f"method must be one of {', '.join(METHODS)}; got {config.method!r}")
         if config.task not in ("generation", "classification"):
@@ -113,11 +158,11 @@ class Trainer:
         self.dev_set = read_examples(Path(config.eval_data), self) if config.eval_data else []
         if self.encoder:
             self.adapter = HeadTrainable(self.model, len(self.label_words), config.rank, config.alpha,
-                                         config.target_modules, config.model)
+                                         config.target_modules, config.model, config.lora_dropout)
         elif config.method == "lora":
             gpt2 = self.loaded.hf_config.model_type == "gpt2"  # HF's Conv1D layers: PEFT's fan_in_fan_out
             self.adapter = LoRATrainable(self.model, config.rank, config.alpha, config.target_modules, gpt2,
-                                         config.model)
+                                         config.model, dropout=config.lora_dropout)
         else:
             init = None
             if config.init_text:
@@ -186,7 +231,8 @@ class Trainer:
         self.optimizer.zero_grad()
         for step, idx in enumerate(bar):
             examples = [self.train_set[i] for i in idx]
-            loss = self._loss(examples)
+            with self._autocast():
+                loss = self._loss(examples)
             (loss / c.grad_accum).backward()
             if (step + 1) % c.grad_accum == 0 or step + 1 == len(batches):
                 self.optimizer.step()
@@ -195,6 +241,10 @@ class Trainer:
             tokens += sum(len(e.prompt) + len(e.completion) for e in examples)
             bar.set_postfix(loss=f"{total / count:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
         return total / max(count, 1)
+
+    def _autocast(self) -> Any:
+        """bfloat16 autocast around the forward pass and the loss when asked for (the weights stay float32)."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
 
     def _loss(self, examples: list[Example]) -> torch.Tensor:
         hidden, starts = self._forward([e.prompt + e.completion for e in examples])
@@ -257,15 +307,16 @@ class Trainer:
         correct, loss, n = 0, 0.0, 0
         for i in range(0, len(examples), c.batch_size):
             part = examples[i:i + c.batch_size]
-            if c.task == "classification":
-                hidden, starts = self._forward([e.prompt for e in part])
-                predicted = self._label_logits(hidden, starts, part).argmax(-1).tolist()
-                correct += sum(p == e.label for p, e in zip(predicted, part))
-                n += len(part)
-            else:
-                tokens = sum(len(e.completion) for e in part)
-                loss += self._loss(part).item() * tokens
-                n += tokens
+            with self._autocast():
+                if c.task == "classification":
+                    hidden, starts = self._forward([e.prompt for e in part])
+                    predicted = self._label_logits(hidden, starts, part).argmax(-1).tolist()
+                    correct += sum(p == e.label for p, e in zip(predicted, part))
+                    n += len(part)
+                else:
+                    tokens = sum(len(e.completion) for e in part)
+                    loss += self._loss(part).item() * tokens
+                    n += tokens
         return correct / n if c.task == "classification" else loss / max(n, 1)
 
     # ---- saving ----
@@ -283,7 +334,7 @@ class Trainer:
 
     def _save_checkpoint(self, out: Path, state: dict[str, Any]) -> None:
         torch.save({"state": state, "params": [p.detach().clone() for p in self.params],
-                    "optimizer": self.optimizer.state_dict()}, out / "checkpoint.pt")
+                    "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}, out / "checkpoint.pt")
 
     def _load_checkpoint(self, out: Path) -> dict[str, Any]:
         path = out / "checkpoint.pt"
@@ -294,6 +345,7 @@ class Trainer:
             for p, value in zip(self.params, saved["params"]):
                 p.copy_(value)
         self.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])  # dropout draws on as the uninterrupted run's would
         return saved["state"]
 
 
@@ -304,10 +356,15 @@ def read_examples(path: Path, trainer: Trainer) -> list[Example]:
         raise AdapterError(f"{path} does not exist")
     c, tok = trainer.config, trainer.tokenizer
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise AdapterError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                               f"re-encode the file as UTF-8") from exc
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         if path.suffix == ".jsonl":
             try:
                 row = json.loads(line)

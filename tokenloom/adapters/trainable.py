@@ -37,8 +37,10 @@ class LoRATrainable:
     num_virtual_tokens = 0
 
     def __init__(self, model: nn.Module, rank: int, alpha: float, target_modules: str | None, gpt2: bool,
-                 model_name: str, default_targets: tuple[str, ...] | None = None) -> None:
-        self.rank, self.alpha, self.gpt2 = rank, alpha, gpt2
+                 model_name: str, default_targets: tuple[str, ...] | None = None, dropout: float = 0.0) -> None:
+        if not 0.0 <= dropout < 1.0:
+            raise AdapterError(f"lora_dropout must be in [0, 1); got {dropout}")
+        self.rank, self.alpha, self.gpt2, self.dropout = rank, alpha, gpt2, dropout
         wanted = tuple(t.strip() for t in target_modules.split(",")) if target_modules else (
             default_targets or (GPT2_TARGETS if gpt2 else DEFAULT_TARGETS))
         # An encoder's checkpoint names its modules otherwise (bert.encoder...): saved under those names.
@@ -53,7 +55,7 @@ class LoRATrainable:
             base = model.get_submodule(ours)
             a = nn.Parameter(torch.empty(rank, int(base.in_features)))
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            update = LoRAUpdate(a, nn.Parameter(torch.zeros(width, rank)), offset, alpha / rank)
+            update = LoRAUpdate(a, nn.Parameter(torch.zeros(width, rank)), offset, alpha / rank, dropout)
             found.setdefault(ours, []).append(update)
             self.updates.append((checkpoint_name(hf_name), update))
         if not found:
@@ -85,7 +87,7 @@ class LoRATrainable:
 
     def peft_config(self) -> dict[str, Any]:
         """adapter_config.json's method fields."""
-        return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": 0.0,
+        return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
                 "target_modules": self.targets, "bias": "none", "fan_in_fan_out": self.gpt2, "use_rslora": False,
                 "use_dora": False, "modules_to_save": None, "init_lora_weights": True}
 
@@ -177,7 +179,7 @@ class HeadTrainable:
     num_virtual_tokens = 0
 
     def __init__(self, model: nn.Module, num_labels: int, rank: int, alpha: float, target_modules: str | None,
-                 model_name: str) -> None:
+                 model_name: str, dropout: float = 0.0) -> None:
         if getattr(model, "pooler", None) is None:
             raise AdapterError(f"{model_name} has no pooler (pooler.dense) for a classification head: the head "
                                f"method needs a bare BERT-family encoder checkpoint that carries one")
@@ -189,7 +191,7 @@ class HeadTrainable:
         self.classifier = nn.Linear(hidden, num_labels)
         nn.init.normal_(self.classifier.weight, std=float(getattr(model.config, "initializer_range", 0.02)))
         nn.init.zeros_(self.classifier.bias)
-        self.lora = LoRATrainable(model, rank, alpha, target_modules, False, model_name, ENCODER_TARGETS)
+        self.lora = LoRATrainable(model, rank, alpha, target_modules, False, model_name, ENCODER_TARGETS, dropout)
         self.params = [*self.lora.params, self.classifier.weight, self.classifier.bias]
 
     def logits(self, first_rows: torch.Tensor) -> torch.Tensor:
