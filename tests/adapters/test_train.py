@@ -198,3 +198,32 @@ def test_a_file_that_is_not_utf8_names_its_line(tiny_models, tmp_path):
     with pytest.raises(AdapterError, match=r"latin1.txt:2: not UTF-8 \(byte 0xe9 at column 6\)"):
         train(model=str(tiny_models["llama"]), data=str(bad), output=str(tmp_path / "x"), task="classification",
               labels="no,yes")
+
+
+@pytest.mark.parametrize(("arch", "layers"), [("llama", 1), ("gpt2", None)])
+def test_full_fine_tuning_saves_a_model_transformers_loads(arch, layers, tiny_models, tmp_path):
+    """The top layer only (its weights move, the others stay), or the whole model; the saved checkpoint
+    loads in tokenloom and in transformers with the same logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.adapters.test_lora import PROMPTS
+
+    out = tmp_path / "full"
+    result = train(model=str(tiny_models[arch]), data=str(_generation_data(tmp_path / "train.jsonl")),
+                   output=str(out), method="full", train_layers=layers, epochs=3, lr=3e-3, batch_size=4)
+    assert result.losses[-1] < result.losses[0], result.losses
+    before, after = load_file(tiny_models[arch] / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
+    if layers == 1:
+        assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed), sorted(changed)
+    else:
+        assert any(".h.0." in k for k in changed) and any("wte" in k for k in changed)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours = LLM(str(out), dtype="float32", kv_cache_gib=0.01)
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    for prompt, o in zip(PROMPTS, ours.generate(PROMPTS, params, use_tqdm=False)):
+        with torch.no_grad():
+            want = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+        got = [lp[t].logprob for lp, t in zip(o.prompt_logprobs[1:], prompt[1:])]
+        assert max(abs(g - want[i, t].item()) for i, (g, t) in enumerate(zip(got, prompt[1:]))) <= 1e-4

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenloom.adapters import AdapterError
-from tokenloom.adapters.trainable import METHODS, HeadTrainable, LoRATrainable, PromptTrainable
+from tokenloom.adapters.trainable import METHODS, FullTrainable, HeadTrainable, LoRATrainable, PromptTrainable
 from tokenloom.adapters.virtual import PLACEHOLDER_TOKEN
 
 
@@ -38,7 +38,7 @@ class TrainConfig:
     model: str
     data: str
     output: str
-    method: str = "lora"  # lora, prompt-tuning, p-tuning, prefix-tuning (decoders) or head (encoders)
+    method: str = "lora"  # lora, prompt-tuning, p-tuning, prefix-tuning, full (decoders) or head (encoders)
     task: str = "generation"
     eval_data: str | None = None
     labels: str | None = None  # classification: the label words (a head's label names), comma-separated
@@ -50,6 +50,7 @@ class TrainConfig:
     num_virtual_tokens: int = 20  # prompt, P- and prefix tuning
     init_text: str | None = None  # prompt tuning: start from this text's embeddings (else random)
     encoder_hidden_size: int | None = None  # P-tuning's MLP width (default: the model's hidden size)
+    train_layers: int | None = None  # full fine-tuning: only the top N layers (and the final norm); None: all
     epochs: int = 1
     lr: float = 1e-3
     batch_size: int = 8
@@ -159,6 +160,8 @@ class Trainer:
         if self.encoder:
             self.adapter = HeadTrainable(self.model, len(self.label_words), config.rank, config.alpha,
                                          config.target_modules, config.model, config.lora_dropout)
+        elif config.method == "full":
+            self.adapter = FullTrainable(self.model, config.train_layers, config.model)
         elif config.method == "lora":
             gpt2 = self.loaded.hf_config.model_type == "gpt2"  # HF's Conv1D layers: PEFT's fan_in_fan_out
             self.adapter = LoRATrainable(self.model, config.rank, config.alpha, config.target_modules, gpt2,
@@ -322,15 +325,19 @@ class Trainer:
     # ---- saving ----
 
     def save(self, out: Path) -> None:
-        """adapter_config.json + adapter_model.safetensors, as PEFT writes them for a causal LM."""
+        """adapter_config.json + adapter_model.safetensors, as PEFT writes them (full fine-tuning: a whole
+        checkpoint), and the run's options (tokenloom_train.json)."""
         from safetensors.torch import save_file
 
         c = self.config
+        (out / "tokenloom_train.json").write_text(json.dumps(asdict(c), indent=2))
+        if isinstance(self.adapter, FullTrainable):
+            self.adapter.save(out, self.loaded)
+            return
         save_file(self.adapter.tensors(), str(out / "adapter_model.safetensors"))
         peft_config = {"task_type": "CAUSAL_LM", **self.adapter.peft_config(),
                        "base_model_name_or_path": str(self.loaded.path), "inference_mode": True}
         (out / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
-        (out / "tokenloom_train.json").write_text(json.dumps(asdict(c), indent=2))
 
     def _save_checkpoint(self, out: Path, state: dict[str, Any]) -> None:
         torch.save({"state": state, "params": [p.detach().clone() for p in self.params],

@@ -4,6 +4,7 @@ PEFT's format:
   `LoRALinear` around each layer it adapts (fused q|k|v and gate|up shard by shard);
 - `HeadTrainable`: a classification head on an encoder's pooled first token (BERT's pooler, then a new
   `classifier`), LoRA on the encoder underneath: PEFT's SEQ_CLS LoRA adapter;
+- `FullTrainable`: the model's own weights, all of them or the top N layers (saved as a whole checkpoint);
 - `PromptTrainable`: N virtual tokens before every sequence, given by a table: input embeddings (prompt
   tuning, initialised from a text's embeddings or randomly), the same through a small MLP (P-tuning, PEFT's
   `MLP` prompt encoder), or per-layer keys and values (prefix tuning). The serving path (virtual.py) is the
@@ -28,7 +29,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
 PROMPT_PEFT_TYPES = {"prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING", "prefix-tuning": "PREFIX_TUNING"}
 ENCODER_TARGETS = ("query", "value")  # PEFT's default LoRA targets for BERT
-METHODS = ("lora", *PROMPT_PEFT_TYPES, "head")
+METHODS = ("lora", *PROMPT_PEFT_TYPES, "full", "head")
 
 
 class LoRATrainable:
@@ -216,3 +217,55 @@ class HeadTrainable:
     def peft_config(self) -> dict[str, Any]:
         """adapter_config.json's method fields: a SEQ_CLS LoRA whose classifier is a module to save."""
         return {**self.lora.peft_config(), "task_type": "SEQ_CLS", "modules_to_save": ["classifier", "score"]}
+
+
+class FullTrainable:
+    """Fine-tuning of the model's own weights: the top `train_layers` decoder layers and the final norm, or
+    (None) every parameter, embeddings included. Saved as a whole checkpoint (config.json, model.safetensors
+    under the checkpoint's names, the tokenizer), which tokenloom and transformers load as a model."""
+
+    num_virtual_tokens = 0
+
+    def __init__(self, model: nn.Module, train_layers: int | None, model_name: str) -> None:
+        layers = _decoder_layers(model)
+        if train_layers is not None and not 1 <= train_layers <= len(layers):
+            raise AdapterError(f"train_layers must be in [1, {len(layers)}] ({model_name} has {len(layers)} layers); "
+                               f"got {train_layers}")
+        if train_layers is None:
+            chosen = list(model.parameters())
+        else:
+            top = [p for layer in layers[len(layers) - train_layers:] for p in layer.parameters()]
+            norm = [p for name, p in model.named_parameters() if name.startswith(_FINAL_NORMS)]
+            chosen = top + norm
+        for p in chosen:
+            p.requires_grad_(True)
+        self.model, self.params = model, chosen
+
+    def begin(self, starts: list[int], total: int) -> VirtualKV | None:
+        """Nothing to set: the model's own weights train."""
+        return None
+
+    def end(self) -> None:
+        """After the forward pass."""
+
+    def save(self, out: Any, loaded: Any) -> None:
+        """config.json, model.safetensors and the tokenizer files in `out`."""
+        from safetensors.torch import save_file
+
+        from tokenloom.models.loading import checkpoint_tensors
+
+        save_file(checkpoint_tensors(self.model), str(out / "model.safetensors"), metadata={"format": "pt"})
+        loaded.hf_config.save_pretrained(out)
+        loaded.tokenizer.hf.save_pretrained(out)
+
+
+_FINAL_NORMS = ("model.norm.", "transformer.ln_f.")
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers (the ModuleList as long as the config's layer count)."""
+    count = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0))
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise AdapterError(f"{type(model).__name__}: no list of {count} decoder layers found to fine-tune")

@@ -74,6 +74,10 @@ class GPT2LMHeadModel(nn.Module):
             x = block(x, meta)
         return t.ln_f(x)
 
+    def checkpoint_transform(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A parameter as HF's checkpoint stores it (Conv1D weights transposed back)."""
+        return tensor.t() if name.endswith(_CONV1D) else tensor
+
     def input_embeddings(self) -> nn.Module:
         """The token embeddings (HF's `get_input_embeddings()`); position embeddings are added after."""
         return self.transformer.wte

@@ -63,3 +63,23 @@ def _count(expected: dict[str, int], name: str, raw_name: str) -> None:
     if expected.get(name, 0) <= 0:
         raise WeightLoadError(f"checkpoint tensor {raw_name!r} writes {name!r} more than once")
     expected[name] -= 1
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters under its checkpoint's names, the inverse of `load_named_weights`: a fused
+    layer's shards split back (`qkv_proj` → `q_proj`, `k_proj`, `v_proj`), a tied matrix once, and the model's
+    own `checkpoint_transform(name, tensor)` applied where it has one (GPT-2's Conv1D layout)."""
+    merged = {name: m for name, m in model.named_modules() if isinstance(m, MergedLinear)}
+    transform = getattr(model, "checkpoint_transform", None)
+    out = {}
+    for name, param in model.named_parameters():  # a tied parameter is listed once
+        module_name, _, leaf = name.rpartition(".")
+        parts = [(name, param.detach())]
+        if module_name in merged:
+            parent = module_name.rpartition(".")[0]
+            prefix = f"{parent}." if parent else ""
+            parts = [(f"{prefix}{shard}.{leaf}", param.detach()[offset:offset + width])
+                     for shard, (offset, width) in merged[module_name].shard_offsets.items()]
+        for key, tensor in parts:
+            out[key] = (transform(key, tensor) if transform is not None else tensor).contiguous()
+    return out
