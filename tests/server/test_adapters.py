@@ -67,3 +67,31 @@ def test_adapters_load_and_unload_through_the_admin_routes(adapters_server, serv
 def test_adapter_routes_on_a_server_without_adapters(tiny_server):
     r = httpx.post(f"{tiny_server.url}/v1/models/load", json={"model": "x", "adapter_path": "/nowhere"})
     assert r.status_code == 400 and "adapters are off" in r.json()["error"]["message"]
+
+
+def test_a_trained_head_classifies_over_http(tmp_path_factory):
+    """An encoder served with a classification-head adapter: POST /classify with the adapter's name gives the
+    offline `llm.classify(adapter=...)` labels and probabilities; the bare encoder itself still refuses."""
+    from tests.adapters.test_heads import _save_peft_head
+    from tests.encoder_models import tiny_encoder_path
+    from tests.server.conftest import MODEL_FLAGS, launch
+
+    bert = tiny_encoder_path(tmp_path_factory, "bert-Model")
+    root = tmp_path_factory.mktemp("head-server")
+    _save_peft_head(bert, root / "head", 3, seed=4)
+    server = launch(str(bert), [*MODEL_FLAGS, "--served-model-name", "enc", "--adapters", f"head={root / 'head'}"],
+                    root, "head").wait_ready()
+    try:
+        texts = ["A man is eating food.", "A monkey is playing drums."]
+        r = httpx.post(f"{server.url}/classify", json={"model": "head", "input": texts})
+        assert r.status_code == 200, r.text
+        offline = LLM(str(bert), dtype="float32", enable_adapters=True).classify(
+            texts, adapter=AdapterRequest("head", root / "head"))
+        body = r.json()
+        assert body["model"] == "head" and [d["label"] for d in body["data"]] == [o.label for o in offline]
+        assert all(abs(a - b) < 1e-5 for d, o in zip(body["data"], offline) for a, b in zip(d["probs"], o.probs))
+        assert body["data"][0]["labels"] == ["LABEL_0", "LABEL_1", "LABEL_2"]
+        bare = httpx.post(f"{server.url}/classify", json={"model": "enc", "input": texts})
+        assert bare.status_code == 400 and "classify" in bare.json()["error"]["message"]
+    finally:
+        server.stop()

@@ -119,11 +119,13 @@ class AsyncEngine:
             raise
         return stream
 
-    def submit(self, inputs: list[EncoderInput], task: str,
-               pooling: PoolingConfig | None = None) -> concurrent.futures.Future[list[PoolingResult]]:
-        """Queue an encoder-only model's tokenized inputs for `task`; the future gives their results in input
-        order (each may carry an error). Cancelling it drops the inputs that have not run yet. Any thread."""
-        self.engine.require(task)
+    def submit(self, inputs: list[EncoderInput], task: str, pooling: PoolingConfig | None = None,
+               adapter: AdapterRequest | None = None) -> concurrent.futures.Future[list[PoolingResult]]:
+        """Queue an encoder-only model's tokenized inputs for `task` (with `adapter`'s LoRA and head); the
+        future gives their results in input order (each may carry an error). Cancelling it drops the inputs
+        that have not run yet. Any thread."""
+        if adapter is None:  # an adapter's head is checked on the engine thread, which loads it
+            self.engine.require(task)
         if not self.is_alive:
             raise EngineDeadError("the engine has stopped")
         if self._draining:
@@ -131,13 +133,13 @@ class AsyncEngine:
         future: concurrent.futures.Future[list[PoolingResult]] = concurrent.futures.Future()
         base = f"pool{next(self._pool_ids)}-"
         self._submit(("pool", _Pooled(future, [f"{base}{i}" for i in range(len(inputs))]), inputs,
-                      PoolingParams(task, pooling)))
+                      PoolingParams(task, pooling), adapter))
         return future
 
-    async def encode(self, inputs: list[EncoderInput], task: str,
-                     pooling: PoolingConfig | None = None) -> list[PoolingResult]:
+    async def encode(self, inputs: list[EncoderInput], task: str, pooling: PoolingConfig | None = None,
+                     adapter: AdapterRequest | None = None) -> list[PoolingResult]:
         """`submit` for asyncio callers."""
-        future = self.submit(inputs, task, pooling)
+        future = self.submit(inputs, task, pooling, adapter)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -254,12 +256,13 @@ class AsyncEngine:
         self._tracked[request_id] = tracked
         admitted.set_result(None)
 
-    def _apply_pool(self, pooled: _Pooled, inputs: list[EncoderInput], params: PoolingParams) -> None:
+    def _apply_pool(self, pooled: _Pooled, inputs: list[EncoderInput], params: PoolingParams,
+                    adapter: AdapterRequest | None) -> None:
         if pooled.future.cancelled():  # the future stays pending until its result, so callers can cancel
             return
         try:
             for rid, inp in zip(pooled.ids, inputs):
-                self.engine.add_request(rid, inp, params)
+                self.engine.add_request(rid, inp, params, adapter=adapter)
                 self._pooled[rid] = pooled
         except Exception as exc:  # validation errors belong to the caller, not to the loop
             self._fail_pooled(pooled, exc)

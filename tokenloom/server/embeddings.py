@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 
+from tokenloom.adapters import AdapterRequest
 from tokenloom.engine import pooling_outputs
 from tokenloom.engine.pooling import EncoderInput, PoolingResult
 from tokenloom.server.errors import APIError
@@ -52,18 +53,21 @@ async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
     if not items:
         raise APIError(400, "input must not be empty", param="input", code="invalid_value")
     async with state_of(request).use_model(body) as lease:
-        served = lease.model
-        served.pooler("classify")
+        served, adapter = lease.model, lease.adapter
+        if adapter is None:  # an adapter brings its own head (a bare encoder has none)
+            served.pooler("classify")
         inputs = await _tokenize(served, items, body.truncate)
-        results = await _run(served, inputs, "classify")
+        results = await _run(served, inputs, "classify", adapter)
         config = served.hf_config
+        if adapter is not None:
+            config = await asyncio.wrap_future(served.engine.call(lambda engine: engine.label_config(adapter)))
         data = []
         for i, (inp, r) in enumerate(zip(inputs, results)):
             out = pooling_outputs.classification(r.data, config, inp)
             data.append({"index": i, "label": out.label, "probs": out.probs, "labels": out.labels,
                          "num_classes": len(out.labels)})
         tokens = sum(len(inp.token_ids) for inp in inputs)
-        return {"id": random_id("classify"), "object": "list", "created": int(time.time()), "model": served.name,
+        return {"id": random_id("classify"), "object": "list", "created": int(time.time()), "model": lease.name,
                 "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
@@ -94,8 +98,12 @@ async def _tokenize(served: ServedModel, items: list[str | list[int]], truncate:
     return await asyncio.get_running_loop().run_in_executor(None, tokenize_all)
 
 
-async def _run(served: ServedModel, inputs: list[EncoderInput], task: str) -> list[PoolingResult]:
-    results = await served.engine.encode(inputs, task)
+async def _run(served: ServedModel, inputs: list[EncoderInput], task: str,
+               adapter: AdapterRequest | None = None) -> list[PoolingResult]:
+    try:
+        results = await served.engine.encode(inputs, task, adapter=adapter)
+    except ValueError as exc:  # the adapter cannot be loaded or has no head for the task
+        raise APIError(400, str(exc), param="model", code="invalid_value") from exc
     failed = [f"input[{i}]: {r.error}" for i, r in enumerate(results) if r.error]
     if failed:
         raise APIError(500, f"{task} failed for {len(failed)} of {len(results)} inputs: {'; '.join(failed[:3])}",
