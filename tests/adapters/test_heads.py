@@ -102,7 +102,7 @@ def test_a_peft_head_serves_with_peft_logits_next_to_other_heads_and_the_base(be
 
 def test_wrong_pairings_fail_clearly(bert, tiny_models, tmp_path, tmp_path_factory):
     data = _data(tmp_path / "train.txt")
-    with pytest.raises(AdapterError, match="the head method trains encoder-only models"):
+    with pytest.raises(AdapterError, match="the head and mlm methods train encoder-only models"):
         train(model=str(tiny_models["llama"]), data=str(data), method="head", task="classification",
               labels="a,b", output=str(tmp_path / "x"))
     with pytest.raises(AdapterError, match=r"method 'lora' cannot train .* \(encoder model\)"):
@@ -120,3 +120,33 @@ def test_wrong_pairings_fail_clearly(bert, tiny_models, tmp_path, tmp_path_facto
         off.classify(TEXTS, adapter=AdapterRequest("head", tmp_path / "head"))
     with pytest.raises(ValueError, match="does not support classify"):
         LLM(str(bert), dtype="float32", enable_adapters=True).classify(TEXTS)
+
+
+@pytest.mark.parametrize("variant", ["bert-Model", "bert-ForMaskedLM"])
+def test_mlm_pretraining_saves_a_masked_lm_transformers_loads(variant, tmp_path, tmp_path_factory):
+    """Continued masked-LM training of a bare encoder (a new head) or a masked-LM one: the loss falls, a
+    resumed run equals an uninterrupted one, and the saved checkpoint fills masks as transformers does."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    base = tiny_encoder_path(tmp_path_factory, variant)
+    data = tmp_path / "text.txt"
+    data.write_text("".join(f"the cat sat on the mat number {i % 4}\n" for i in range(16)))
+    options = dict(model=str(base), data=str(data), eval_data=str(data), method="mlm", lr=1e-2, batch_size=4,
+                   seed=3)
+    whole = train(output=str(tmp_path / "whole"), epochs=3, **options)
+    assert whole.losses[-1] < whole.losses[0] - 2 and whole.metrics[-1] < whole.metrics[0] - 1, whole
+    train(output=str(tmp_path / "part"), epochs=1, **options)
+    assert train(output=str(tmp_path / "part"), epochs=3, resume=True, **options).losses == whole.losses
+    out = tmp_path / "whole"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    hf = AutoModelForMaskedLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "the cat sat on the [MASK]"
+    got = LLM(str(out), dtype="float32").fill_mask(text, top_k=3)[0].predictions[0]
+    with torch.no_grad():
+        enc = tok(text, return_tensors="pt")
+        logits = hf(**enc).logits[0, enc.input_ids[0].tolist().index(tok.mask_token_id)]
+    probs = torch.softmax(logits, -1)
+    top = probs.topk(3)
+    assert [c.token_id for c in got] == top.indices.tolist()
+    assert max(abs(c.score - p) for c, p in zip(got, top.values.tolist())) <= 1e-4

@@ -148,7 +148,7 @@ def test_the_train_command(tiny_models, tmp_path, capsys):
     assert config["prompt_tuning_init_text"] == "count"
     assert main(["train", "-m", str(tiny_models["llama"]), "--data", str(data), "--output", str(tmp_path / "x"),
                  "--method", "ia3"]) == 2
-    assert "method must be one of lora, prompt-tuning, p-tuning, prefix-tuning, head; got 'ia3'" in \
+    assert "method must be one of lora, prompt-tuning, p-tuning, prefix-tuning, full, head, mlm; got 'ia3'" in \
         capsys.readouterr().err
     assert main(["train", "-m", str(tiny_models["llama"]), "--data", str(tmp_path / "none.jsonl"),
                  "--output", str(tmp_path / "x")]) == 2

@@ -27,7 +27,15 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenloom.adapters import AdapterError
-from tokenloom.adapters.trainable import METHODS, FullTrainable, HeadTrainable, LoRATrainable, PromptTrainable
+from tokenloom.adapters.trainable import (
+    ENCODER_METHODS,
+    METHODS,
+    FullTrainable,
+    HeadTrainable,
+    LoRATrainable,
+    MLMTrainable,
+    PromptTrainable,
+)
 from tokenloom.adapters.virtual import PLACEHOLDER_TOKEN
 
 
@@ -145,19 +153,24 @@ class Trainer:
         self.loaded = load_model(ModelConfig(model=config.model, dtype="float32", quantization="none",
                                              seed=config.seed), torch.device("cpu"))
         self.encoder = self.loaded.kind == "encoder"
-        if (config.method == "head") != self.encoder:
+        if (config.method in ENCODER_METHODS) != self.encoder:
             raise AdapterError(f"method {config.method!r} cannot train {self.loaded.name} ({self.loaded.kind} "
-                               f"model): the head method trains encoder-only models, the other methods "
+                               f"model): the head and mlm methods train encoder-only models, the other methods "
                                f"decoder-only ones")
-        if self.encoder and config.task != "classification":
+        if config.method == "head" and config.task != "classification":
             raise AdapterError("the head method trains a classification head: use task='classification'")
+        if config.method == "mlm" and config.task != "generation":
+            raise AdapterError("the mlm method trains on raw text: leave task unset")
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.label_words = [w.strip() for w in (config.labels or "").split(",") if w.strip()]
         self.label_ids = self._label_token_ids()
         self.train_set = read_examples(Path(config.data), self)
         self.dev_set = read_examples(Path(config.eval_data), self) if config.eval_data else []
-        if self.encoder:
+        if config.method == "mlm":
+            self.adapter = MLMTrainable(self.loaded)
+            self.model = self.adapter.model
+        elif self.encoder:
             self.adapter = HeadTrainable(self.model, len(self.label_words), config.rank, config.alpha,
                                          config.target_modules, config.model, config.lora_dropout)
         elif config.method == "full":
@@ -231,6 +244,7 @@ class Trainer:
         batches = [order[i:i + c.batch_size].tolist() for i in range(0, len(order), c.batch_size)]
         total, count, tokens, start = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{c.epochs}", unit="batch")
+        self._mask_draws = torch.Generator().manual_seed(c.seed * 1000 + epoch)  # mlm: this epoch's masks
         self.optimizer.zero_grad()
         for step, idx in enumerate(bar):
             examples = [self.train_set[i] for i in idx]
@@ -250,6 +264,11 @@ class Trainer:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
 
     def _loss(self, examples: list[Example]) -> torch.Tensor:
+        if isinstance(self.adapter, MLMTrainable):
+            inputs, rows, targets = self.adapter.mask([e.prompt for e in examples], self._mask_draws)
+            hidden, _ = self._encode(inputs)
+            logits = self.model.compute_head(hidden[torch.tensor(rows)])
+            return torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
         hidden, starts = self._forward([e.prompt + e.completion for e in examples])
         if self.config.task == "classification":
             logits = self._label_logits(hidden, starts, examples)
@@ -308,6 +327,7 @@ class Trainer:
         """Accuracy (classification) or mean loss per completion token (generation) on `examples`."""
         c = self.config
         correct, loss, n = 0, 0.0, 0
+        self._mask_draws = torch.Generator().manual_seed(c.seed)  # mlm: the same masks at every evaluation
         for i in range(0, len(examples), c.batch_size):
             part = examples[i:i + c.batch_size]
             with self._autocast():
@@ -317,7 +337,7 @@ class Trainer:
                     correct += sum(p == e.label for p, e in zip(predicted, part))
                     n += len(part)
                 else:
-                    tokens = sum(len(e.completion) for e in part)
+                    tokens = sum(len(e.completion) for e in part) or len(part)  # mlm: per sequence
                     loss += self._loss(part).item() * tokens
                     n += tokens
         return correct / n if c.task == "classification" else loss / max(n, 1)
@@ -331,7 +351,7 @@ class Trainer:
 
         c = self.config
         (out / "tokenloom_train.json").write_text(json.dumps(asdict(c), indent=2))
-        if isinstance(self.adapter, FullTrainable):
+        if isinstance(self.adapter, (FullTrainable, MLMTrainable)):
             self.adapter.save(out, self.loaded)
             return
         save_file(self.adapter.tensors(), str(out / "adapter_model.safetensors"))
@@ -379,6 +399,8 @@ def read_examples(path: Path, trainer: Trainer) -> list[Example]:
                 raise AdapterError(f"{where}: not a JSON object: {exc}") from exc
             if not isinstance(row, dict):
                 raise AdapterError(f"{where}: not a JSON object")
+        elif c.method == "mlm":
+            row = {"text": line}
         else:
             label, _, text = line.partition(" ")
             row = {"label": label, "text": text}
@@ -389,6 +411,12 @@ def read_examples(path: Path, trainer: Trainer) -> list[Example]:
 
 
 def _example(row: dict[str, Any], where: str, c: TrainConfig, tok: Any, label_words: list[str]) -> Example:
+    if c.method == "mlm":  # raw text: a line of a .txt file, or {"text": ...}
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise AdapterError(f"{where}: an mlm example needs a non-empty 'text'")
+        ids = tok.encode(text.strip())
+        return Example(ids if len(ids) <= c.max_length else ids[:c.max_length - 1] + ids[-1:])
     if c.task == "generation":
         prompt, completion = row.get("prompt"), row.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:

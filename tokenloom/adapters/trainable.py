@@ -5,6 +5,8 @@ PEFT's format:
 - `HeadTrainable`: a classification head on an encoder's pooled first token (BERT's pooler, then a new
   `classifier`), LoRA on the encoder underneath: PEFT's SEQ_CLS LoRA adapter;
 - `FullTrainable`: the model's own weights, all of them or the top N layers (saved as a whole checkpoint);
+- `MLMTrainable`: continued masked-language-model pre-training of an encoder (BERT's 15% masking, 80/10/10),
+  every weight and the MLM head (a new one on a bare encoder), saved as a whole ForMaskedLM checkpoint;
 - `PromptTrainable`: N virtual tokens before every sequence, given by a table: input embeddings (prompt
   tuning, initialised from a text's embeddings or randomly), the same through a small MLP (P-tuning, PEFT's
   `MLP` prompt encoder), or per-layer keys and values (prefix tuning). The serving path (virtual.py) is the
@@ -29,7 +31,8 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
 PROMPT_PEFT_TYPES = {"prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING", "prefix-tuning": "PREFIX_TUNING"}
 ENCODER_TARGETS = ("query", "value")  # PEFT's default LoRA targets for BERT
-METHODS = ("lora", *PROMPT_PEFT_TYPES, "full", "head")
+METHODS = ("lora", *PROMPT_PEFT_TYPES, "full", "head", "mlm")
+ENCODER_METHODS = ("head", "mlm")
 
 
 class LoRATrainable:
@@ -269,3 +272,83 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
     raise AdapterError(f"{type(model).__name__}: no list of {count} decoder layers found to fine-tune")
+
+
+class MLMTrainable:
+    """An encoder trained on masked tokens: the body and its masked-LM head (BERT's dense, GELU, LayerNorm and
+    the tied vocabulary projection; a bare encoder gets a new one, initialised as transformers does)."""
+
+    num_virtual_tokens = 0
+    mask_prob = 0.15
+
+    def __init__(self, loaded: Any) -> None:
+        from tokenloom.models.encoder_heads import EncoderForMaskedLM, EncoderModel
+
+        model = loaded.model
+        if model.spec.family == "distilbert":
+            raise AdapterError("the mlm method trains BERT and RoBERTa checkpoints (DistilBERT's names differ)")
+        if not isinstance(model, EncoderForMaskedLM):
+            if type(model) is not EncoderModel:
+                raise AdapterError(f"the mlm method needs a bare encoder or a masked-LM one; {loaded.name} is "
+                                   f"{type(model).__name__}")
+            body = model.model
+            model = EncoderForMaskedLM(loaded.hf_config)
+            std = float(getattr(loaded.hf_config, "initializer_range", 0.02))
+            nn.init.normal_(model.lm_head.dense.weight, std=std)
+            nn.init.zeros_(model.lm_head.dense.bias)
+            model.model = body
+            if model.tied:  # the vocabulary projection is the pre-trained word embedding table
+                model.lm_head.decoder.embedding = body.embeddings.word_embeddings
+            arch = (loaded.hf_config.architectures or [f"{type(loaded.hf_config).__name__[:-6]}Model"])[0]
+            loaded.hf_config.architectures = [arch.replace("Model", "ForMaskedLM")]
+            loaded.model = model
+        self.model, self.loaded = model, loaded
+        tok = loaded.tokenizer.hf
+        self.mask_id, self.special = tok.mask_token_id, set(tok.all_special_ids)
+        if self.mask_id is None:
+            raise AdapterError(f"{loaded.name}'s tokenizer has no mask token")
+        self.vocab = int(model.spec.vocab_size)
+        model.requires_grad_(True)
+        self.params = list(model.parameters())
+
+    def mask(self, sequences: list[list[int]], generator: torch.Generator) -> tuple[list[list[int]], list[int],
+                                                                                   list[int]]:
+        """BERT's masking: 15% of each sequence's ordinary tokens (at least one) chosen; of those 80% become
+        the mask token, 10% a random token, 10% stay. Returns the inputs, the chosen packed rows and their
+        original tokens."""
+        inputs, rows, targets, offset = [], [], [], 0
+        for seq in sequences:
+            seq = list(seq)
+            ordinary = [i for i, t in enumerate(seq) if t not in self.special]
+            if ordinary:
+                draw = torch.rand(len(ordinary), generator=generator)
+                chosen = [p for p, r in zip(ordinary, draw.tolist()) if r < self.mask_prob]
+                if not chosen:
+                    chosen = [ordinary[int(draw.argmin())]]
+                for p in chosen:
+                    rows.append(offset + p)
+                    targets.append(seq[p])
+                    kind = float(torch.rand(1, generator=generator))
+                    if kind < 0.8:
+                        seq[p] = self.mask_id
+                    elif kind < 0.9:
+                        seq[p] = int(torch.randint(self.vocab, (1,), generator=generator))
+            inputs.append(seq)
+            offset += len(seq)
+        return inputs, rows, targets
+
+    def begin(self, starts: list[int], total: int) -> VirtualKV | None:
+        """Nothing to set: the model's own weights train."""
+        return None
+
+    def end(self) -> None:
+        """After the forward pass."""
+
+    def save(self, out: Any, loaded: Any) -> None:
+        """config.json (a ForMaskedLM architecture), model.safetensors under the checkpoint's names, the
+        tokenizer."""
+        from safetensors.torch import save_file
+
+        save_file(self.model.checkpoint_state(), str(out / "model.safetensors"), metadata={"format": "pt"})
+        loaded.hf_config.save_pretrained(out)
+        loaded.tokenizer.hf.save_pretrained(out)

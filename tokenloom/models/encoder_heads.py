@@ -55,6 +55,23 @@ class EncoderModel(nn.Module):
             raise ValueError("adapters on DistilBERT checkpoints are not supported (its module names differ)")
         return _PREFIX[self.spec.family] + name.removeprefix("model.")
 
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter under its checkpoint name (fused q|k|v split back; the body under the family
+        prefix, a head under the family's names), what `load_weights` reads back."""
+        from tokenloom.models.loading import checkpoint_tensors
+
+        inverse = [(dst, src) for src, dst in self.head_names.get(self.spec.family, [])]
+        out = {}
+        for name, tensor in checkpoint_tensors(self).items():
+            if name.startswith("model."):
+                out[self.checkpoint_module_name(name)] = tensor
+                continue
+            mapped = next((src + name[len(dst):] for dst, src in inverse if name.startswith(dst)), None)
+            if mapped is None:
+                raise ValueError(f"{type(self).__name__}: no checkpoint name for {name!r}")
+            out[mapped] = tensor
+        return out
+
     def pooled(self, rows: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]] = ()
                ) -> torch.Tensor:
         """First-token hidden states → the pooler's output (tanh of its dense layer, plus low-rank `updates`
