@@ -237,3 +237,18 @@ def test_an_encoder_models_estimate_has_no_kv_cache():
     spec = ModelSpec("minilm", str(minilm_path()), {"dtype": "float32", "kv_cache_gib": 1.0})
     measured = engine_bytes(ModelManager([spec]).get("minilm"))
     assert abs(estimate_bytes(spec) - measured) <= 0.02 * measured  # no 1 GiB of KV cache counted
+
+
+def test_a_model_that_grows_with_adapters_is_counted_and_others_make_room(specs):
+    """An engine reports more bytes after loading adapters: at the request's release the manager counts
+    them and unloads the idle least recently used model the budget no longer holds."""
+    sizes = {"llama": 8_000_000, "gemma": 8_000_000}  # loads are admitted by estimate (~11 MB each) first
+    closed: list[str] = []
+    manager = ModelManager(specs, memory_budget_bytes=20_000_000, engine_factory=FakeEngine,
+                           measure=lambda e: sizes[e.name], close=lambda e: closed.append(e.name))
+    manager.get("gemma")
+    manager.acquire("llama")
+    sizes["llama"] = 13_000_000  # adapters loaded while the request ran
+    manager.release("llama")
+    info = {i.name: i for i in manager.list()}
+    assert info["llama"].bytes_used == 13_000_000 and closed == ["gemma"] and set(manager.loaded()) == {"llama"}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import gc
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,8 @@ from typing import Any
 
 from tokenloom.config import EngineConfig
 from tokenloom.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default: five minutes
 
@@ -219,8 +222,26 @@ class ModelManager:
                 raise RuntimeError(f"model {name!r} released more often than acquired")
             entry.in_flight -= 1
             entry.last_used = self._clock()
+        self._remeasure(entry)
         if self._keep_alive(entry) == 0:
             self.sweep()
+
+    def _remeasure(self, entry: _Entry) -> None:
+        """A loaded model's bytes again (an engine grows as it loads adapters, on first use or through the
+        admin routes); when it grew, idle models are unloaded, least recently used first, until the budget
+        holds (what cannot be unloaded now stays counted: the next load makes room for it)."""
+        with self._lock:
+            engine = entry.engine if entry.state is ModelState.LOADED else None
+        if engine is None:
+            return
+        used = self._measure(engine)
+        with self._lock:
+            grown, entry.bytes_used, entry.measured_bytes = used > entry.bytes_used, used, used
+        if grown:
+            try:
+                self._make_room(entry, 0)
+            except MemoryBudgetError as exc:  # the others are busy: not this caller's error
+                logger.warning("%s", exc)
 
     @contextmanager
     def use(self, name: str, keep_alive_s: float | None = None) -> Iterator[Any]:
