@@ -78,9 +78,10 @@ def test_peft_loads_what_we_train_and_gives_our_outputs(arch, tiny_models, tmp_p
         assert max(abs(a - b) for a, b in zip(ours, logprobs)) <= 1e-4
 
 
-@pytest.mark.parametrize(("method", "arch"), [("prompt-tuning", "gemma3"), ("p-tuning", "llama"),
-                                            ("prefix-tuning", "qwen3"), ("prefix-tuning", "gpt2")])
-def test_prompt_learning_trains_and_peft_gives_our_outputs(method, arch, tiny_models, tmp_path):
+@pytest.mark.parametrize(("method", "arch", "encoder"), [
+    ("prompt-tuning", "gemma3", None), ("p-tuning", "llama", None), ("p-tuning", "qwen2", "lstm"),
+    ("prefix-tuning", "qwen3", None), ("prefix-tuning", "gpt2", None), ("prefix-tuning", "llama", "mlp")])
+def test_prompt_learning_trains_and_peft_gives_our_outputs(method, arch, encoder, tiny_models, tmp_path):
     """The loss falls; PEFT loads the adapter and its forward pass gives our greedy tokens and logprobs."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -91,7 +92,8 @@ def test_prompt_learning_trains_and_peft_gives_our_outputs(method, arch, tiny_mo
     out = tmp_path / method
     init = {"init_text": "Count the numbers"} if method == "prompt-tuning" else {}
     result = train(model=str(tiny_models[arch]), data=str(_generation_data(tmp_path / "train.jsonl")),
-                   output=str(out), method=method, num_virtual_tokens=4, epochs=3, lr=3e-2, batch_size=4, **init)
+                   output=str(out), method=method, num_virtual_tokens=4, epochs=3, lr=3e-2, batch_size=4,
+                   prompt_encoder=encoder, **init)
     assert result.losses[-1] < result.losses[0], result.losses
     base = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, out).eval()

@@ -57,7 +57,9 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs while training
     num_virtual_tokens: int = 20  # prompt, P- and prefix tuning
     init_text: str | None = None  # prompt tuning: start from this text's embeddings (else random)
-    encoder_hidden_size: int | None = None  # P-tuning's MLP width (default: the model's hidden size)
+    # P-tuning: mlp (default) or lstm; prefix tuning: none (default), or mlp (PEFT's prefix projection)
+    prompt_encoder: str | None = None
+    encoder_hidden_size: int | None = None  # the prompt encoder's width (default: the table's)
     train_layers: int | None = None  # full fine-tuning: only the top N layers (and the final norm); None: all
     epochs: int = 1
     lr: float = 1e-3
@@ -184,8 +186,9 @@ class Trainer:
             if config.init_text:
                 init = (config.init_text, self.tokenizer.encode(config.init_text, add_special_tokens=False),
                         str(self.loaded.path))
+            encoder = config.prompt_encoder or ("mlp" if config.method == "p-tuning" else "none")
             self.adapter = PromptTrainable(self.model, config.method, config.num_virtual_tokens,
-                                           config.encoder_hidden_size, init)
+                                           config.encoder_hidden_size, init, encoder)
         self.params = self.adapter.params
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
 

@@ -100,17 +100,25 @@ class PromptTrainable:
     """A trainable table of N virtual tokens (prompt tuning, P-tuning or prefix tuning) before each sequence."""
 
     def __init__(self, model: nn.Module, method: str, num_virtual_tokens: int, encoder_hidden_size: int | None,
-                 init: tuple[str, list[int], str] | None = None) -> None:
-        """`init`: prompt tuning's initial text, its token ids and the tokenizer's folder (PEFT records both)."""
+                 init: tuple[str, list[int], str] | None = None, encoder: str = "mlp") -> None:
+        """`init`: prompt tuning's initial text, its token ids and the tokenizer's folder (PEFT records both);
+        `encoder`: P-tuning's prompt encoder (mlp or lstm, as PEFT's), prefix tuning's (none, or mlp: PEFT's
+        prefix projection)."""
         if num_virtual_tokens < 1:
             raise AdapterError(f"num_virtual_tokens must be at least 1; got {num_virtual_tokens}")
         self.method, self.num_virtual_tokens = method, num_virtual_tokens
         self.shape: ModelShape = model_shape(model)
         index_attention_layers(model)
         self.init = init
-        width = (self.shape.num_layers * 2 * self.shape.num_kv_heads * self.shape.head_dim
-                 if method == "prefix-tuning" else self.shape.hidden_size)
-        self.embedding = nn.Embedding(num_virtual_tokens, width)  # N(0, 1), as PEFT's tables start
+        kv_width = self.shape.num_kv_heads * self.shape.head_dim
+        width = self.shape.num_layers * 2 * kv_width if method == "prefix-tuning" else self.shape.hidden_size
+        allowed = {"p-tuning": ("mlp", "lstm"), "prefix-tuning": ("none", "mlp")}.get(method, ("none",))
+        if encoder not in allowed:
+            raise AdapterError(f"prompt_encoder for {method} must be one of {', '.join(allowed)}; got {encoder!r}")
+        self.encoder_kind = encoder
+        projected = method == "prefix-tuning" and encoder == "mlp"
+        # N(0, 1), as PEFT's tables start; a projected prefix starts from one vector a token, as PEFT's
+        self.embedding = nn.Embedding(num_virtual_tokens, kv_width if projected else width)
         if init is not None:
             if method != "prompt-tuning":
                 raise AdapterError(f"init_text initialises prompt tuning only, not {method}")
@@ -119,20 +127,29 @@ class PromptTrainable:
             ids = (init[1] * math.ceil(num_virtual_tokens / len(init[1])))[:num_virtual_tokens]
             with torch.no_grad():
                 self.embedding.weight.copy_(model.input_embeddings()(torch.tensor(ids)))
-        self.encoder_hidden_size = encoder_hidden_size or self.shape.hidden_size
-        self.encoder = None
-        if method == "p-tuning":  # PEFT's MLP prompt encoder
-            h = self.encoder_hidden_size
+        self.encoder_hidden_size = encoder_hidden_size or (kv_width if method == "prefix-tuning" else
+                                                           self.shape.hidden_size)
+        self.encoder = self.lstm = None
+        h = self.encoder_hidden_size
+        if method == "p-tuning" and encoder == "mlp":  # PEFT's MLP prompt encoder
             self.encoder = nn.Sequential(nn.Linear(width, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
                                          nn.Linear(h, width))
+        elif method == "p-tuning":  # PEFT's LSTM prompt encoder: a bidirectional LSTM, then an MLP
+            self.lstm = nn.LSTM(width, h, num_layers=2, bidirectional=True, batch_first=True)
+            self.encoder = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, width))
+        elif projected:  # PEFT's prefix projection
+            self.encoder = nn.Sequential(nn.Linear(kv_width, h), nn.Tanh(), nn.Linear(h, width))
         self.virtual = VirtualTokens()
         if method != "prefix-tuning":
             self.virtual.hook(model.input_embeddings())
-        self.params = [self.embedding.weight, *(self.encoder.parameters() if self.encoder is not None else ())]
+        self.params = [self.embedding.weight, *(self.lstm.parameters() if self.lstm is not None else ()),
+                       *(self.encoder.parameters() if self.encoder is not None else ())]
 
     def table(self) -> torch.Tensor:
-        """The N virtual tokens' vectors [N, width] (P-tuning's after its encoder)."""
+        """The N virtual tokens' vectors [N, width] (after the prompt encoder, where there is one)."""
         weight = self.embedding.weight
+        if self.lstm is not None:
+            weight = self.lstm(weight.unsqueeze(0))[0].squeeze(0)
         return self.encoder(weight) if self.encoder is not None else weight
 
     def begin(self, starts: list[int], total: int) -> VirtualKV | None:
@@ -169,10 +186,10 @@ class PromptTrainable:
                 config.update(prompt_tuning_init="TEXT", prompt_tuning_init_text=self.init[0],
                               tokenizer_name_or_path=self.init[2])
         elif self.method == "p-tuning":
-            config.update(encoder_reparameterization_type="MLP", encoder_hidden_size=self.encoder_hidden_size,
-                          encoder_num_layers=2, encoder_dropout=0.0)
+            config.update(encoder_reparameterization_type=self.encoder_kind.upper(),
+                          encoder_hidden_size=self.encoder_hidden_size, encoder_num_layers=2, encoder_dropout=0.0)
         else:
-            config.update(prefix_projection=False, encoder_hidden_size=s.num_kv_heads * s.head_dim)
+            config.update(prefix_projection=self.encoder_kind == "mlp", encoder_hidden_size=self.encoder_hidden_size)
         return config
 
 
