@@ -72,8 +72,14 @@ class PoolingTasks:
         """Label probabilities for texts, or for (text, text_pair) tuples (e.g. NLI premise, hypothesis);
         with `adapter`, through a trained classification head (a PEFT SEQ_CLS adapter: LoRA + classifier,
         e.g. from `tokenloom train --method head`) on a bare encoder, its labels those it was trained with."""
-        engine = self._encoder("classify", adapter)
         items = [inputs] if isinstance(inputs, (str, tuple)) else list(inputs)
+        if self.kind == "decoder" and adapter is not None:  # a decoder's head reads the last token
+            engine = self.engine
+            encoded, data = self._encode_all(engine, items, lambda item: _decoder_input(engine, item), "classify",
+                                             adapter=adapter)
+            config = engine.label_config(adapter)
+            return [tasks.classification(d, config, e) for e, d in zip(encoded, data)]
+        engine = self._encoder("classify", adapter)
         encoded, data = self._encode_all(engine, items, lambda item: _tokenize(engine, item, truncate), "classify",
                                          adapter=adapter)
         config = engine.label_config(adapter)
@@ -184,3 +190,10 @@ def _tokenize(engine: LLMEngine, item: TextOrPair, truncate: bool) -> EncoderInp
             raise InvalidRequestError("a text pair must be a (text, text_pair) tuple")
         return engine.tokenize(item[0], item[1], truncate=truncate)
     return engine.tokenize(item, truncate=truncate)
+
+
+def _decoder_input(engine: LLMEngine, item: TextOrPair) -> EncoderInput:
+    """A decoder's classification input: the text's token ids (as a prompt is tokenized)."""
+    if not isinstance(item, str):
+        raise InvalidRequestError("a decoder classifies texts, not text pairs")
+    return EncoderInput(engine.inputs.token_ids(item))

@@ -102,9 +102,8 @@ def test_a_peft_head_serves_with_peft_logits_next_to_other_heads_and_the_base(be
 
 def test_wrong_pairings_fail_clearly(bert, tiny_models, tmp_path, tmp_path_factory):
     data = _data(tmp_path / "train.txt")
-    with pytest.raises(AdapterError, match="the head and mlm methods train encoder-only models"):
-        train(model=str(tiny_models["llama"]), data=str(data), method="head", task="classification",
-              labels="a,b", output=str(tmp_path / "x"))
+    with pytest.raises(AdapterError, match="the mlm method trains encoder-only models"):
+        train(model=str(tiny_models["llama"]), data=str(data), method="mlm", output=str(tmp_path / "x"))
     with pytest.raises(AdapterError, match=r"method 'lora' cannot train .* \(encoder model\)"):
         train(model=str(bert), data=str(data), task="classification", labels="a,b", output=str(tmp_path / "x"))
     with_head = tiny_encoder_path(tmp_path_factory, "bert-ForSequenceClassification")
@@ -113,8 +112,8 @@ def test_wrong_pairings_fail_clearly(bert, tiny_models, tmp_path, tmp_path_facto
               output=str(tmp_path / "x"))
     _save_peft_head(bert, tmp_path / "head", 2, seed=1)
     decoder = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_gib=0.01, enable_adapters=True)
-    with pytest.raises(ValueError, match="SEQ_CLS adapters .* run on encoder models"):
-        decoder.generate(["hi"], adapter=AdapterRequest("head", tmp_path / "head"), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"module 'bert\.encoder\.layer\.0\.\S+' is not a linear layer"):
+        decoder.classify(TEXTS, adapter=AdapterRequest("head", tmp_path / "head"))  # an encoder's head
     off = LLM(str(bert), dtype="float32")
     with pytest.raises(ValueError, match="adapters are off"):
         off.classify(TEXTS, adapter=AdapterRequest("head", tmp_path / "head"))
@@ -150,3 +149,48 @@ def test_mlm_pretraining_saves_a_masked_lm_transformers_loads(variant, tmp_path,
     top = probs.topk(3)
     assert [c.token_id for c in got] == top.indices.tolist()
     assert max(abs(c.score - p) for c, p in zip(got, top.values.tolist())) <= 1e-4
+
+
+def _decoder_peft_logits(base_path, adapter, texts: list[str], num_labels: int) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=num_labels, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    tok = AutoTokenizer.from_pretrained(base_path)
+    with torch.no_grad():  # one text at a time: the head reads the last token (no padding to find)
+        return torch.stack([model(**tok(t, return_tensors="pt")).logits[0] for t in texts])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_decoder_head_on_the_last_token(arch, tiny_models, tmp_path):
+    """`--method head` on a decoder: `score` on the last token with LoRA underneath; PEFT's
+    ForSequenceClassification gives our logits; classification requests share steps with generation."""
+    from tokenloom import SamplingParams
+
+    data = _data(tmp_path / "train.txt")
+    result = train(model=str(tiny_models[arch]), data=str(data), eval_data=str(data), method="head",
+                   task="classification", labels="negative,positive", output=str(tmp_path / "head"), epochs=3,
+                   lr=3e-3, batch_size=4, rank=4, seed=2)
+    assert result.losses[-1] < result.losses[0] / 5 and result.metrics[-1] == 1.0, (result.losses, result.metrics)
+    config = json.loads((tmp_path / "head" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "q_proj" in config["target_modules"]
+    llm = LLM(str(tiny_models[arch]), dtype="float32", kv_cache_gib=0.01, enable_adapters=True)
+    head = AdapterRequest("head", tmp_path / "head")
+    outs = llm.classify(TEXTS, adapter=head)
+    assert outs[0].labels == ["negative", "positive"]
+    want = _decoder_peft_logits(tiny_models[arch], tmp_path / "head", TEXTS, 2)
+    assert torch.allclose(torch.tensor([o.logits for o in outs]), want, atol=1e-4)
+    # One step: two classification requests and a generation, each as alone.
+    engine = llm.engine
+    prompt = [5, 17, 42, 99]
+    alone = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    for i, text in enumerate(TEXTS[:2]):
+        engine.add_request(f"c{i}", engine.inputs.token_ids(text), PoolingParams("classify"), adapter=head)
+    engine.add_request("g", prompt, SamplingParams(temperature=0, max_tokens=4))
+    results = {r.request_id: r for r in engine.run(["c0", "c1", "g"])}
+    assert torch.allclose(results["c0"].data, want[0], atol=1e-4) and torch.allclose(results["c1"].data, want[1],
+                                                                                         atol=1e-4)
+    assert results["g"].outputs[0].token_ids == alone.outputs[0].token_ids
+    with pytest.raises(ValueError, match="classify on it needs a classification-head adapter"):
+        engine.add_request("x", [5, 6], PoolingParams("classify"))

@@ -1,6 +1,7 @@
-"""Classification heads trained on an encoder (PEFT's SEQ_CLS adapters): `classifier` [labels, hidden] on the
-pooled first token (BERT's pooler from the base checkpoint, as BertForSequenceClassification), with the label
-names `tokenloom train` records beside it (LABEL_i for an adapter trained elsewhere)."""
+"""Classification heads (PEFT's SEQ_CLS adapters), with the label names `tokenloom train` records beside them
+(LABEL_i for an adapter trained elsewhere): on an encoder, `classifier` [labels, hidden] on the pooled first
+token (BERT's pooler from the base checkpoint, as BertForSequenceClassification); on a decoder, `score`
+[labels, hidden] on the last token's final hidden state (as LlamaForSequenceClassification)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import torch
 from torch import nn
 
 HEAD_MODULES = ("classifier", "score")  # PEFT's modules_to_save for SEQ_CLS
-_KEY = "base_model.model.classifier."
+_KEYS = ("base_model.model.classifier.", "base_model.model.score.")
 
 
 @dataclass(slots=True)
 class SequenceHead:
-    """A trained head: logits = classifier(pooler(first token))."""
+    """A trained head: logits = classifier(pooler(first token)) on an encoder, score(last token) on a decoder."""
 
     weight: torch.Tensor  # [num_labels, hidden]
     bias: torch.Tensor | None
@@ -27,8 +28,9 @@ class SequenceHead:
     pooler_updates: list[Any] = field(default_factory=list)  # LoRA updates (LoRAUpdate) of the pooler's dense
 
     def logits(self, model: nn.Module, first_rows: torch.Tensor) -> torch.Tensor:
-        """First-token hidden states [seqs, hidden] → float32 logits [seqs, num_labels]."""
-        pooled = model.pooled(first_rows, [(u.a, u.b, u.scaling) for u in self.pooler_updates])
+        """The rows a head reads (an encoder's first tokens, a decoder's last) [seqs, hidden] → float32 logits."""
+        pooled = (model.pooled(first_rows, [(u.a, u.b, u.scaling) for u in self.pooler_updates])
+                  if hasattr(model, "pooled") else first_rows)
         bias = None if self.bias is None else self.bias.to(pooled.dtype)
         return torch.nn.functional.linear(pooled, self.weight.to(pooled.dtype), bias).float()
 
@@ -45,9 +47,10 @@ class SequenceHead:
 def read_head(tensors: dict[str, torch.Tensor], folder: Path, hidden: int, device: torch.device,
               where: str, pooler_updates: list[Any]) -> SequenceHead:
     """The head of a SEQ_CLS adapter's tensors; ValueError (naming `where`) when it is missing or misshapen."""
-    weight, bias = tensors.get(_KEY + "weight"), tensors.get(_KEY + "bias")
-    if weight is None:
-        raise ValueError(f"{where}: a SEQ_CLS adapter needs {_KEY}weight (its classification head)")
+    key = next((k for k in _KEYS if k + "weight" in tensors), None)
+    if key is None:
+        raise ValueError(f"{where}: a SEQ_CLS adapter needs {_KEYS[0]}weight or {_KEYS[1]}weight (its head)")
+    weight, bias = tensors[key + "weight"], tensors.get(key + "bias")
     if weight.dim() != 2 or weight.shape[1] != hidden or (bias is not None and bias.shape != weight.shape[:1]):
         raise ValueError(f"{where}: classifier.weight is {tuple(weight.shape)}; this model needs "
                          f"(num_labels, {hidden}) (an adapter of another base model?)")

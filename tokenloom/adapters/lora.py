@@ -202,7 +202,7 @@ class LoRAAdapter:
 def read_lora(request: AdapterRequest, config_file: Path, config: dict[str, Any], weights_file: Path,
               model: nn.Module, device: torch.device, max_rank: int) -> LoRAAdapter:
     """A PEFT LoRA folder's config and weights mapped onto `model`; AdapterError names what does not fit."""
-    seq_cls = _check_config(request.name, config_file, config, max_rank, hasattr(model, "pooled"))
+    seq_cls = _check_config(request.name, config_file, config, max_rank)
     from safetensors.torch import load_file
 
     try:
@@ -236,8 +236,8 @@ def read_lora(request: AdapterRequest, config_file: Path, config: dict[str, Any]
     pooler_updates = updates.pop("pooler", [])  # the head's own: it runs on the pooled rows alone
     if seq_cls:
         try:
-            head = read_head(tensors, Path(request.path), model.spec.hidden_size, device, str(weights_file),
-                             pooler_updates)
+            hidden = int(model.spec.hidden_size) if hasattr(model, "spec") else int(model.config.hidden_size)
+            head = read_head(tensors, Path(request.path), hidden, device, str(weights_file), pooler_updates)
         except ValueError as exc:
             raise AdapterError(f"adapter {request.name!r}: {exc}") from exc
     if not updates and head is None:
@@ -245,14 +245,12 @@ def read_lora(request: AdapterRequest, config_file: Path, config: dict[str, Any]
     return LoRAAdapter(request.name, Path(request.path), rank, updates, head)
 
 
-def _check_config(name: str, file: Path, config: dict[str, Any], max_rank: int, encoder: bool) -> bool:
+def _check_config(name: str, file: Path, config: dict[str, Any], max_rank: int) -> bool:
     """Refuse what we do not serve; True for a sequence-classification adapter (a head to read)."""
     def fail(what: str) -> None:
         raise AdapterError(f"adapter {name!r}: {file}: {what}")
 
     seq_cls = config.get("task_type") == "SEQ_CLS"
-    if seq_cls and not encoder:
-        fail("SEQ_CLS adapters (a classification head) run on encoder models (BERT family) for now")
 
     if config.get("peft_type") != "LORA":
         fail(f"peft_type {config.get('peft_type')!r} is not supported here (LORA is)")

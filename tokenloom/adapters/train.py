@@ -155,10 +155,10 @@ class Trainer:
         self.loaded = load_model(ModelConfig(model=config.model, dtype="float32", quantization="none",
                                              seed=config.seed), torch.device("cpu"))
         self.encoder = self.loaded.kind == "encoder"
-        if (config.method in ENCODER_METHODS) != self.encoder:
+        if config.method != "head" and (config.method in ENCODER_METHODS) != self.encoder:
             raise AdapterError(f"method {config.method!r} cannot train {self.loaded.name} ({self.loaded.kind} "
-                               f"model): the head and mlm methods train encoder-only models, the other methods "
-                               f"decoder-only ones")
+                               f"model): the mlm method trains encoder-only models, the head method either kind, "
+                               f"the other methods decoder-only ones")
         if config.method == "head" and config.task != "classification":
             raise AdapterError("the head method trains a classification head: use task='classification'")
         if config.method == "mlm" and config.task != "generation":
@@ -172,7 +172,7 @@ class Trainer:
         if config.method == "mlm":
             self.adapter = MLMTrainable(self.loaded)
             self.model = self.adapter.model
-        elif self.encoder:
+        elif config.method == "head":
             self.adapter = HeadTrainable(self.model, len(self.label_words), config.rank, config.alpha,
                                          config.target_modules, config.model, config.lora_dropout)
         elif config.method == "full":
@@ -199,7 +199,7 @@ class Trainer:
             return []
         if len(self.label_words) < 2:
             raise AdapterError("classification needs labels: two or more label words, e.g. labels='negative,positive'")
-        if self.encoder:  # a head scores the labels itself
+        if self.config.method == "head":  # a head scores the labels itself
             return []
         ids = [self._first_token(w) for w in self.label_words]
         if len(set(ids)) != len(ids):
@@ -288,6 +288,8 @@ class Trainer:
         if self.encoder:
             return self.adapter.logits(hidden[torch.tensor(starts)])
         last = torch.tensor([s + len(e.prompt) - 1 for e, s in zip(examples, starts)])
+        if self.config.method == "head":  # a decoder's head reads the last token
+            return self.adapter.logits(hidden[last])
         return self.model.compute_logits(hidden[last]).float()[:, self.label_ids]
 
     def _forward(self, sequences: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
@@ -442,7 +444,7 @@ def _example(row: dict[str, Any], where: str, c: TrainConfig, tok: Any, label_wo
             index = -1
     if not 0 <= index < len(label_words):
         raise AdapterError(f"{where}: unknown label {label!r}; labels are 0..{len(label_words) - 1} or {label_words}")
-    if c.method == "head":  # an encoder reads the text itself, [CLS] ... [SEP] (the last kept when cut)
+    if c.method == "head":  # the text itself: an encoder's [CLS] ... [SEP] (the last kept when cut), a prompt
         ids = tok.encode(text.strip())
         return Example(ids if len(ids) <= c.max_length else ids[:c.max_length - 1] + ids[-1:], [], index)
     prompt = tok.encode(c.template.format(text=text.strip()))[-c.max_length:]

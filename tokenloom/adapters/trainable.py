@@ -32,7 +32,7 @@ GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
 PROMPT_PEFT_TYPES = {"prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING", "prefix-tuning": "PREFIX_TUNING"}
 ENCODER_TARGETS = ("query", "value")  # PEFT's default LoRA targets for BERT
 METHODS = ("lora", *PROMPT_PEFT_TYPES, "full", "head", "mlm")
-ENCODER_METHODS = ("head", "mlm")
+ENCODER_METHODS = ("mlm",)  # head trains either kind
 
 
 class LoRATrainable:
@@ -194,30 +194,35 @@ class PromptTrainable:
 
 
 class HeadTrainable:
-    """A new classification head (PEFT's `classifier`: [labels, hidden], HF's init) on an encoder's pooled
-    first token, with LoRA updates on the encoder's layers (PEFT's format has no head-only adapter)."""
+    """A new classification head, HF's init, with LoRA updates on the layers under it (PEFT's format has no
+    head-only adapter): on an encoder `classifier` [labels, hidden] + bias on the pooled first token, on a
+    decoder `score` [labels, hidden] on the last token (as transformers' ForSequenceClassification)."""
 
     num_virtual_tokens = 0
 
     def __init__(self, model: nn.Module, num_labels: int, rank: int, alpha: float, target_modules: str | None,
                  model_name: str, dropout: float = 0.0) -> None:
-        if getattr(model, "pooler", None) is None:
+        self.encoder = hasattr(model, "pooled")
+        if self.encoder and getattr(model, "pooler", None) is None:
             raise AdapterError(f"{model_name} has no pooler (pooler.dense) for a classification head: the head "
                                f"method needs a bare BERT-family encoder checkpoint that carries one")
         if rank < 1:
             raise AdapterError(f"the head method trains LoRA under the head (a PEFT SEQ_CLS adapter): rank must be "
                                f">= 1; got {rank}")
-        hidden = int(model.spec.hidden_size)
-        self.model = model
-        self.classifier = nn.Linear(hidden, num_labels)
+        hidden = int(model.spec.hidden_size if self.encoder else model.config.hidden_size)
+        self.model, self.name = model, "classifier" if self.encoder else "score"
+        self.classifier = nn.Linear(hidden, num_labels, bias=self.encoder)
         nn.init.normal_(self.classifier.weight, std=float(getattr(model.config, "initializer_range", 0.02)))
-        nn.init.zeros_(self.classifier.bias)
-        self.lora = LoRATrainable(model, rank, alpha, target_modules, False, model_name, ENCODER_TARGETS, dropout)
-        self.params = [*self.lora.params, self.classifier.weight, self.classifier.bias]
+        if self.encoder:
+            nn.init.zeros_(self.classifier.bias)
+        gpt2 = getattr(model.config, "model_type", "") == "gpt2"
+        self.lora = LoRATrainable(model, rank, alpha, target_modules, gpt2, model_name,
+                                  ENCODER_TARGETS if self.encoder else None, dropout)
+        self.params = [*self.lora.params, *self.classifier.parameters()]
 
-    def logits(self, first_rows: torch.Tensor) -> torch.Tensor:
-        """First-token hidden states → [seqs, labels] logits."""
-        return self.classifier(self.model.pooled(first_rows))
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows the head reads (an encoder's first tokens, a decoder's last) → [seqs, labels] logits."""
+        return self.classifier(self.model.pooled(rows) if self.encoder else rows)
 
     def begin(self, starts: list[int], total: int) -> VirtualKV | None:
         """Every packed row runs with the LoRA updates."""
@@ -230,8 +235,8 @@ class HeadTrainable:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The LoRA matrices and the head, under PEFT's names."""
         out = self.lora.tensors()
-        out["base_model.model.classifier.weight"] = self.classifier.weight.detach().contiguous()
-        out["base_model.model.classifier.bias"] = self.classifier.bias.detach().contiguous()
+        for leaf, p in self.classifier.named_parameters():
+            out[f"base_model.model.{self.name}.{leaf}"] = p.detach().contiguous()
         return out
 
     def peft_config(self) -> dict[str, Any]:

@@ -148,7 +148,10 @@ class LLMEngine:
         if request_id in self.outputs.parents or request_id in self._pooling:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if isinstance(params, PoolingParams):
-            self._add_pooling(request_id, prompt, params, adapter)
+            if self.loaded.kind == "decoder":
+                self._add_head_request(request_id, prompt, params, adapter)
+            else:
+                self._add_pooling(request_id, prompt, params, adapter)
             return
         if self.loaded.kind == "encoder":
             arch = type(self.model).__name__
@@ -187,6 +190,23 @@ class LLMEngine:
     def _busy_adapter_slots(self) -> set[int]:
         return {r.adapter_slot for r in (*self.scheduler.running, *self.scheduler.waiting)
                 if r.adapter_slot is not None}
+
+    def _add_head_request(self, request_id: str, inp: EncoderInput, params: PoolingParams,
+                          adapter: AdapterRequest | None) -> None:
+        """A decoder's classification: the prompt runs as a generation request would (KV blocks, chunked
+        prefill, the prefix cache) and its last token's hidden state goes through the adapter's head."""
+        slot = self.load_adapter(adapter) if adapter is not None else None
+        if params.task != "classify" or slot is None or self.adapters.head(slot) is None:
+            raise InvalidRequestError(f"model {self.loaded.name} is generative: {params.task} on it needs a "
+                                      f"classification-head adapter (a PEFT SEQ_CLS adapter, e.g. from "
+                                      f"`tokenloom train --method head`)", "model")
+        ids = inp.token_ids if isinstance(inp, EncoderInput) else list(inp)
+        binding = AdapterBinding(adapter.name, slot, self.adapters.num_virtual_tokens(slot))
+        request, = self.inputs.requests(request_id, ids, SamplingParams(max_tokens=1, temperature=0.0), False,
+                                        binding)
+        request.head_only, request.pooling_params = True, params
+        self._pooling[request_id] = request
+        self.scheduler.add(request)
 
     def _add_pooling(self, request_id: str, inp: EncoderInput, params: PoolingParams,
                      adapter: AdapterRequest | None = None) -> None:
@@ -270,7 +290,7 @@ class LLMEngine:
                 return outputs
         else:
             outputs = []
-        if result.pooled:
+        if result.pooled and self.loaded.kind == "encoder":
             self.scheduler.update(sched, {})
             return outputs + [PoolingResult(r.request_id, result.pooled[r.request_id], r.num_prompt_tokens)
                               for r in sched.requests if self._pooling.pop(r.request_id, None) is not None]
@@ -283,6 +303,12 @@ class LLMEngine:
             return self.outputs.on_token(request, token, result.logprobs.get(request.request_id), ends)
 
         self.scheduler.update(sched, result.sampled, text_stop)
+        for request in sched.requests:  # a decoder's classification requests end with their head's logits
+            logits = result.pooled.get(request.request_id)
+            if logits is not None and self._pooling.pop(request.request_id, None) is not None:
+                self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED, None, sched)
+                outputs.append(PoolingResult(request.request_id, logits, request.num_prompt_tokens
+                                             - request.num_virtual_tokens))
         return outputs + self._emit([r for r in sched.requests if r.request_id in result.sampled])
 
     def _execute_isolated(self, sched: SchedulerOutput) -> tuple[RunnerOutput, list[tuple[Request, Exception]]]:

@@ -132,6 +132,14 @@ class ModelRunner:
             if self.adapters is not None:
                 self.adapters.end_step()
         out = RunnerOutput()
+        heads = [(k, sched.requests[i]) for k, i in enumerate(batch.sample_rows) if sched.requests[i].head_only]
+        if heads:  # classification requests: their adapter's head, not the sampler
+            for k, request in heads:
+                row = hidden[batch.sample_index[k]].unsqueeze(0)
+                out.pooled[request.request_id] = self.adapters.head(request.adapter_slot).logits(self.model, row)[0]
+            keep = [k for k, i in enumerate(batch.sample_rows) if not sched.requests[i].head_only]
+            batch.sample_rows = [batch.sample_rows[k] for k in keep]
+            batch.sample_index = batch.sample_index[keep]
         if batch.sample_rows:
             logits = self.model.compute_logits(hidden[batch.sample_index])
             reqs = [sched.requests[i] for i in batch.sample_rows]

@@ -81,12 +81,16 @@ class Request:
     # A prompt-learning adapter's virtual tokens: the first prompt tokens, placeholders the model takes the
     # adapter's vectors for; never shown in outputs.
     num_virtual_tokens: int = 0
+    # A decoder's classification request: its last prompt token's hidden state goes through its adapter's
+    # head (a PEFT SEQ_CLS adapter's `score`) instead of the sampler, and it ends there.
+    head_only: bool = False
     token_type_ids: list[int] | None = None  # a pooling request's segment ids (BERT pairs)
 
     @property
     def is_pooling(self) -> bool:
-        """True for a pooling request (an encoder-only model's input)."""
-        return self.pooling_params is not None
+        """True for a pooling request (an encoder-only model's input; a decoder's classification request
+        runs as a generation request until its head reads it: `head_only`)."""
+        return self.pooling_params is not None and not self.head_only
 
     @property
     def num_encoder_tokens(self) -> int:
