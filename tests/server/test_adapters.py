@@ -95,3 +95,28 @@ def test_a_trained_head_classifies_over_http(tmp_path_factory):
         assert bare.status_code == 400 and "classify" in bare.json()["error"]["message"]
     finally:
         server.stop()
+
+
+
+def test_a_decoder_head_classifies_over_http(tiny_models, tmp_path_factory):
+    """A decoder served with a head adapter trained here: POST /classify with its name gives the offline
+    labels and probabilities."""
+    from tests.adapters.test_heads import _data
+    from tests.server.conftest import MODEL_FLAGS, launch
+    from tokenloom.adapters.train import train
+
+    root = tmp_path_factory.mktemp("decoder-head")
+    train(model=str(tiny_models["llama"]), data=str(_data(root / "train.txt")), method="head", task="classification",
+          labels="negative,positive", output=str(root / "head"), epochs=2, lr=3e-3, batch_size=4, rank=4)
+    server = launch(str(tiny_models["llama"]), [*MODEL_FLAGS, "--adapters", f"head={root / 'head'}"], root,
+                    "decoder-head").wait_ready()
+    try:
+        texts = ["good fine great film", "bad awful poor film 3"]
+        r = httpx.post(f"{server.url}/classify", json={"model": "head", "input": texts})
+        assert r.status_code == 200, r.text
+        offline = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_gib=0.01, enable_adapters=True).classify(
+            texts, adapter=AdapterRequest("head", root / "head"))
+        assert [d["label"] for d in r.json()["data"]] == [o.label for o in offline] == ["positive", "negative"]
+        assert all(abs(a - b) < 1e-5 for d, o in zip(r.json()["data"], offline) for a, b in zip(d["probs"], o.probs))
+    finally:
+        server.stop()

@@ -89,8 +89,11 @@ async def _tokenize(served: ServedModel, items: list[str | list[int]], truncate:
             if isinstance(item, str) and not item:
                 raise APIError(400, f"input[{i}] is an empty string", param="input", code="invalid_value")
             try:
-                out.append(engine.tokenize(item, truncate=truncate) if isinstance(item, str)
-                           else engine.from_token_ids(list(item), truncate))
+                if served.kind == "decoder":  # a decoder's head (an adapter's) reads the prompt's last token
+                    out.append(EncoderInput(engine.inputs.token_ids(item)))
+                else:
+                    out.append(engine.tokenize(item, truncate=truncate) if isinstance(item, str)
+                               else engine.from_token_ids(list(item), truncate))
             except ValueError as exc:
                 raise APIError(400, f"input[{i}]: {exc}", param="input", code="invalid_value") from exc
         return out
