@@ -8,6 +8,7 @@ named and no work is lost; the rest runs as pooling requests on the engine, in t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -75,13 +76,11 @@ class PoolingTasks:
         items = [inputs] if isinstance(inputs, (str, tuple)) else list(inputs)
         if self.kind == "decoder" and adapter is not None:  # a decoder's head reads the last token
             engine = self.engine
-            encoded, data = self._encode_all(engine, items, lambda item: _decoder_input(engine, item), "classify",
-                                             adapter=adapter)
-            config = engine.label_config(adapter)
-            return [tasks.classification(d, config, e) for e, d in zip(encoded, data)]
-        engine = self._encoder("classify", adapter)
-        encoded, data = self._encode_all(engine, items, lambda item: _tokenize(engine, item, truncate), "classify",
-                                         adapter=adapter)
+            make = partial(_decoder_input, engine)
+        else:
+            engine = self._encoder("classify", adapter)
+            make = partial(_tokenize, engine, truncate=truncate)
+        encoded, data = self._encode_all(engine, items, make, "classify", adapter=adapter)
         config = engine.label_config(adapter)
         return [tasks.classification(d, config, e) for e, d in zip(encoded, data)]
 

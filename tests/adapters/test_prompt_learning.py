@@ -11,11 +11,10 @@ import pytest
 
 from tests.adapters.peft_lora import save_peft_lora
 from tests.adapters.peft_prompt import METHODS, peft_logprobs, save_peft_prompt
+from tests.adapters.test_lora import ARCHS, PROMPTS
 from tokenloom import AdapterRequest, SamplingParams
 from tokenloom.llm import LLM
 
-ARCHS = ["llama", "qwen2", "qwen3", "gemma3", "gpt2"]
-PROMPTS = [[5, 17, 42, 99, 7, 3, 25], [11, 12, 13], list(range(3, 40))]
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=0)
 
 

@@ -52,8 +52,9 @@ def read_head(tensors: dict[str, torch.Tensor], folder: Path, hidden: int, devic
         raise ValueError(f"{where}: a SEQ_CLS adapter needs {_KEYS[0]}weight or {_KEYS[1]}weight (its head)")
     weight, bias = tensors[key + "weight"], tensors.get(key + "bias")
     if weight.dim() != 2 or weight.shape[1] != hidden or (bias is not None and bias.shape != weight.shape[:1]):
-        raise ValueError(f"{where}: classifier.weight is {tuple(weight.shape)}; this model needs "
-                         f"(num_labels, {hidden}) (an adapter of another base model?)")
+        head = key.removeprefix("base_model.model.")
+        raise ValueError(f"{where}: {head}weight is {tuple(weight.shape)}; this model needs (num_labels, {hidden}) "
+                         f"(an adapter of another base model?)")
     return SequenceHead(weight.to(device, torch.float32), None if bias is None else bias.to(device, torch.float32),
                         label_names(folder, weight.shape[0]), pooler_updates)
 

@@ -30,6 +30,7 @@ from tokenloom.adapters import AdapterError
 from tokenloom.adapters.trainable import (
     ENCODER_METHODS,
     METHODS,
+    CheckpointTrainable,
     FullTrainable,
     HeadTrainable,
     LoRATrainable,
@@ -356,7 +357,7 @@ class Trainer:
 
         c = self.config
         (out / "tokenloom_train.json").write_text(json.dumps(asdict(c), indent=2))
-        if isinstance(self.adapter, (FullTrainable, MLMTrainable)):
+        if isinstance(self.adapter, CheckpointTrainable):
             self.adapter.save(out, self.loaded)
             return
         save_file(self.adapter.tensors(), str(out / "adapter_model.safetensors"))

@@ -2,15 +2,15 @@
 PEFT's format:
 - `LoRATrainable`: a low-rank update (A kaiming-uniform, B zero: PEFT's init) per target projection, in a
   `LoRALinear` around each layer it adapts (fused q|k|v and gate|up shard by shard);
-- `HeadTrainable`: a classification head on an encoder's pooled first token (BERT's pooler, then a new
-  `classifier`), LoRA on the encoder underneath: PEFT's SEQ_CLS LoRA adapter;
+- `HeadTrainable`: a classification head (an encoder's `classifier` on its pooled first token, a decoder's
+  `score` on its last token) with LoRA underneath: PEFT's SEQ_CLS LoRA adapter;
 - `FullTrainable`: the model's own weights, all of them or the top N layers (saved as a whole checkpoint);
 - `MLMTrainable`: continued masked-language-model pre-training of an encoder (BERT's 15% masking, 80/10/10),
   every weight and the MLM head (a new one on a bare encoder), saved as a whole ForMaskedLM checkpoint;
 - `PromptTrainable`: N virtual tokens before every sequence, given by a table: input embeddings (prompt
-  tuning, initialised from a text's embeddings or randomly), the same through a small MLP (P-tuning, PEFT's
-  `MLP` prompt encoder), or per-layer keys and values (prefix tuning). The serving path (virtual.py) is the
-  training path: the table's rows replace the placeholders' embeddings or keys and values.
+  tuning, initialised from a text's embeddings or randomly), the same through a prompt encoder (P-tuning,
+  PEFT's MLP or LSTM), or per-layer keys and values (prefix tuning, optionally projected). The serving path
+  (virtual.py) is the training path: the table's rows replace the placeholders' embeddings or keys and values.
 A batch is whole sequences packed end to end; `begin` tells the adapter where each one's rows are.
 """
 
@@ -24,12 +24,12 @@ from torch import nn
 
 from tokenloom.adapters import AdapterError
 from tokenloom.adapters.lora import LoRABatch, LoRALinear, LoRAUpdate, linear_targets
-from tokenloom.adapters.virtual import ModelShape, VirtualTokens, model_shape, split_prefix
+from tokenloom.adapters.virtual import PROMPT_METHODS, ModelShape, VirtualTokens, model_shape, split_prefix
 from tokenloom.models.layers.attention import VirtualKV, index_attention_layers
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
-PROMPT_PEFT_TYPES = {"prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING", "prefix-tuning": "PREFIX_TUNING"}
+PROMPT_PEFT_TYPES = {method: peft_type for peft_type, method in PROMPT_METHODS.items()}
 ENCODER_TARGETS = ("query", "value")  # PEFT's default LoRA targets for BERT
 METHODS = ("lora", *PROMPT_PEFT_TYPES, "full", "head", "mlm")
 ENCODER_METHODS = ("mlm",)  # head trains either kind
@@ -244,12 +244,38 @@ class HeadTrainable:
         return {**self.lora.peft_config(), "task_type": "SEQ_CLS", "modules_to_save": ["classifier", "score"]}
 
 
-class FullTrainable:
-    """Fine-tuning of the model's own weights: the top `train_layers` decoder layers and the final norm, or
-    (None) every parameter, embeddings included. Saved as a whole checkpoint (config.json, model.safetensors
-    under the checkpoint's names, the tokenizer), which tokenloom and transformers load as a model."""
+class CheckpointTrainable:
+    """A method that trains the model's own weights and saves a whole checkpoint (config.json,
+    model.safetensors under the checkpoint's names, the tokenizer), which tokenloom and transformers load."""
 
     num_virtual_tokens = 0
+    model: nn.Module
+
+    def begin(self, starts: list[int], total: int) -> VirtualKV | None:
+        """Nothing to set: the model's own weights train."""
+        return None
+
+    def end(self) -> None:
+        """After the forward pass."""
+
+    def checkpoint(self) -> dict[str, torch.Tensor]:
+        """The model's tensors under the checkpoint's names."""
+        from tokenloom.models.loading import checkpoint_tensors
+
+        return checkpoint_tensors(self.model)
+
+    def save(self, out: Any, loaded: Any) -> None:
+        """config.json, model.safetensors and the tokenizer files in `out`."""
+        from safetensors.torch import save_file
+
+        save_file(self.checkpoint(), str(out / "model.safetensors"), metadata={"format": "pt"})
+        loaded.hf_config.save_pretrained(out)
+        loaded.tokenizer.hf.save_pretrained(out)
+
+
+class FullTrainable(CheckpointTrainable):
+    """Fine-tuning of the model's own weights: the top `train_layers` decoder layers and the final norm, or
+    (None) every parameter, embeddings included."""
 
     def __init__(self, model: nn.Module, train_layers: int | None, model_name: str) -> None:
         layers = _decoder_layers(model)
@@ -266,23 +292,6 @@ class FullTrainable:
             p.requires_grad_(True)
         self.model, self.params = model, chosen
 
-    def begin(self, starts: list[int], total: int) -> VirtualKV | None:
-        """Nothing to set: the model's own weights train."""
-        return None
-
-    def end(self) -> None:
-        """After the forward pass."""
-
-    def save(self, out: Any, loaded: Any) -> None:
-        """config.json, model.safetensors and the tokenizer files in `out`."""
-        from safetensors.torch import save_file
-
-        from tokenloom.models.loading import checkpoint_tensors
-
-        save_file(checkpoint_tensors(self.model), str(out / "model.safetensors"), metadata={"format": "pt"})
-        loaded.hf_config.save_pretrained(out)
-        loaded.tokenizer.hf.save_pretrained(out)
-
 
 _FINAL_NORMS = ("model.norm.", "transformer.ln_f.")
 
@@ -296,11 +305,11 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise AdapterError(f"{type(model).__name__}: no list of {count} decoder layers found to fine-tune")
 
 
-class MLMTrainable:
+class MLMTrainable(CheckpointTrainable):
     """An encoder trained on masked tokens: the body and its masked-LM head (BERT's dense, GELU, LayerNorm and
-    the tied vocabulary projection; a bare encoder gets a new one, initialised as transformers does)."""
+    the tied vocabulary projection; a bare encoder gets a new one, initialised as transformers does), saved as
+    a ForMaskedLM checkpoint."""
 
-    num_virtual_tokens = 0
     mask_prob = 0.15
 
     def __init__(self, loaded: Any) -> None:
@@ -359,18 +368,6 @@ class MLMTrainable:
             offset += len(seq)
         return inputs, rows, targets
 
-    def begin(self, starts: list[int], total: int) -> VirtualKV | None:
-        """Nothing to set: the model's own weights train."""
-        return None
-
-    def end(self) -> None:
-        """After the forward pass."""
-
-    def save(self, out: Any, loaded: Any) -> None:
-        """config.json (a ForMaskedLM architecture), model.safetensors under the checkpoint's names, the
-        tokenizer."""
-        from safetensors.torch import save_file
-
-        save_file(self.model.checkpoint_state(), str(out / "model.safetensors"), metadata={"format": "pt"})
-        loaded.hf_config.save_pretrained(out)
-        loaded.tokenizer.hf.save_pretrained(out)
+    def checkpoint(self) -> dict[str, torch.Tensor]:
+        """The encoder's and its head's tensors under the checkpoint's names (`bert.`..., `cls.predictions.`...)."""
+        return self.model.checkpoint_state()

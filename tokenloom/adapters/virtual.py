@@ -133,11 +133,11 @@ class VirtualTokens:
 
 def model_shape(model: nn.Module) -> ModelShape:
     """The shape prompt-learning adapters of `model` must have (every attention layer alike)."""
-    from tokenloom.models.layers.attention import PagedAttention
+    from tokenloom.models.layers.attention import attention_layers
 
     if not hasattr(model, "input_embeddings"):
         raise AdapterError(f"{type(model).__name__} has no input_embeddings(): prompt-learning adapters need it")
-    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    layers = attention_layers(model)
     shapes = {(a.num_kv_heads, a.head_dim) for a in layers}
     if len(shapes) != 1:
         raise AdapterError(f"prefix tuning needs attention layers of one shape; this model has {sorted(shapes)}")

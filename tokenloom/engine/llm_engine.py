@@ -195,13 +195,12 @@ class LLMEngine:
                           adapter: AdapterRequest | None) -> None:
         """A decoder's classification: the prompt runs as a generation request would (KV blocks, chunked
         prefill, the prefix cache) and its last token's hidden state goes through the adapter's head."""
-        slot = self.load_adapter(adapter) if adapter is not None else None
-        if params.task != "classify" or slot is None or self.adapters.head(slot) is None:
+        binding = self._adapter(adapter)
+        if params.task != "classify" or binding is None or self.adapters.head(binding.slot) is None:
             raise InvalidRequestError(f"model {self.loaded.name} is generative: {params.task} on it needs a "
                                       f"classification-head adapter (a PEFT SEQ_CLS adapter, e.g. from "
                                       f"`tokenloom train --method head`)", "model")
         ids = inp.token_ids if isinstance(inp, EncoderInput) else list(inp)
-        binding = AdapterBinding(adapter.name, slot, self.adapters.num_virtual_tokens(slot))
         request, = self.inputs.requests(request_id, ids, SamplingParams(max_tokens=1, temperature=0.0), False,
                                         binding)
         request.head_only, request.pooling_params = True, params
@@ -303,7 +302,7 @@ class LLMEngine:
             return self.outputs.on_token(request, token, result.logprobs.get(request.request_id), ends)
 
         self.scheduler.update(sched, result.sampled, text_stop)
-        for request in sched.requests:  # a decoder's classification requests end with their head's logits
+        for request in sched.requests if result.pooled else ():  # decoder classifications end with their head
             logits = result.pooled.get(request.request_id)
             if logits is not None and self._pooling.pop(request.request_id, None) is not None:
                 self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED, None, sched)

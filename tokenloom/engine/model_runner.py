@@ -26,7 +26,12 @@ from tokenloom.engine.pooling import PoolingRunner
 from tokenloom.engine.request import Request
 from tokenloom.engine.sampler import Sampler, prompt_logprobs
 from tokenloom.engine.scheduler import SchedulerOutput
-from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention, PrefillSpan, index_attention_layers
+from tokenloom.models.layers.attention import (
+    AttentionMetadata,
+    PrefillSpan,
+    attention_layers,
+    index_attention_layers,
+)
 from tokenloom.models.registry import model_kind
 from tokenloom.outputs import PositionLogprobs
 
@@ -79,11 +84,6 @@ def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) ->
     return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
 
 
-def attention_layers(model: nn.Module) -> list[PagedAttention]:
-    """The model's paged attention modules, in order."""
-    return [m for m in model.modules() if isinstance(m, PagedAttention)]
-
-
 class ModelRunner:
     """Runs the model on a scheduled batch over its bound paged KV cache."""
 
@@ -132,7 +132,8 @@ class ModelRunner:
             if self.adapters is not None:
                 self.adapters.end_step()
         out = RunnerOutput()
-        heads = [(k, sched.requests[i]) for k, i in enumerate(batch.sample_rows) if sched.requests[i].head_only]
+        heads = [] if self.adapters is None else [
+            (k, sched.requests[i]) for k, i in enumerate(batch.sample_rows) if sched.requests[i].head_only]
         if heads:  # classification requests: their adapter's head, not the sampler
             for k, request in heads:
                 row = hidden[batch.sample_index[k]].unsqueeze(0)

@@ -113,9 +113,14 @@ def chunk_mask(length: int, context_len: int, window: int | None, device: torch.
     return mask
 
 
+def attention_layers(model: nn.Module) -> list[PagedAttention]:
+    """The model's paged attention modules, in order."""
+    return [m for m in model.modules() if isinstance(m, PagedAttention)]
+
+
 def index_attention_layers(model: nn.Module) -> list[PagedAttention]:
-    """The model's paged attention modules in order, each told its index (given keys are per layer)."""
-    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    """`attention_layers`, each told its index (given keys and values are per layer)."""
+    layers = attention_layers(model)
     for i, layer in enumerate(layers):
         layer.layer_index = i
     return layers
