@@ -55,9 +55,10 @@ class PoolingTasks:
         return self.kind != "encoder"
 
     def embed(self, inputs: EmbedInput | Sequence[EmbedInput], *, truncate: bool = False, pooling: str | None = None,
-              normalize: bool | None = None) -> list[EmbeddingOutput]:
+              normalize: bool | None = None, adapter: AdapterRequest | None = None) -> list[EmbeddingOutput]:
         """Sentence embeddings of texts (or token id lists), pooled as the model's sentence-transformers
-        config says unless `pooling` (mean, cls, last, max, mean_sqrt_len) or `normalize` override it."""
+        config says unless `pooling` (mean, cls, last, max, mean_sqrt_len) or `normalize` override it; with
+        `adapter` (a LoRA, soft prompt or prefix), through it."""
         engine = self._encoder("embed")
         items = [inputs] if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) else list(inputs)
         config = with_overrides(engine.pooling_config, pooling, normalize)
@@ -65,7 +66,7 @@ class PoolingTasks:
         def make(item: EmbedInput) -> EncoderInput:
             return engine.tokenize(item, truncate=truncate) if isinstance(item, str) else \
                 engine.from_token_ids(item, truncate)
-        encoded, data = self._encode_all(engine, items, make, "embed", config)
+        encoded, data = self._encode_all(engine, items, make, "embed", config, adapter)
         return [EmbeddingOutput(d.tolist(), len(e.token_ids), e.truncated) for e, d in zip(encoded, data)]
 
     def classify(self, inputs: TextOrPair | Sequence[TextOrPair], *, truncate: bool = False,

@@ -70,8 +70,12 @@ def test_adapter_routes_on_a_server_without_adapters(tiny_server):
 
 
 def test_a_trained_head_classifies_over_http(tmp_path_factory):
-    """An encoder served with a classification-head adapter: POST /classify with the adapter's name gives the
-    offline `llm.classify(adapter=...)` labels and probabilities; the bare encoder itself still refuses."""
+    """An encoder served with a classification-head adapter and a soft prompt: POST /classify with the head's
+    name gives the offline `llm.classify(adapter=...)` labels and probabilities (the bare encoder itself
+    refuses), /v1/embeddings with the soft prompt's name the offline `llm.embed(adapter=...)` vectors."""
+    from openai import OpenAI
+
+    from tests.adapters.test_encoder_prompts import _peft
     from tests.adapters.test_heads import _save_peft_head
     from tests.encoder_models import tiny_encoder_path
     from tests.server.conftest import MODEL_FLAGS, launch
@@ -79,8 +83,9 @@ def test_a_trained_head_classifies_over_http(tmp_path_factory):
     bert = tiny_encoder_path(tmp_path_factory, "bert-Model")
     root = tmp_path_factory.mktemp("head-server")
     _save_peft_head(bert, root / "head", 3, seed=4)
-    server = launch(str(bert), [*MODEL_FLAGS, "--served-model-name", "enc", "--adapters", f"head={root / 'head'}"],
-                    root, "head").wait_ready()
+    _peft(bert, "prompt-tuning", "FEATURE_EXTRACTION", seed=5).save_pretrained(root / "soft")
+    server = launch(str(bert), [*MODEL_FLAGS, "--served-model-name", "enc", "--adapters",
+                                f"head={root / 'head'},soft={root / 'soft'}"], root, "head").wait_ready()
     try:
         texts = ["A man is eating food.", "A monkey is playing drums."]
         r = httpx.post(f"{server.url}/classify", json={"model": "head", "input": texts})
@@ -93,6 +98,15 @@ def test_a_trained_head_classifies_over_http(tmp_path_factory):
         assert body["data"][0]["labels"] == ["LABEL_0", "LABEL_1", "LABEL_2"]
         bare = httpx.post(f"{server.url}/classify", json={"model": "enc", "input": texts})
         assert bare.status_code == 400 and "classify" in bare.json()["error"]["message"]
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="x")
+        soft = client.embeddings.create(model="soft", input=texts)
+        llm = LLM(str(bert), dtype="float32", enable_adapters=True)
+        want = llm.embed(texts, adapter=AdapterRequest("soft", root / "soft"))
+        assert soft.model == "soft" and soft.usage.prompt_tokens == sum(o.num_prompt_tokens for o in want)
+        for d, o in zip(soft.data, want):
+            assert max(abs(a - b) for a, b in zip(d.embedding, o.embedding)) < 1e-5
+        base = client.embeddings.create(model="enc", input=texts).data[0].embedding
+        assert max(abs(a - b) for a, b in zip(base, want[0].embedding)) > 1e-3
     finally:
         server.stop()
 

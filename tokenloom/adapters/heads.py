@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 HEAD_MODULES = ("classifier", "score")  # PEFT's modules_to_save for SEQ_CLS
-_KEYS = ("base_model.model.classifier.", "base_model.model.score.")
+# a LoRA adapter's head keys, then a prompt-learning adapter's (PEFT wraps the base model one level less)
+_KEYS = ("base_model.model.classifier.", "base_model.model.score.", "base_model.classifier.", "base_model.score.")
 
 
 @dataclass(slots=True)
@@ -49,10 +50,10 @@ def read_head(tensors: dict[str, torch.Tensor], folder: Path, hidden: int, devic
     """The head of a SEQ_CLS adapter's tensors; ValueError (naming `where`) when it is missing or misshapen."""
     key = next((k for k in _KEYS if k + "weight" in tensors), None)
     if key is None:
-        raise ValueError(f"{where}: a SEQ_CLS adapter needs {_KEYS[0]}weight or {_KEYS[1]}weight (its head)")
+        raise ValueError(f"{where}: a SEQ_CLS adapter needs a head ({' or '.join(k + 'weight' for k in _KEYS)})")
     weight, bias = tensors[key + "weight"], tensors.get(key + "bias")
     if weight.dim() != 2 or weight.shape[1] != hidden or (bias is not None and bias.shape != weight.shape[:1]):
-        head = key.removeprefix("base_model.model.")
+        head = key.removeprefix("base_model.").removeprefix("model.")
         raise ValueError(f"{where}: {head}weight is {tuple(weight.shape)}; this model needs (num_labels, {hidden}) "
                          f"(an adapter of another base model?)")
     return SequenceHead(weight.to(device, torch.float32), None if bias is None else bias.to(device, torch.float32),

@@ -148,8 +148,13 @@ class AdapterManager:
 
     def head(self, slot: int) -> SequenceHead | None:
         """The classification head of the adapter in `slot` (None when it has none)."""
+        return self.slots[slot].head
+
+    def outputs_virtual_rows(self, slot: int) -> bool:
+        """Whether the model's outputs hold rows for the virtual tokens of the adapter in `slot` (a soft
+        prompt's, as PEFT's forward returns them; not a prefix's or a LoRA's)."""
         adapter = self.slots[slot]
-        return adapter.head if isinstance(adapter, LoRAAdapter) else None
+        return isinstance(adapter, PromptAdapter) and adapter.outputs_virtual_rows
 
     def begin_step(self, rows_by_slot: dict[int, list[int]], num_rows: int,
                    spans: list[VirtualSpan] = ()) -> VirtualKV | None:

@@ -170,6 +170,7 @@ class Trainer:
         self.label_ids = self._label_token_ids()
         self.train_set = read_examples(Path(config.data), self)
         self.dev_set = read_examples(Path(config.eval_data), self) if config.eval_data else []
+        torch.manual_seed(config.seed)  # the adapter's init draws start here, as PEFT's do after seeding
         if config.method == "mlm":
             self.adapter = MLMTrainable(self.loaded)
             self.model = self.adapter.model

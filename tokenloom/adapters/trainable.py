@@ -35,6 +35,16 @@ METHODS = ("lora", *PROMPT_PEFT_TYPES, "full", "head", "mlm")
 ENCODER_METHODS = ("mlm",)  # head trains either kind
 
 
+def peft_lora_a(rank: int, in_features: int, out_features: int) -> torch.Tensor:
+    """A LoRA's A [rank, in] drawn from the global RNG as PEFT draws it: PEFT builds lora_A and lora_B as
+    nn.Linear layers (each drawing its default init), then draws A again (kaiming-uniform, a=√5) and zeroes B.
+    The same draws in the same module order make a run seeded alike start from PEFT's very weights."""
+    a = torch.empty(rank, in_features)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear(in, rank)'s own init
+    nn.init.kaiming_uniform_(torch.empty(out_features, rank), a=math.sqrt(5))  # nn.Linear(rank, out)'s
+    return nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+
 class LoRATrainable:
     """Trainable LoRA updates on `model`'s target projections."""
 
@@ -53,12 +63,11 @@ class LoRATrainable:
         self.batch = LoRABatch()
         found: dict[str, list[LoRAUpdate]] = {}
         self.updates: list[tuple[str, LoRAUpdate]] = []  # (checkpoint module name, its update)
-        for hf_name, (ours, offset, width) in sorted(linear_targets(model).items()):
+        for hf_name, (ours, offset, width) in linear_targets(model).items():  # module order: PEFT's init order
             if hf_name.rsplit(".", 1)[-1] not in wanted or "lm_head" in hf_name or hf_name.startswith("pooler"):
                 continue
             base = model.get_submodule(ours)
-            a = nn.Parameter(torch.empty(rank, int(base.in_features)))
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            a = nn.Parameter(peft_lora_a(rank, int(base.in_features), width))
             update = LoRAUpdate(a, nn.Parameter(torch.zeros(width, rank)), offset, alpha / rank, dropout)
             found.setdefault(ours, []).append(update)
             self.updates.append((checkpoint_name(hf_name), update))
@@ -211,13 +220,14 @@ class HeadTrainable:
                                f">= 1; got {rank}")
         hidden = int(model.spec.hidden_size if self.encoder else model.config.hidden_size)
         self.model, self.name = model, "classifier" if self.encoder else "score"
+        gpt2 = getattr(model.config, "model_type", "") == "gpt2"
+        # LoRA first: its draws from the seeded RNG are then PEFT's (whose head is drawn at model load)
+        self.lora = LoRATrainable(model, rank, alpha, target_modules, gpt2, model_name,
+                                  ENCODER_TARGETS if self.encoder else None, dropout)
         self.classifier = nn.Linear(hidden, num_labels, bias=self.encoder)
         nn.init.normal_(self.classifier.weight, std=float(getattr(model.config, "initializer_range", 0.02)))
         if self.encoder:
             nn.init.zeros_(self.classifier.bias)
-        gpt2 = getattr(model.config, "model_type", "") == "gpt2"
-        self.lora = LoRATrainable(model, rank, alpha, target_modules, gpt2, model_name,
-                                  ENCODER_TARGETS if self.encoder else None, dropout)
         self.params = [*self.lora.params, *self.classifier.parameters()]
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:

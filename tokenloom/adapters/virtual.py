@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tokenloom.adapters import METHOD_NAMES, AdapterError, AdapterRequest
+from tokenloom.adapters.heads import SequenceHead, read_head
 
 PROMPT_METHODS = {k: v for k, v in METHOD_NAMES.items() if k != "LORA"}
 PLACEHOLDER_TOKEN = 0  # the id a virtual position carries; its embedding is never used
@@ -43,7 +44,8 @@ class ModelShape:
 
 @dataclass(slots=True)
 class PromptAdapter:
-    """A loaded soft prompt (`embeddings` [N, hidden]) or prefix (`keys`, `values` [layers, N, kv_heads, dim])."""
+    """A loaded soft prompt (`embeddings` [N, hidden]) or prefix (`keys`, `values` [layers, N, kv_heads, dim]),
+    with a SEQ_CLS adapter's classification head."""
 
     name: str
     path: Path
@@ -52,10 +54,20 @@ class PromptAdapter:
     embeddings: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    head: SequenceHead | None = None
+
+    @property
+    def outputs_virtual_rows(self) -> bool:
+        """Whether the model's outputs hold rows for the virtual tokens: a soft prompt's are inputs (PEFT's
+        forward returns their hidden states; an encoder's first row is the first virtual token), a prefix's
+        are keys and values only."""
+        return self.embeddings is not None
 
     def memory_bytes(self) -> int:
-        """Bytes of its tables."""
-        return sum(t.numel() * t.element_size() for t in (self.embeddings, self.keys, self.values) if t is not None)
+        """Bytes of its tables and head."""
+        head = self.head.memory_bytes() if self.head is not None else 0
+        return head + sum(t.numel() * t.element_size() for t in (self.embeddings, self.keys, self.values)
+                          if t is not None)
 
 
 def split_prefix(table: torch.Tensor, shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +80,8 @@ def split_prefix(table: torch.Tensor, shape: ModelShape) -> tuple[torch.Tensor, 
 
 def read_prompt_adapter(request: AdapterRequest, config_file: Path, config: dict[str, Any], weights_file: Path,
                         shape: ModelShape, device: torch.device) -> PromptAdapter:
-    """A PEFT prompt-tuning, P-tuning or prefix-tuning folder for a decoder of `shape`; AdapterError names
-    what does not fit."""
+    """A PEFT prompt-tuning, P-tuning or prefix-tuning folder (with its classification head when its task is
+    SEQ_CLS) for a model of `shape`; AdapterError names what does not fit."""
     def fail(what: str) -> AdapterError:
         return AdapterError(f"adapter {request.name!r}: {what}")
 
@@ -79,7 +91,7 @@ def read_prompt_adapter(request: AdapterRequest, config_file: Path, config: dict
         raise fail(f"{config_file}: num_virtual_tokens must be a positive integer; got {n!r}")
     if config.get("num_transformer_submodules", 1) != 1:
         raise fail(f"{config_file}: num_transformer_submodules={config['num_transformer_submodules']} is an "
-                   f"encoder-decoder adapter; this model is decoder-only")
+                   f"encoder-decoder adapter; those are not supported")
     from safetensors.torch import load_file
 
     try:
@@ -99,12 +111,18 @@ def read_prompt_adapter(request: AdapterRequest, config_file: Path, config: dict
     if tuple(table.shape) != want:
         raise fail(f"{weights_file}: prompt_embeddings is {tuple(table.shape)}; this model needs {want}, {what} "
                    f"(an adapter of another base model?)")
+    head = None
+    if config.get("task_type") == "SEQ_CLS":
+        try:
+            head = read_head(tensors, Path(request.path), shape.hidden_size, device, str(weights_file), [])
+        except ValueError as exc:
+            raise fail(str(exc)) from exc
     table = table.to(device, torch.float32)
     if peft_type == "PREFIX_TUNING":
         keys, values = split_prefix(table, shape)
         return PromptAdapter(request.name, Path(request.path), method, n, keys=keys.contiguous(),
-                             values=values.contiguous())
-    return PromptAdapter(request.name, Path(request.path), method, n, embeddings=table)
+                             values=values.contiguous(), head=head)
+    return PromptAdapter(request.name, Path(request.path), method, n, embeddings=table, head=head)
 
 
 @dataclass(slots=True)
@@ -133,11 +151,11 @@ class VirtualTokens:
 
 def model_shape(model: nn.Module) -> ModelShape:
     """The shape prompt-learning adapters of `model` must have (every attention layer alike)."""
-    from tokenloom.models.layers.attention import attention_layers
+    from tokenloom.models.layers.attention import prefix_layers
 
     if not hasattr(model, "input_embeddings"):
         raise AdapterError(f"{type(model).__name__} has no input_embeddings(): prompt-learning adapters need it")
-    layers = attention_layers(model)
+    layers = prefix_layers(model)
     shapes = {(a.num_kv_heads, a.head_dim) for a in layers}
     if len(shapes) != 1:
         raise AdapterError(f"prefix tuning needs attention layers of one shape; this model has {sorted(shapes)}")

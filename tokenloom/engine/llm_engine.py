@@ -17,6 +17,7 @@ import torch
 
 from tokenloom.adapters import AdapterRequest
 from tokenloom.adapters.manager import AdapterManager
+from tokenloom.adapters.virtual import PLACEHOLDER_TOKEN
 from tokenloom.config import ConfigError, EngineConfig
 from tokenloom.engine.input_processor import AdapterBinding, InputProcessor
 from tokenloom.engine.kv_cache import KVCacheManager
@@ -214,8 +215,17 @@ class LLMEngine:
             self.require(params.task)
         if not isinstance(inp, EncoderInput):
             raise InvalidRequestError("a pooling request takes an EncoderInput (engine.tokenize / from_token_ids)")
-        request = Request(request_id, inp.token_ids, None, pooling_params=params, token_type_ids=inp.token_type_ids,
-                          adapter_slot=slot)
+        virtual = self.adapters.num_virtual_tokens(slot) if slot is not None else 0
+        ids, types = inp.token_ids, inp.token_type_ids
+        if virtual:  # a prompt-learning adapter's virtual tokens go first, token type 0 (as PEFT's)
+            limit = self.loaded.model.max_input_len
+            if virtual + len(ids) > limit:
+                raise InvalidRequestError(f"input has {len(ids)} tokens; with adapter {adapter.name!r}'s "
+                                          f"{virtual} virtual tokens that is more than the model's limit of {limit}")
+            ids = [PLACEHOLDER_TOKEN] * virtual + ids
+            types = None if types is None else [0] * virtual + types
+        request = Request(request_id, ids, None, pooling_params=params, token_type_ids=types, adapter_slot=slot,
+                          num_virtual_tokens=virtual)
         self._pooling[request_id] = request
         self.scheduler.add(request)
 
@@ -291,7 +301,8 @@ class LLMEngine:
             outputs = []
         if result.pooled and self.loaded.kind == "encoder":
             self.scheduler.update(sched, {})
-            return outputs + [PoolingResult(r.request_id, result.pooled[r.request_id], r.num_prompt_tokens)
+            return outputs + [PoolingResult(r.request_id, result.pooled[r.request_id],
+                                            r.num_prompt_tokens - r.num_virtual_tokens)
                               for r in sched.requests if self._pooling.pop(r.request_id, None) is not None]
         for request in sched.requests:
             plp = result.prompt_logprobs.get(request.request_id)
@@ -342,7 +353,8 @@ class LLMEngine:
             error = f"{type(exc).__name__}: {exc}"
             self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"error: {error}", sched)
             if self._pooling.pop(request.request_id, None) is not None:
-                outputs.append(PoolingResult(request.request_id, None, request.num_prompt_tokens, error))
+                outputs.append(PoolingResult(request.request_id, None,
+                                             request.num_prompt_tokens - request.num_virtual_tokens, error))
         return outputs + self._emit([request for request, _ in failed if not request.is_pooling])
 
     def memory_bytes(self) -> int:

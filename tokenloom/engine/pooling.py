@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tokenloom.adapters.manager import VirtualSpan
 from tokenloom.engine.request import InvalidRequestError
 from tokenloom.loader import LoadedModel
+from tokenloom.models.layers.attention import VirtualKV
 from tokenloom.models.layers.encoder_attention import EncoderMetadata
 from tokenloom.models.pooling import PoolingConfig, pool
 
@@ -162,18 +164,42 @@ class PoolingRunner:
             types = torch.tensor([t for r in requests for t in (r.token_type_ids or [0] * r.num_prompt_tokens)],
                                  device=self.device)
         if self.adapters is not None:
-            rows: dict[int, list[int]] = {}
-            for r, start, n in zip(requests, meta.cu_seqlens.tolist(), lens):
-                if r.adapter_slot is not None:
-                    rows.setdefault(r.adapter_slot, []).extend(range(start, start + n))
-            self.adapters.begin_step(rows, len(ids))
+            meta.virtual_kv = self._begin_adapters(requests, meta)
         try:
             hidden = self.model(ids, positions, meta, types)
         finally:
             if self.adapters is not None:
                 self.adapters.end_step()
+        hidden, meta, ids = self._output_rows(requests, hidden, meta, ids)
         data = self._heads(requests, hidden, meta, ids)
         return {r.request_id: d.float().cpu() for r, d in zip(requests, data)}
+
+    def _begin_adapters(self, requests: list[Any], meta: EncoderMetadata) -> VirtualKV | None:
+        """Tell the adapters which packed rows each one's requests hold (LoRAs run on them, soft prompts and
+        prefixes fill their virtual rows); the prefixes' keys and values for the attention metadata."""
+        rows: dict[int, list[int]] = {}
+        spans = []
+        for r, start in zip(requests, meta.cu_seqlens.tolist()):
+            if r.adapter_slot is not None:
+                rows.setdefault(r.adapter_slot, []).extend(range(start, start + r.num_prompt_tokens))
+                if r.num_virtual_tokens:
+                    spans.append(VirtualSpan(r.adapter_slot, start, 0, r.num_virtual_tokens))
+        return self.adapters.begin_step(rows, meta.num_tokens, spans)
+
+    def _output_rows(self, requests: list[Any], hidden: torch.Tensor, meta: EncoderMetadata, ids: torch.Tensor
+                     ) -> tuple[torch.Tensor, EncoderMetadata, torch.Tensor]:
+        """The rows heads and pooling read: virtual tokens' rows dropped, except a soft prompt's for a
+        sequence task (PEFT's forward returns them: pooling covers them, [CLS] pooling reads the first)."""
+        skips = [r.num_virtual_tokens if r.num_virtual_tokens and (
+            r.pooling_params.task in (*_TOKEN_TASKS, "fill_mask")
+            or not self.adapters.outputs_virtual_rows(r.adapter_slot)) else 0 for r in requests]
+        if not any(skips):
+            return hidden, meta, ids
+        starts = meta.cu_seqlens.tolist()
+        keep = torch.cat([torch.arange(start + skip, end) for start, end, skip in zip(starts, starts[1:], skips)])
+        keep = keep.to(hidden.device)
+        lens = [n - skip for n, skip in zip(meta.seq_lens, skips)]
+        return hidden[keep], EncoderMetadata.from_lens(lens, self.device), ids[keep]
 
     def _heads(self, requests: list[Any], hidden: torch.Tensor, meta: EncoderMetadata,
                ids: torch.Tensor) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenloom.models.layers.attention import GivenKVAttention
 from tokenloom.models.layers.encoder_attention import EncoderMetadata, encoder_attention
 from tokenloom.models.layers.linear import MergedLinear
 
@@ -107,18 +108,25 @@ class EncoderEmbeddings(nn.Module):
         return self.LayerNorm(x)
 
 
-class EncoderSelfAttention(nn.Module):
-    """Fused q|k|v projection (checkpoint names query/key/value) and bidirectional attention."""
+class EncoderSelfAttention(GivenKVAttention):
+    """Fused q|k|v projection (checkpoint names query/key/value) and bidirectional attention; a prefix
+    adapter's virtual rows take its keys and values (`meta.virtual_kv`)."""
 
     def __init__(self, spec: EncoderSpec) -> None:
         super().__init__()
         h = spec.hidden_size
         self.num_heads, self.head_dim = spec.num_heads, h // spec.num_heads
+        self.num_kv_heads = self.num_heads
         self.qkv = MergedLinear(h, {"query": h, "key": h, "value": h}, bias=True)
 
     def forward(self, x: torch.Tensor, meta: EncoderMetadata) -> torch.Tensor:
         """x [tokens, hidden] → attention output [tokens, hidden] (before the output projection)."""
-        return encoder_attention(self.qkv(x), meta, self.num_heads, self.head_dim ** -0.5)
+        qkv = self.qkv(x)
+        if meta.virtual_kv is not None:
+            q, k, v = qkv.view(qkv.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+            k, v = meta.virtual_kv.apply(self.layer_index, k, v, qkv.dtype)
+            qkv = torch.stack((q, k, v), 1).view_as(qkv)
+        return encoder_attention(qkv, meta, self.num_heads, self.head_dim ** -0.5)
 
 
 class DenseNorm(nn.Module):
@@ -161,6 +169,8 @@ class EncoderBody(nn.Module):
         self.embeddings = EncoderEmbeddings(spec)
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(EncoderLayer(spec) for _ in range(spec.num_layers))
+        for i, layer in enumerate(self.encoder.layer):
+            layer.attention.self.layer_index = i  # which layer's keys a prefix adapter gives
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: EncoderMetadata,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

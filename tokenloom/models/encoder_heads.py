@@ -84,6 +84,11 @@ class EncoderModel(nn.Module):
             out = out + (rows @ a.t().to(rows.dtype)) @ b.t().to(rows.dtype) * scaling
         return torch.tanh(out)
 
+    def input_embeddings(self) -> nn.Module:
+        """The word embeddings (HF's `get_input_embeddings()`): a soft prompt's rows replace their output,
+        before positions and token types are added, as PEFT's `inputs_embeds` are."""
+        return self.model.embeddings.word_embeddings
+
     @property
     def max_input_len(self) -> int:
         """The longest sequence the model can encode."""

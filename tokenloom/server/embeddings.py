@@ -28,7 +28,8 @@ router = APIRouter()
 
 @router.post("/v1/embeddings")
 async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
-    """Sentence embeddings of a text, a list of texts, or token id lists."""
+    """Sentence embeddings of a text, a list of texts, or token id lists (through an adapter when `model`
+    names one)."""
     items = _items(body.input)
     async with state_of(request).use_model(body) as lease:
         served = lease.model
@@ -38,11 +39,11 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
             raise APIError(400, f"model '{served.name}' does not support 'dimensions': its embeddings have {width} "
                                 f"dimensions and cannot be shortened", param="dimensions", code="unsupported_parameter")
         inputs = await _tokenize(served, items, body.truncate)
-        results = await _run(served, inputs, "embed")
+        results = await _run(served, inputs, "embed", lease.adapter)  # a LoRA, soft prompt or prefix, if named
         data = [{"object": "embedding", "index": i, "embedding": _encode(r.data, body.encoding_format)}
                 for i, r in enumerate(results)]
         tokens = sum(len(inp.token_ids) for inp in inputs)
-        return {"object": "list", "data": data, "model": served.name,
+        return {"object": "list", "data": data, "model": lease.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 

@@ -113,20 +113,35 @@ def chunk_mask(length: int, context_len: int, window: int | None, device: torch.
     return mask
 
 
+class GivenKVAttention(nn.Module):
+    """An attention module whose keys and values a prefix adapter can give for its virtual rows (`VirtualKV`):
+    it has `num_kv_heads`, `head_dim` and `layer_index` (which layer's given keys are its own)."""
+
+    num_kv_heads: int
+    head_dim: int
+    layer_index: int = 0
+
+
 def attention_layers(model: nn.Module) -> list[PagedAttention]:
     """The model's paged attention modules, in order."""
     return [m for m in model.modules() if isinstance(m, PagedAttention)]
 
 
+def prefix_layers(model: nn.Module) -> list[GivenKVAttention]:
+    """The attention modules a prefix adapter gives keys and values to (a decoder's paged layers, an encoder's
+    self-attention), in order."""
+    return [m for m in model.modules() if isinstance(m, GivenKVAttention)]
+
+
 def index_attention_layers(model: nn.Module) -> list[PagedAttention]:
-    """`attention_layers`, each told its index (given keys and values are per layer)."""
-    layers = attention_layers(model)
-    for i, layer in enumerate(layers):
+    """`attention_layers`, with every `prefix_layers` module told its index (given keys and values are per
+    layer)."""
+    for i, layer in enumerate(prefix_layers(model)):
         layer.layer_index = i
-    return layers
+    return attention_layers(model)
 
 
-class PagedAttention(nn.Module):
+class PagedAttention(GivenKVAttention):
     """Scaled dot-product attention whose keys and values live in a paged cache.
 
     The runner binds `kv_cache` = (keys, values), each [num_blocks, block_size, kv_heads, head_dim].

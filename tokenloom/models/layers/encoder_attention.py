@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenloom.models.layers.attention import VirtualKV
+
 
 @dataclass(slots=True)
 class EncoderMetadata:
@@ -24,6 +26,7 @@ class EncoderMetadata:
     cu_seqlens: torch.Tensor  # [num_seqs + 1] int64: sequence i is tokens cu_seqlens[i]:cu_seqlens[i + 1]
     gather_index: torch.Tensor  # [num_seqs, max_len] int64: packed row of each padded slot (0 for padding)
     valid: torch.Tensor  # [num_seqs, max_len] bool: which padded slots hold a real token
+    virtual_kv: VirtualKV | None = None  # prefix adapters' keys and values for their virtual tokens
 
     @classmethod
     def from_lens(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> EncoderMetadata:
