@@ -91,12 +91,13 @@ class LLM(PoolingTasks):
         prompts = [self.engine.inputs.chat_token_ids(c, chat_template, add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams,
+                    adapter: AdapterRequest | None = None) -> list[BeamSearchOutput]:
         """The `beam_width` best continuations of each prompt by length-penalised log-probability, with
         transformers' selection and stopping rules; all prompts' beams run together, sharing their prefix
-        blocks through the prefix cache."""
+        blocks through the prefix cache; under `adapter` (a LoRA, soft prompt or prefix), if given."""
         self._require_generative("beam_search")
-        return run_beam_search(self.engine, [_prompt_ids_or_text(p) for p in _as_list(prompts)], params)
+        return run_beam_search(self.engine, [_prompt_ids_or_text(p) for p in _as_list(prompts)], params, adapter)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}

@@ -131,3 +131,19 @@ def test_bad_prompt_adapters_fail_alone_naming_the_file(tiny_models, prompt_adap
     limit = llm.engine.max_model_len
     with pytest.raises(ValueError, match=f"prompt has {limit} tokens"):
         llm.generate([[7] * (limit - 5)], SamplingParams(max_tokens=1), use_tqdm=False, adapter=good)
+
+
+def test_beam_search_runs_under_an_adapter(tiny_models, prompt_adapters):
+    """One beam is greedy decoding: under a prefix or soft prompt it gives the adapter's greedy tokens, and
+    wider beams score their hypotheses with the adapter too (not the base model's)."""
+    from tokenloom import BeamSearchParams
+
+    llm = _llm(tiny_models["llama"])
+    for method in ("prompt-tuning", "prefix-tuning"):
+        adapter = AdapterRequest(method, prompt_adapters[("llama", method)][0])
+        greedy = llm.generate(PROMPTS, GREEDY, use_tqdm=False, adapter=adapter)
+        beams = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=1, max_tokens=5, ignore_eos=True), adapter)
+        assert [b.sequences[0].token_ids for b in beams] == [g.outputs[0].token_ids for g in greedy]
+        wide = llm.beam_search(PROMPTS[:1], BeamSearchParams(beam_width=3, max_tokens=4, ignore_eos=True), adapter)
+        base = llm.beam_search(PROMPTS[:1], BeamSearchParams(beam_width=3, max_tokens=4, ignore_eos=True))
+        assert [s.cumulative_logprob for s in wide[0].sequences] != [s.cumulative_logprob for s in base[0].sequences]

@@ -28,6 +28,7 @@ from tokenloom.outputs import RequestOutput
 from tokenloom.sampling_params import BeamSearchParams, SamplingParams, SamplingParamsError
 
 if TYPE_CHECKING:
+    from tokenloom.adapters import AdapterRequest
     from tokenloom.engine.llm_engine import LLMEngine
 
 NEG = -1.0e9  # transformers' "impossible" score; kept so scores and comparisons match it exactly
@@ -130,16 +131,17 @@ def _can_improve(s: _Search, generated: int, params: BeamSearchParams) -> bool:
     return any(best_running > (worst_finished if seq is not None else NEG) for _, seq in s.finished)
 
 
-def engine_expander(engine: LLMEngine) -> Expander:
-    """An Expander over a decoder-only engine: every sequence is a one-token greedy request asking for its
-    top-k log-probabilities, all run together; its cached blocks come from its parent beam's request."""
+def engine_expander(engine: LLMEngine, adapter: AdapterRequest | None = None) -> Expander:
+    """An Expander over a decoder-only engine: every sequence is a one-token greedy request (under `adapter`,
+    if given) asking for its top-k log-probabilities, all run together; its cached blocks come from its parent
+    beam's request."""
     counter = itertools.count()
 
     def expand(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
         params = SamplingParams(temperature=0, max_tokens=1, logprobs=k, ignore_eos=True)
         ids = [f"beam-{next(counter)}" for _ in seqs]
         for rid, seq in zip(ids, seqs):
-            engine.add_request(rid, seq, params)
+            engine.add_request(rid, seq, params, adapter=adapter)
         done: dict[str, RequestOutput] = {o.request_id: o for o in engine.run(ids) if o.finished}
         tops = []
         for rid in ids:
@@ -152,9 +154,10 @@ def engine_expander(engine: LLMEngine) -> Expander:
     return expand
 
 
-def run_beam_search(engine: LLMEngine, prompts: Sequence[str | list[int]], params: BeamSearchParams
-                    ) -> list[BeamSearchOutput]:
-    """Beam search on a decoder-only engine for text or token-id prompts, with each hypothesis detokenized."""
+def run_beam_search(engine: LLMEngine, prompts: Sequence[str | list[int]], params: BeamSearchParams,
+                    adapter: AdapterRequest | None = None) -> list[BeamSearchOutput]:
+    """Beam search on a decoder-only engine for text or token-id prompts (under `adapter`: a LoRA, soft prompt
+    or prefix), with each hypothesis detokenized."""
     if engine.loaded.kind != "decoder":
         raise ValueError("beam search runs on decoder-only models for now; this model is an encoder-decoder")
     eos_ids = frozenset(engine.tokenizer.eos_token_ids)
@@ -170,7 +173,7 @@ def run_beam_search(engine: LLMEngine, prompts: Sequence[str | list[int]], param
             engine.inputs.check_prompt(ids[-1], params.max_tokens, strict=True)
         except ValueError as exc:
             raise InvalidRequestError(f"prompt {i}: {exc}", getattr(exc, "field", None)) from exc
-    outputs = beam_search(ids, params, eos_ids, engine_expander(engine))
+    outputs = beam_search(ids, params, eos_ids, engine_expander(engine, adapter))
     for out in outputs:
         for seq in out.sequences:
             seq.text = engine.tokenizer.decode(seq.token_ids)
