@@ -14,14 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tokenloom.config import (
-    DEFAULT_MODEL,
-    AdapterConfig,
-    CacheConfig,
-    DeviceConfig,
-    ModelConfig,
-    SchedulerConfig,
-)
+from tokenloom.config import CONFIG_GROUPS, DEFAULT_MODEL
 
 _SAMPLING_FLAGS: dict[str, type] = {
     "temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int, "min_tokens": int,
@@ -32,7 +25,7 @@ _TYPES = {"int": int, "float": float, "str": str}
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per engine option, with the option's default."""
-    for group_class in (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, AdapterConfig):
+    for group_class in CONFIG_GROUPS:
         group = parser.add_argument_group(group_class.__name__)
         for f in dataclasses.fields(group_class):
             flag = "--" + f.name.replace("_", "-")
@@ -47,8 +40,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed engine options, ready for `EngineConfig.from_kwargs` or `LLM(**kwargs)`."""
-    groups = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, AdapterConfig)
-    return {f.name: getattr(args, f.name) for g in groups for f in dataclasses.fields(g)}
+    return {f.name: getattr(args, f.name) for g in CONFIG_GROUPS for f in dataclasses.fields(g)}
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:

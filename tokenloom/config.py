@@ -86,6 +86,13 @@ class AdapterConfig:
 
 
 @dataclass(slots=True)
+class DecodingConfig:
+    """How constrained requests are decoded (tokenloom/structured): the default constraint backend."""
+
+    structured_outputs_backend: str = "llguidance"
+
+
+@dataclass(slots=True)
 class DeviceConfig:
     """Where tensors live, how many CPU threads torch uses, and whether they are pinned (`cpu_bind`:
     none, cores = one per physical core, or CPU ids such as 0,2 or 0-3)."""
@@ -106,7 +113,9 @@ class DeviceConfig:
 QUANTIZATIONS = ("auto", "none", "int8", "int5", "int4")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GROUPS = {"model_config": ModelConfig, "cache_config": CacheConfig,
-           "scheduler_config": SchedulerConfig, "device_config": DeviceConfig, "adapter_config": AdapterConfig}
+           "scheduler_config": SchedulerConfig, "device_config": DeviceConfig, "adapter_config": AdapterConfig,
+           "decoding_config": DecodingConfig}
+CONFIG_GROUPS = tuple(_GROUPS.values())  # the option groups, in flag order
 
 
 @dataclass(slots=True)
@@ -118,6 +127,7 @@ class EngineConfig:
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
     adapter_config: AdapterConfig = field(default_factory=AdapterConfig)
+    decoding_config: DecodingConfig = field(default_factory=DecodingConfig)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -11,6 +11,52 @@ class SamplingParamsError(ValueError):
 
 
 _GREEDY_EPS = 1e-5
+CONSTRAINT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's shape): exactly one of `json` (a JSON schema, as a dict or its
+    text), `json_object` (any JSON object), `regex`, `choice` (one of these strings) or `grammar` (Lark, or
+    llama.cpp's GBNF). `backend` picks a registered constraint backend (default: the engine's, llguidance);
+    `whitespace_flexible` lets a JSON output hold any whitespace (default: compact, one space after , and :)."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None
+    backend: str | None = None
+    whitespace_flexible: bool = False
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if isinstance(self.json, dict):
+            import json
+
+            object.__setattr__(self, "json", json.dumps(self.json, sort_keys=True))  # hashable, one cache key
+        given = self.kinds
+        _check(len(given) == 1, "structured_outputs", f"must set exactly one of {', '.join(CONSTRAINT_KINDS)}",
+               ", ".join(given) or "none")
+        _check(self.json is None or isinstance(self.json, str), "structured_outputs.json",
+               "must be a JSON schema (an object or its text)", self.json)
+        _check(self.regex is None or (isinstance(self.regex, str) and self.regex), "structured_outputs.regex",
+               "must be a non-empty string", self.regex)
+        _check(self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip()),
+               "structured_outputs.grammar", "must be a non-empty string", self.grammar)
+        _check(self.choice is None or (self.choice and all(isinstance(c, str) and c for c in self.choice)),
+               "structured_outputs.choice", "must be a non-empty list of non-empty strings", self.choice)
+
+    @property
+    def kinds(self) -> list[str]:
+        """Which constraint fields are set."""
+        return [k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False)]
+
+    @property
+    def kind(self) -> str:
+        """The constraint's kind: json, json_object, regex, choice or grammar."""
+        return self.kinds[0]
 
 
 @dataclass(slots=True)
@@ -46,8 +92,13 @@ class SamplingParams:
     # Plugins' decoding strategies: names, {"name", "args"}, or (offline) callables; resolved through the
     # plugin registry when the request is added (`tokenloom.plugins.build_logits_processors`).
     logits_processors: list[Any] | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # a JSON schema, regex, choice or grammar
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            unknown = sorted(set(self.structured_outputs) - set(StructuredOutputsParams.__dataclass_fields__))
+            _check(not unknown, "structured_outputs", "has unknown fields", unknown)
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -93,6 +144,9 @@ class SamplingParams:
                "must be final, delta or cumulative", self.output_kind)
         _check(self.logits_processors is None or isinstance(self.logits_processors, list), "logits_processors",
                "must be a list of names or {name, args}", self.logits_processors)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", "must be StructuredOutputsParams (or its fields as a dict)",
+               self.structured_outputs)
 
     @property
     def greedy(self) -> bool:

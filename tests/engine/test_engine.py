@@ -204,10 +204,10 @@ def test_a_request_that_breaks_execution_fails_alone(llm, monkeypatch):
     expected = token_ids(llm.generate(good, GREEDY, use_tqdm=False))
     real_sampler = engine.runner.sampler
 
-    def poisoned(logits, requests):
+    def poisoned(logits, requests, *masks):
         if any(r.request_id == "poison" for r in requests):
             raise RuntimeError("kernel blew up")
-        return real_sampler(logits, requests)
+        return real_sampler(logits, requests, *masks)
 
     monkeypatch.setattr(engine.runner, "sampler", poisoned)
     for i, p in enumerate(good):

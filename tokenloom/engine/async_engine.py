@@ -107,6 +107,9 @@ class AsyncEngine:
             raise ServerBusyError("the server is shutting down and takes no new requests")
         if not self.is_alive:
             raise EngineDeadError("the engine has stopped")
+        if params.structured_outputs is not None and self.engine.structured is not None:
+            # compiled here, on a worker thread, so the engine's loop only meets a cache hit
+            await asyncio.to_thread(self.engine.structured.compile, params.structured_outputs)
         stream = RequestStream(request_id, asyncio.get_running_loop(), self.abort)
         timings = RequestTimings(arrival if arrival is not None else time.monotonic())
         admitted: concurrent.futures.Future[None] = concurrent.futures.Future()

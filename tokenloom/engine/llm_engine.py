@@ -39,6 +39,8 @@ from tokenloom.loader import LoadedModel, load_model
 from tokenloom.models.pooling import PoolingConfig, read_pooling_config
 from tokenloom.outputs import RequestOutput
 from tokenloom.sampling_params import SamplingParams
+from tokenloom.structured import StructuredOutputs, TokenizerInfo
+from tokenloom.structured.backend import backend_factory
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,13 @@ class LLMEngine:
                                   self.adapters)
         self.inputs = InputProcessor(self.loaded, self.max_model_len, device, encoder_inputs)
         self.vocab_size = self.inputs.vocab_size
+        self.structured = None  # constraints (JSON schema, regex, choice, grammar): generative models only
+        if self.loaded.kind != "encoder":
+            backend = config.decoding_config.structured_outputs_backend
+            backend_factory(backend)  # an unknown backend fails at start, not at the first request
+            self.structured = StructuredOutputs(TokenizerInfo(self.tokenizer.hf, self.vocab_size,
+                                                              tuple(sorted(self.inputs.eos_token_ids))), backend)
+            self.runner.structured = self.structured
         self.outputs = OutputProcessor(self.tokenizer)
         self.device = device
         self._pooling: dict[str, Request] = {}  # pooling requests in flight, by id
@@ -161,6 +170,9 @@ class LLMEngine:
         if isinstance(prompt, str):
             raise InvalidRequestError("add_request takes token ids; tokenize text with engine.inputs.token_ids")
         children = self.inputs.requests(request_id, prompt, params, strict, self._adapter(adapter))
+        if params.structured_outputs is not None:  # compiled once per distinct constraint (cached)
+            for child in children:
+                child.matcher = self.structured.matcher(params.structured_outputs)
         self.outputs.add(ParentState(request_id, prompt_text, list(prompt)), children)
         for child in children:
             self.scheduler.add(child)

@@ -34,6 +34,7 @@ from tokenloom.models.layers.attention import (
 )
 from tokenloom.models.registry import model_kind
 from tokenloom.outputs import PositionLogprobs
+from tokenloom.structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class ModelRunner:
             attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
                              torch.zeros(shape, dtype=dtype, device=device))
         self.encoder_cache = EncoderCache(model, device) if model_kind(model) == "encoder-decoder" else None
+        self.structured: StructuredOutputs | None = None  # the engine's, for constrained requests' bitmasks
 
     def kv_cache_bytes(self) -> int:
         """Bytes of the paged KV cache tensors, every layer."""
@@ -126,6 +128,10 @@ class ModelRunner:
         if self.adapters is not None:
             batch.meta.virtual_kv = self.adapters.begin_step(batch.adapter_rows, len(batch.input_ids),
                                                              batch.virtual_spans)
+        # constrained requests' token masks, filled on a helper thread while the forward pass runs
+        masks = self.structured.bitmask_async([sched.requests[i] for i in batch.sample_rows
+                                               if not sched.requests[i].head_only]) \
+            if self.structured is not None and batch.sample_rows else None
         try:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta)
         finally:
@@ -144,7 +150,7 @@ class ModelRunner:
         if batch.sample_rows:
             logits = self.model.compute_logits(hidden[batch.sample_index])
             reqs = [sched.requests[i] for i in batch.sample_rows]
-            result = self.sampler(logits, reqs)
+            result = self.sampler(logits, reqs, masks.result() if masks is not None else None)
             for r, token, lp in zip(reqs, result.token_ids, result.logprobs):
                 out.sampled[r.request_id] = token
                 if lp is not None:

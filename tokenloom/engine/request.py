@@ -85,6 +85,7 @@ class Request:
     # head (a PEFT SEQ_CLS adapter's `score`) instead of the sampler, and it ends there.
     head_only: bool = False
     token_type_ids: list[int] | None = None  # a pooling request's segment ids (BERT pairs)
+    matcher: Any = None  # structured outputs: the request's grammar matcher (tokenloom.structured.Matcher)
 
     @property
     def is_pooling(self) -> bool:

@@ -1,6 +1,8 @@
-"""Turn the logits of one step into next tokens: logit bias, min_tokens, penalties, top-k/p, min-p, seeds.
+"""Turn the logits of one step into next tokens: constraints, logit bias, min_tokens, penalties, top-k/p, min-p,
+seeds.
 
-Order and meaning follow vLLM v1. Non-argmax-invariant processing (logit bias, min_tokens masking,
+Order and meaning follow vLLM v1. Constrained rows (structured outputs) first lose every token their grammar
+does not allow (the step's bitmask). Non-argmax-invariant processing (logit bias, min_tokens masking,
 repetition/frequency/presence penalties, then the request's logits processors from plugins) applies to
 every row, so greedy rows take the exact argmax of the processed logits. Sampled rows then get
 temperature, min-p, top-k and top-p (vLLM's order), and draw one uniform number each, inverted through
@@ -19,6 +21,7 @@ import torch
 from tokenloom.engine.request import Request
 from tokenloom.models import ops
 from tokenloom.outputs import Logprob, PositionLogprobs
+from tokenloom.structured.manager import apply_bitmask
 
 
 @dataclass(slots=True)
@@ -32,9 +35,12 @@ class SamplerOutput:
 class Sampler:
     """Sample the next token of each row of a logits batch; row i belongs to requests[i]."""
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """Process `logits` [num_rows, vocab] (any float dtype) and return the sampled ids and logprobs."""
+    def __call__(self, logits: torch.Tensor, requests: list[Request], bitmask: torch.Tensor | None = None
+                 ) -> SamplerOutput:
+        """Process `logits` [num_rows, vocab] (any float dtype) and return the sampled ids and logprobs;
+        `bitmask` [num_rows, words] holds the allowed tokens of constrained rows."""
         params = [r.sampling_params for r in requests]
+        masked_rows = [i for i, r in enumerate(requests) if r.matcher is not None] if bitmask is not None else []
         bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
         min_rows = [i for i, (r, p) in enumerate(zip(requests, params, strict=True))
                     if p.min_tokens and len(r.output_token_ids) < p.min_tokens]
@@ -43,8 +49,10 @@ class Sampler:
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         proc_rows = [i for i, r in enumerate(requests) if r.logits_processors]
         # Copy only when we modify in place; an all-greedy plain batch is one argmax of the raw logits.
-        x = logits.to(torch.float32, copy=bool(bias_rows or min_rows or pen_rows or random_rows or proc_rows),
-                      memory_format=torch.contiguous_format)
+        x = logits.to(torch.float32, copy=bool(masked_rows or bias_rows or min_rows or pen_rows or random_rows
+                                               or proc_rows), memory_format=torch.contiguous_format)
+        if masked_rows:
+            apply_bitmask(x, bitmask, masked_rows)
         if bias_rows:
             _apply_logit_bias(x, [requests[i] for i in bias_rows], bias_rows)
         if min_rows:

@@ -151,7 +151,8 @@ class Scheduler:
                text_stop: TextStop | None = None) -> list[Request]:
         """Advance computed counts, append sampled tokens and decide every stop, in this order: EOS and stop
         token ids (after min_tokens), max_tokens and the context length, then a stop string that
-        `text_stop` (the detokenizer) finds in the new token's text. A pooling request that ran is done.
+        `text_stop` (the detokenizer) finds in the new token's text, then a constrained request's complete
+        grammar (its token's text kept). A pooling request that ran is done.
         Returns the requests that finished, also listed in `out.finished_req_ids`."""
         finished = []
         for request, n in zip(out.requests, out.num_tokens):
@@ -171,6 +172,8 @@ class Scheduler:
             text = text_stop(request, token, status is RequestStatus.FINISHED_STOPPED) if text_stop else None
             if status is None and text is not None:
                 status, reason = RequestStatus.FINISHED_STOPPED, text
+            if request.matcher is not None and status is not RequestStatus.FINISHED_STOPPED:
+                status, reason = self._grammar_stop(request, token, status, reason)
             if status is not None:
                 self.finish(request, status, reason, out)
                 finished.append(request)
@@ -187,6 +190,18 @@ class Scheduler:
         if num_out >= request.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
+
+    @staticmethod
+    def _grammar_stop(request: Request, token: int, status: RequestStatus | None, reason: int | None
+                      ) -> tuple[RequestStatus | None, int | str | None]:
+        """Advance a constrained request's matcher over `token`: a complete grammar stops the request (nothing
+        else could follow), a refused token (which the mask should have made impossible) fails it."""
+        if not request.matcher.accept(token):
+            return RequestStatus.FINISHED_ERROR, f"error: the constraint refused token {token}: " \
+                                                 f"{request.matcher.error()}"
+        if request.matcher.is_terminated():
+            return RequestStatus.FINISHED_STOPPED, None
+        return status, reason
 
     def finish(self, request: Request, status: RequestStatus, reason: int | str | None = None,
                out: SchedulerOutput | None = None) -> None:

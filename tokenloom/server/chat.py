@@ -28,6 +28,7 @@ from tokenloom.server.protocol import (
 from tokenloom.server.request_handling import (
     SSEResponse,
     check_failure,
+    constraint_field,
     merged,
     plain_prompt_logprobs,
     sampling_params,
@@ -60,7 +61,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         prompt = await served.tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
         served.check_prompt(prompt, max_tokens, param, prompt_param="messages")
         request_id = random_id("chatcmpl")
-        streams = await submit(served, request_id, [prompt], params, lease.adapter)
+        streams = await submit(served, request_id, [prompt], params, lease.adapter,
+                               constraint_field(body))
         outputs = merged(streams)
         top = body.top_logprobs or 0
         if body.stream:

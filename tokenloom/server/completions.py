@@ -23,6 +23,7 @@ from tokenloom.server.protocol import (
 from tokenloom.server.request_handling import (
     SSEResponse,
     check_failure,
+    constraint_field,
     merged,
     plain_prompt_logprobs,
     sampling_params,
@@ -75,7 +76,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         for p in prompts:
             served.check_prompt(p.token_ids, max_tokens, "max_tokens")
         request_id = random_id("cmpl")
-        streams = await submit(served, request_id, [p.token_ids for p in prompts], params, lease.adapter)
+        streams = await submit(served, request_id, [p.token_ids for p in prompts], params, lease.adapter,
+                               constraint_field(body))
         chunks = _chunks(body, prompts, merged(streams), n)
         if body.stream:
             return SSEResponse(_stream(chunks, request_id, lease.name, body, prompts), on_close=lease.hand_over())

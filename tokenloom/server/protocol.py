@@ -28,6 +28,36 @@ class StreamOptions(_Request):
     include_usage: bool | None = False
 
 
+class JsonSchemaFormat(_Request):
+    """`response_format.json_schema`: a named JSON schema (`strict` is accepted; outputs always follow it)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: text (no constraint), json_object (any JSON object) or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs` extra field: exactly one of json, json_object, regex, choice, grammar."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    backend: str | None = None
+    whitespace_flexible: bool | None = None
+
+
 class SamplingRequest(_Request):
     """Fields shared by completions and chat completions."""
 
@@ -55,6 +85,8 @@ class SamplingRequest(_Request):
     user: str | None = None
     keep_alive: float | str | None = None  # Ollama's: how long the model stays loaded after this request
     logits_processors: list[str | dict[str, Any]] | None = None  # plugins' strategies, by name (and args)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
     @property
     def include_usage(self) -> bool:

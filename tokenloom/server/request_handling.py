@@ -21,12 +21,13 @@ from tokenloom.catalog import parse_keep_alive
 from tokenloom.engine.async_engine import RequestStream
 from tokenloom.manager import ModelManager
 from tokenloom.outputs import PositionLogprobs, RequestOutput
-from tokenloom.sampling_params import SamplingParams
+from tokenloom.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 from tokenloom.server.config import ServerConfig
 from tokenloom.server.errors import APIError, error_body, to_api_error
 from tokenloom.server.metrics import ServerMetrics
 from tokenloom.server.model_leases import ModelLease, ModelLeases, ServedModel
 from tokenloom.server.protocol import SamplingRequest
+from tokenloom.structured import StructuredOutputError
 
 T = TypeVar("T")
 
@@ -82,22 +83,55 @@ def sampling_params(req: SamplingRequest, model: ServedModel, max_tokens: int | 
             raise APIError(400, f"logit_bias keys must be token ids; {exc}", param="logit_bias",
                            code="invalid_value") from exc
     return SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                          output_kind="delta")
+                          output_kind="delta", structured_outputs=constraint_of(req))
+
+
+def constraint_of(req: SamplingRequest) -> StructuredOutputsParams | None:
+    """The request's constraint: OpenAI's `response_format` or vLLM's `structured_outputs` (not both)."""
+    fmt, extra = req.response_format, req.structured_outputs
+    if fmt is not None and fmt.type != "text" and extra is not None:
+        raise APIError(400, "set response_format or structured_outputs, not both", param="structured_outputs",
+                       code="invalid_value")
+    try:
+        if extra is not None:
+            fields = {k: v for k, v in extra.model_dump(by_alias=True).items() if v is not None}
+            return StructuredOutputsParams(**fields)
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                           param="response_format", code="invalid_value")
+        return StructuredOutputsParams(json=fmt.json_schema.schema_)
+    except SamplingParamsError as exc:
+        field = "structured_outputs" if extra is not None else "response_format"
+        raise APIError(400, str(exc), param=field, code="invalid_value") from exc
+
+
+def constraint_field(req: SamplingRequest) -> str:
+    """The request field a constraint error names."""
+    return "structured_outputs" if req.structured_outputs is not None else "response_format"
 
 
 async def submit(model: ServedModel, request_id: str, prompts: list[list[int]], params: SamplingParams,
-                 adapter: AdapterRequest | None = None) -> list[RequestStream]:
+                 adapter: AdapterRequest | None = None, constraint: str = "structured_outputs"
+                 ) -> list[RequestStream]:
     """Queue one engine request per prompt (with the request's adapter, if any); if one is refused, the
-    others are dropped and the error raised."""
+    others are dropped and the error raised (a constraint that does not compile: a 400 naming the request
+    field `constraint` that carried it)."""
     arrival = time.monotonic()
     streams: list[RequestStream] = []
     try:
         for i, ids in enumerate(prompts):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
             streams.append(await model.generator().add_request(rid, ids, params, arrival, adapter))
-    except BaseException:
+    except BaseException as exc:
         for stream in streams:
             stream.abort()
+        if isinstance(exc, StructuredOutputError):
+            message = str(exc).replace("structured_outputs", constraint, 1)
+            raise APIError(400, message, param=constraint, code="invalid_value") from exc
         raise
     return streams
 

@@ -1,0 +1,104 @@
+"""The engine's structured outputs: compiled constraints cached by value, one matcher per request, and each
+step's token bitmask for the constrained rows, filled on a helper thread while the forward pass runs.
+
+Compiling is thread-safe and cached (an LRU of `cache_size` constraints): the server compiles a request's
+constraint on a worker thread before the request reaches the engine's loop, so a slow grammar never stalls
+the other requests' steps, and the engine's own lookup is then a cache hit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from tokenloom.sampling_params import StructuredOutputsParams
+from tokenloom.structured.backend import Backend, Matcher, StructuredOutputError, TokenizerInfo, backend_factory
+
+
+class StructuredOutputs:
+    """Constraint compilation (cached), matchers, and per-step bitmasks for one engine."""
+
+    def __init__(self, info: TokenizerInfo, default_backend: str = "llguidance", cache_size: int = 256) -> None:
+        self.info = info
+        self.default_backend = default_backend
+        self.cache_size = cache_size
+        self.words = (info.vocab_size + 31) // 32
+        self._backends: dict[str, Backend] = {}
+        self._cache: OrderedDict[tuple[str, StructuredOutputsParams], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _backend(self, name: str) -> Backend:
+        with self._lock:
+            if name not in self._backends:
+                self._backends[name] = backend_factory(name)(self.info)
+            return self._backends[name]
+
+    def compile(self, params: StructuredOutputsParams) -> tuple[Backend, Any]:
+        """The backend and compiled form of `params`, from the cache or compiled now (thread-safe);
+        StructuredOutputError names what is wrong."""
+        name = params.backend or self.default_backend
+        key = (name, params)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._backends[name], self._cache[key]
+        backend = self._backend(name)
+        compiled = backend.compile(params)  # outside the lock: other constraints compile meanwhile
+        with self._lock:
+            self._cache[key] = compiled
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return backend, compiled
+
+    def matcher(self, params: StructuredOutputsParams) -> Matcher:
+        """A fresh matcher for one request."""
+        backend, compiled = self.compile(params)
+        return backend.matcher(compiled)
+
+    def bitmask_async(self, requests: list[Any]) -> Future[torch.Tensor] | None:
+        """Start filling the bitmask [len(requests), words] (int32; unconstrained rows allow everything) on a
+        helper thread; None when no request has a matcher."""
+        rows = [(r.matcher, i) for i, r in enumerate(requests) if r.matcher is not None]
+        if not rows:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenloom-masks")
+        return self._pool.submit(self._fill, rows, len(requests))
+
+    def _fill(self, rows: list[tuple[Matcher, int]], num_rows: int) -> torch.Tensor:
+        bitmask = torch.full((num_rows, self.words), -1, dtype=torch.int32)
+        by_type: dict[type, list[tuple[Matcher, int]]] = {}
+        for matcher, row in rows:
+            by_type.setdefault(type(matcher), []).append((matcher, row))
+        for kind, group in by_type.items():
+            fill_many = getattr(kind, "fill_many", None)  # a backend's batched (parallel) fill, if it has one
+            if fill_many is not None and len(group) > 1:
+                fill_many(group, bitmask)
+            else:
+                for matcher, row in group:
+                    matcher.fill_bitmask(bitmask, row)
+        return bitmask
+
+    def close(self) -> None:
+        """Stop the helper thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Set to -inf, in place, the logits of `rows` whose bit is clear in their bitmask row (same order)."""
+    vocab = logits.shape[1]
+    index = torch.tensor(rows, device=logits.device)
+    words = bitmask[index.cpu()].to(logits.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :vocab].bool()
+    logits[index] = logits[index].masked_fill_(~allowed, float("-inf"))
+
+
+__all__ = ["StructuredOutputError", "StructuredOutputs", "apply_bitmask"]
