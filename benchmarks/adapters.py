@@ -97,6 +97,7 @@ def peft_side(model: str, train_rows: list, dev_rows: list, label_ids: list[int]
     folder = source.path.parent if source.kind == "gguf" else source.path
     tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     head = args.method == "head"
+    torch.manual_seed(args.seed)  # a head is drawn at load (the only missing weights), as tokenloom draws it
     base = (AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32, num_labels=len(args.labels))
             if head else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs))
     torch.manual_seed(args.seed)

@@ -13,6 +13,8 @@ group `tokenloom.plugins` of installed packages or named with `--plugin module.p
         registry.add_model("MyForCausalLM", MyForCausalLM)
         registry.add_step("postprocessor", "shout", Shout)
         registry.add_task("shouting", make_shouting_pipeline)
+        registry.add_tool_parser("my_format", MyToolCallParser)        # tool-call format
+        registry.add_constraint_backend("my_backend", MyBackend)       # structured outputs backend
 
 A plugin that fails to import or register is reported by name (`tokenloom plugins list`, the log) and
 skipped; everything else keeps working. What a plugin registered before failing is taken back.
@@ -122,6 +124,22 @@ class PluginRegistry:
 
         pipelines.register_task(name, factory)
         self._record("tasks", name, lambda: pipelines.unregister_task(name))
+
+    def add_constraint_backend(self, name: str, factory: Callable[..., Any]) -> None:
+        """A structured-outputs backend (`factory(TokenizerInfo)` → a `tokenloom.structured.Backend`), picked
+        by `--structured-outputs-backend NAME` or a request's `structured_outputs.backend`."""
+        from tokenloom.structured import register_backend, unregister_backend
+
+        register_backend(name, factory)
+        self._record("constraint_backends", name, lambda: unregister_backend(name))
+
+    def add_tool_parser(self, name: str, parser: type) -> None:
+        """A tool-call format (a `tokenloom.structured.tool_parsers.ToolCallParser` subclass), picked by
+        `--tool-call-parser NAME`."""
+        from tokenloom.structured.tool_parsers import register_tool_parser, unregister_tool_parser
+
+        register_tool_parser(name, parser)
+        self._record("tool_parsers", name, lambda: unregister_tool_parser(name))
 
     # ---- what tokenloom calls ----
 

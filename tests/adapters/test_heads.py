@@ -194,3 +194,26 @@ def test_a_decoder_head_on_the_last_token(arch, tiny_models, tmp_path):
     assert results["g"].outputs[0].token_ids == alone.outputs[0].token_ids
     with pytest.raises(ValueError, match="classify on it needs a classification-head adapter"):
         engine.add_request("x", [5, 6], PoolingParams("classify"))
+
+
+def test_a_seed_starts_a_head_from_the_weights_transformers_and_peft_draw(bert, tmp_path):
+    """Seeded alike, our head and LoRA start where AutoModelForSequenceClassification (the head drawn at load)
+    plus PEFT's SEQ_CLS LoRA start, so a benchmark compares two runs from one point."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from tokenloom.adapters.train import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig(model=str(bert), data=str(_data(tmp_path / "d.txt")), method="head",
+                                  task="classification", labels="a,b", rank=4, alpha=8, seed=3,
+                                  output=str(tmp_path / "out")))
+    torch.manual_seed(3)
+    base = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2, dtype=torch.float32)
+    torch.manual_seed(3)
+    peft_model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                 target_modules=["query", "value"]))
+    state = peft_model.state_dict()
+    assert torch.equal(trainer.adapter.classifier.weight.detach(),
+                       state["base_model.model.classifier.modules_to_save.default.weight"])
+    for name, update in trainer.adapter.lora.updates:
+        assert torch.equal(update.a.detach(), state[f"base_model.model.{name}.lora_A.default.weight"]), name

@@ -176,7 +176,7 @@ class Trainer:
             self.model = self.adapter.model
         elif config.method == "head":
             self.adapter = HeadTrainable(self.model, len(self.label_words), config.rank, config.alpha,
-                                         config.target_modules, config.model, config.lora_dropout)
+                                         config.target_modules, config.model, config.lora_dropout, config.seed)
         elif config.method == "full":
             self.adapter = FullTrainable(self.model, config.train_layers, config.model)
         elif config.method == "lora":

@@ -210,7 +210,7 @@ class HeadTrainable:
     num_virtual_tokens = 0
 
     def __init__(self, model: nn.Module, num_labels: int, rank: int, alpha: float, target_modules: str | None,
-                 model_name: str, dropout: float = 0.0) -> None:
+                 model_name: str, dropout: float = 0.0, seed: int | None = None) -> None:
         self.encoder = hasattr(model, "pooled")
         if self.encoder and getattr(model, "pooler", None) is None:
             raise AdapterError(f"{model_name} has no pooler (pooler.dense) for a classification head: the head "
@@ -221,13 +221,16 @@ class HeadTrainable:
         hidden = int(model.spec.hidden_size if self.encoder else model.config.hidden_size)
         self.model, self.name = model, "classifier" if self.encoder else "score"
         gpt2 = getattr(model.config, "model_type", "") == "gpt2"
-        # LoRA first: its draws from the seeded RNG are then PEFT's (whose head is drawn at model load)
-        self.lora = LoRATrainable(model, rank, alpha, target_modules, gpt2, model_name,
-                                  ENCODER_TARGETS if self.encoder else None, dropout)
-        self.classifier = nn.Linear(hidden, num_labels, bias=self.encoder)
+        # Drawn as transformers and PEFT draw them from a seed: the head alone at model load (normal, bias
+        # zero), then, seeded again, the LoRA matrices.
+        self.classifier = nn.utils.skip_init(nn.Linear, hidden, num_labels, bias=self.encoder)
         nn.init.normal_(self.classifier.weight, std=float(getattr(model.config, "initializer_range", 0.02)))
         if self.encoder:
             nn.init.zeros_(self.classifier.bias)
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.lora = LoRATrainable(model, rank, alpha, target_modules, gpt2, model_name,
+                                  ENCODER_TARGETS if self.encoder else None, dropout)
         self.params = [*self.lora.params, *self.classifier.parameters()]
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:

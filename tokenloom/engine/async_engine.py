@@ -83,6 +83,8 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tokenloom-engine", daemon=True)
         self._thread.start()
+        if engine.structured is not None:  # served: the first constrained request must not wait for this
+            engine.structured.warm_up()
 
     # ---- caller side (any thread, usually the event loop) ----
 

@@ -36,11 +36,12 @@ class AdapterBinding:
 
 
 def chat_token_ids(tokenizer: Tokenizer, messages: list[Message], chat_template: str | None = None,
-                   add_generation_prompt: bool = True) -> list[int]:
-    """A conversation's prompt ids: the chat template's text, tokenized without adding special tokens again
-    (the template writes them)."""
+                   add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """A conversation's prompt ids: the chat template's text (with the tools offered, for templates that
+    render them), tokenized without adding special tokens again (the template writes them)."""
+    extra = {"tools": tools} if tools else {}
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                         chat_template=chat_template)
+                                         chat_template=chat_template, **extra)
     return tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -1,7 +1,9 @@
-"""POST /v1/chat/completions: messages through the model's chat template; n, logprobs, streaming."""
+"""POST /v1/chat/completions: messages through the model's chat template; n, logprobs, streaming; tools (calls
+parsed out of the reply, streamed as tool_calls deltas; required / named choices enforced by a grammar)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -20,7 +22,12 @@ from tokenloom.server.protocol import (
     ChatCompletionResponse,
     ChatLogprobs,
     Delta,
+    DeltaFunction,
+    DeltaToolCall,
+    FunctionCall,
+    NamedToolChoice,
     TokenLogprob,
+    ToolCallItem,
     TopLogprob,
     Usage,
     random_id,
@@ -38,6 +45,8 @@ from tokenloom.server.request_handling import (
     token_text,
     unless_disconnected,
 )
+from tokenloom.structured.tool_parsers import ToolCallParser, ToolCallStreamer
+from tokenloom.structured.tools import ToolPlan, plan_tools, template_messages
 
 router = APIRouter()
 
@@ -57,18 +66,42 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
         params = sampling_params(body, served, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                                  body.prompt_logprobs)
-        messages = [m.as_template_input() for m in body.messages]
-        prompt = await served.tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
+        template = served.tokenizer.tokenizer.chat_template
+        plan = _tool_plan(body, template, state.config.tool_call_parser)
+        if plan is not None and plan.constraint is not None:
+            if params.structured_outputs is not None:
+                raise APIError(400, "tool_choice required or a named function constrains the reply itself; it "
+                                    "cannot be combined with response_format or structured_outputs",
+                               param="tool_choice", code="invalid_value")
+            params = dataclasses.replace(params, structured_outputs=plan.constraint)
+        messages = template_messages([m.as_template_input() for m in body.messages], template, plan)
+        prompt = await served.tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt,
+                                                    tools=plan.template_tools() if plan is not None else None)
         served.check_prompt(prompt, max_tokens, param, prompt_param="messages")
         request_id = random_id("chatcmpl")
-        streams = await submit(served, request_id, [prompt], params, lease.adapter,
-                               constraint_field(body))
+        field = "tool_choice" if plan is not None and plan.constraint is not None else constraint_field(body)
+        streams = await submit(served, request_id, [prompt], params, lease.adapter, field)
         outputs = merged(streams)
         top = body.top_logprobs or 0
+        parser = plan.parser if plan is not None else None
         if body.stream:
-            return SSEResponse(_stream(outputs, request_id, lease.name, n, len(prompt), top, body.include_usage),
-                               on_close=lease.hand_over())
-        return await unless_disconnected(request, _collect(outputs, request_id, lease.name, n, len(prompt), top))
+            return SSEResponse(_stream(outputs, request_id, lease.name, n, len(prompt), top, body.include_usage,
+                                       parser), on_close=lease.hand_over())
+        return await unless_disconnected(request, _collect(outputs, request_id, lease.name, n, len(prompt), top,
+                                                           parser))
+
+
+def _tool_plan(body: ChatCompletionRequest, template: str | None, parser_name: str | None) -> ToolPlan | None:
+    """How the request's tools are offered and its reply read (400 for a bad tool_choice)."""
+    if body.tool_choice is not None and body.tool_choice != "none" and not body.tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
+    tools = [t.function.model_dump(exclude={"strict"}) for t in body.tools or []]
+    choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
+    try:
+        return plan_tools(tools, choice, body.parallel_tool_calls is not False, template, parser_name)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="tool_choice" if "tool_choice" in str(exc) else "tools",
+                       code="invalid_value") from exc
 
 
 def chat_logprobs(c: CompletionOutput, top: int) -> ChatLogprobs | None:
@@ -87,7 +120,7 @@ def _token_logprob(lp: PositionLogprobs, token_id: int, top: int) -> TokenLogpro
 
 
 async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, model: str, n: int,
-                   num_prompt_tokens: int, top: int) -> ChatCompletionResponse:
+                   num_prompt_tokens: int, top: int, parser: ToolCallParser | None = None) -> ChatCompletionResponse:
     texts: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[ChatLogprobs | None] = [None] * n
     reasons: list[str | None] = [None] * n
@@ -105,15 +138,24 @@ async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id
                 if lp is not None:
                     logprobs[c.index] = logprobs[c.index] or ChatLogprobs(content=[])
                     logprobs[c.index].content.extend(lp.content or [])
-    choices = [ChatChoice(index=i, message=AssistantMessage(content="".join(texts[i])), logprobs=logprobs[i],
-                          finish_reason=reasons[i]) for i in range(n)]
+    choices = [_choice(i, "".join(texts[i]), logprobs[i], reasons[i], parser) for i in range(n)]
     return ChatCompletionResponse(id=request_id, model=model, choices=choices,
                                   usage=Usage.of(num_prompt_tokens, num_tokens),
                                   prompt_logprobs=plain_prompt_logprobs(prompt_logprobs))
 
 
+def _choice(index: int, text: str, logprobs: ChatLogprobs | None, reason: str | None,
+            parser: ToolCallParser | None) -> ChatChoice:
+    """A finished choice; with tools, its calls parsed out of the text (finish_reason tool_calls)."""
+    content, calls = parser.parse(text) if parser is not None else (text, [])
+    items = [ToolCallItem(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+    return ChatChoice(index=index, message=AssistantMessage(content=content, tool_calls=items or None),
+                      logprobs=logprobs, finish_reason="tool_calls" if items and reason == "stop" else reason)
+
+
 async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, model: str, n: int,
-                  num_prompt_tokens: int, top: int, include_usage: bool) -> AsyncIterator[str]:
+                  num_prompt_tokens: int, top: int, include_usage: bool, parser: ToolCallParser | None = None
+                  ) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
@@ -122,15 +164,37 @@ async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id:
     for i in range(n):  # the role comes first, as OpenAI sends it
         yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
     num_tokens = 0
+    streamers = [ToolCallStreamer(parser) if parser is not None else None for _ in range(n)]
     async with aclosing(outputs):
         async for _, out in outputs:
             check_failure(out)
             for c in out.outputs:
                 num_tokens += len(c.token_ids)
-                if c.text or c.token_ids:
-                    yield chunk([ChatChunkChoice(index=c.index, delta=Delta(content=c.text),
-                                                 logprobs=chat_logprobs(c, top))])
-                if c.finish_reason is not None:
-                    yield chunk([ChatChunkChoice(index=c.index, delta=Delta(), finish_reason=c.finish_reason)])
+                streamer, reason = streamers[c.index], c.finish_reason
+                if streamer is None:
+                    delta = Delta(content=c.text) if c.text or c.token_ids else None
+                else:
+                    delta = _tool_delta(streamer, c.text, reason is not None)
+                    if streamer.num_calls and reason == "stop":
+                        reason = "tool_calls"
+                lp = chat_logprobs(c, top)
+                if delta is not None or lp is not None:
+                    yield chunk([ChatChunkChoice(index=c.index, delta=delta or Delta(), logprobs=lp)])
+                if reason is not None:
+                    yield chunk([ChatChunkChoice(index=c.index, delta=Delta(), finish_reason=reason)])
     if include_usage:
         yield chunk([], Usage.of(num_prompt_tokens, num_tokens))
+
+
+def _tool_delta(streamer: ToolCallStreamer, text: str, final: bool) -> Delta | None:
+    """The next delta of a reply that may hold tool calls: new content (whitespace between calls dropped) and
+    new call pieces; None when there is nothing new to send."""
+    content, pieces = streamer.feed(text, final)
+    if streamer.num_calls and not content.strip():
+        content = ""
+    calls = [DeltaToolCall(index=p.index, id=p.id, type="function" if p.id else None,
+                           function=DeltaFunction(name=p.name, arguments=p.arguments if p.id is None else ""))
+             for p in pieces]
+    if not content and not calls:
+        return None
+    return Delta(content=content or None, tool_calls=calls or None)

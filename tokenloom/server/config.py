@@ -34,6 +34,9 @@ class ServerConfig:
     # model of its own in /v1/models (its parent the base model), picked by a request's `model`, as vLLM's
     # --lora-modules.
     adapters: str | None = None
+    # How models write tool calls (hermes, llama3_json, json, or a plugin's); default: what the chat template
+    # writes (json, described in a system message, for templates that know no tools).
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -44,6 +47,13 @@ class ServerConfig:
             raise ServerConfigError(f"max_body_bytes must be >= 1; got {self.max_body_bytes}")
         if self.drain_timeout < 0:
             raise ServerConfigError(f"drain_timeout must be >= 0; got {self.drain_timeout}")
+        if self.tool_call_parser is not None:
+            from tokenloom.structured.tool_parsers import tool_parser
+
+            try:
+                tool_parser(self.tool_call_parser)
+            except ValueError as exc:
+                raise ServerConfigError(f"tool_call_parser: {exc}") from exc
         if self.api_key == "":
             raise ServerConfigError("api_key must not be empty (omit it to disable authentication)")
         if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:

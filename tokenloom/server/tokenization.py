@@ -34,9 +34,11 @@ class TokenizerPool:
         """Token ids of a text."""
         return await self._run(self.tokenizer.encode, text, add_special_tokens)
 
-    async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation through the chat template, exactly as `LLM.chat` builds them."""
-        return await self._run(chat_token_ids, self.tokenizer, messages, None, add_generation_prompt)
+    async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation (and the tools offered) through the chat template, exactly as `LLM.chat`
+        builds them."""
+        return await self._run(chat_token_ids, self.tokenizer, messages, None, add_generation_prompt, tools)
 
     async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids."""

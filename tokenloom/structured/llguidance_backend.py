@@ -17,9 +17,9 @@ import torch
 from tokenloom.sampling_params import StructuredOutputsParams
 from tokenloom.structured.backend import StructuredOutputError, TokenizerInfo
 from tokenloom.structured.json_schema import disjoint_one_of, drop_format, expand_dependencies
+from tokenloom.structured.tool_parsers import COMPACT_JSON
 
-# compact JSON unless asked otherwise (a small model given free whitespace may spend its tokens on it)
-_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_COMPACT = COMPACT_JSON  # compact JSON unless asked otherwise
 _FLEXIBLE = {"whitespace_flexible": True}
 _UNKNOWN_FORMAT = re.compile(r"Unknown format: (\S+)")
 _MAX_FORMAT_RETRIES = 8
@@ -74,6 +74,10 @@ class LLGuidanceBackend:
         self.info = info
         self._tokenizer = None
         self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Build the tokenizer view now (the engine's warm-up)."""
+        self.tokenizer()
 
     def tokenizer(self):  # noqa: ANN201 - llguidance.LLTokenizer, imported lazily
         """The llguidance view of the model's tokenizer, built once."""

@@ -55,6 +55,16 @@ class StructuredOutputs:
                 self._cache.popitem(last=False)
         return backend, compiled
 
+    def warm_up(self) -> None:
+        """Prepare the default backend on a background thread (llguidance converts the tokenizer: seconds
+        for a large vocabulary), so a server's first constrained request does not wait for it."""
+        def prepare() -> None:
+            backend = self._backend(self.default_backend)
+            if hasattr(backend, "prepare"):
+                backend.prepare()
+
+        threading.Thread(target=prepare, name="tokenloom-structured-warm-up", daemon=True).start()
+
     def matcher(self, params: StructuredOutputsParams) -> Matcher:
         """A fresh matcher for one request."""
         backend, compiled = self.compile(params)

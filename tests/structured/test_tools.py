@@ -1,0 +1,176 @@
+"""Tool-call formats: parsing whole replies and streamed ones (streamed pieces join to the whole parse, no tag
+text in the content), the grammars that force valid calls (llguidance accepts every valid call and refuses an
+unknown function or bad arguments), and the plan a request's tools make."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenloom.structured.tool_parsers import (
+    ToolCallParser,
+    ToolCallStreamer,
+    parser_for_template,
+    register_tool_parser,
+    tool_parser,
+    unregister_tool_parser,
+)
+from tokenloom.structured.tools import plan_tools, template_messages
+
+WEATHER = {"name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                           "unit": {"enum": ["C", "F"]}},
+                          "required": ["city"], "additionalProperties": False}}
+TIME = {"name": "get_time", "description": None, "parameters": {"type": "object", "properties": {}}}
+
+REPLIES = {
+    "hermes": ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "name": "x"}}\n'
+               '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'),
+    "llama3_json": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "name": "x"}}; '
+                   '{"name": "get_time", "parameters": {}}',
+    "json": '[{"name": "get_weather", "arguments": {"city": "Paris", "name": "x"}}, '
+            '{"name": "get_time", "arguments": {}}]',
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(REPLIES))
+def test_whole_and_streamed_parses_agree(fmt):
+    parser = tool_parser(fmt)
+    content, calls = parser.parse(REPLIES[fmt])
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "name": "x"}), ("get_time", {})]
+    assert content == ("Let me check." if fmt == "hermes" else None)
+    for step in (1, 2, 7):
+        streamer, text, pieces = ToolCallStreamer(parser), REPLIES[fmt], []
+        streamed = ""
+        for i in range(0, len(text), step):
+            new, got = streamer.feed(text[i:i + step], final=i + step >= len(text))
+            streamed += new
+            pieces += got
+        assert "<tool_call>" not in streamed and "{" not in streamed
+        assert streamed.strip() == (content or "")
+        heads = [p for p in pieces if p.id is not None]
+        assert [(p.index, p.name) for p in heads] == [(0, "get_weather"), (1, "get_time")]
+        for index, call in enumerate(calls):
+            first = pieces.index(heads[index])
+            assert all(p.id is None for p in pieces[first + 1:] if p.index == index)  # id and name come first
+            assert "".join(p.arguments for p in pieces if p.index == index) == call.arguments
+
+
+def test_plain_replies_stay_content_and_partial_tags_are_held_back():
+    hermes = tool_parser("hermes")
+    assert hermes.parse("No tools needed: 2 + 2 = 4.") == ("No tools needed: 2 + 2 = 4.", [])
+    streamer = ToolCallStreamer(hermes)
+    assert streamer.feed("Hello <tool_")[0] == "Hello "  # might open a call: held back
+    assert streamer.feed("kit>")[0] == "<tool_kit>"  # it did not
+    assert streamer.feed("<tool", final=True)[0] == "<tool"  # the reply ended: it was text after all
+    assert tool_parser("json").parse("Paris is sunny.") == ("Paris is sunny.", [])
+    assert tool_parser("llama3_json").parse("Hi!") == ("Hi!", [])
+    unfinished = tool_parser("json").parse('[{"name": "get_weather", "arguments": {"city": "Par')
+    assert unfinished[1] == []
+
+
+@pytest.mark.parametrize("fmt", sorted(REPLIES))
+def test_the_calls_grammar_accepts_valid_calls_only(fmt, tiny_models):
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import any_to_lark
+    from llguidance.hf import from_tokenizer
+    from transformers import AutoTokenizer
+
+    parser = tool_parser(fmt)
+    tok = from_tokenizer(AutoTokenizer.from_pretrained(tiny_models["llama"]))
+
+    def accepts(grammar: str, text: str) -> bool:
+        matcher = LLMatcher(tok, LLMatcher.grammar_from_lark(any_to_lark(grammar)), log_level=0)
+        assert not matcher.is_error(), matcher.get_error()
+        ids = tok.tokenize_str(text)
+        return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+
+    key = parser.arguments_key
+    one = json.dumps({"name": "get_weather", key: {"city": "Paris", "unit": "C"}})
+    other = json.dumps({"name": "get_time", key: {}})
+    write = {"hermes": lambda calls, sep="\n": "".join(f"<tool_call>\n{c}\n</tool_call>{sep}" for c in calls),
+             "llama3_json": lambda calls, sep="": "; ".join(calls),
+             "json": lambda calls, sep="": "[" + ", ".join(calls) + "]"}[fmt]
+    parallel = parser.grammar([WEATHER, TIME], parallel=True)
+    assert accepts(parallel, write([one, other]))
+    single = parser.grammar([WEATHER, TIME], parallel=False)
+    assert accepts(single, write([one], "") if fmt == "hermes" else write([one]))
+    bad_args = json.dumps({"name": "get_weather", key: {"town": "Paris"}})
+    unknown = json.dumps({"name": "launch", key: {}})
+    assert not accepts(parallel, write([bad_args]))
+    assert not accepts(parallel, write([unknown]))
+
+
+def test_the_plan_follows_tool_choice_and_the_template():
+    tools = [WEATHER, TIME]
+    assert plan_tools(tools, "none", True, "{{ tools }}") is None
+    auto = plan_tools(tools, "auto", True, "{% if tools %}<tool_call>{% endif %}")
+    assert auto.parser.name == "hermes" and auto.constraint is None and auto.template_tools()[0]["type"] == "function"
+    required = plan_tools(tools, "required", False, None)
+    assert required.parser.name == "json" and required.constraint.grammar and required.template_tools() is None
+    named = plan_tools(tools, {"type": "function", "function": {"name": "get_time"}}, True, None)
+    assert "get_time" in named.constraint.grammar and "get_weather" not in named.constraint.grammar
+    with pytest.raises(ValueError, match="tool_choice names function 'nope'"):
+        plan_tools(tools, {"type": "function", "function": {"name": "nope"}}, True, None)
+    with pytest.raises(ValueError, match="must be unique"):
+        plan_tools([WEATHER, WEATHER], "auto", True, None)
+    messages = template_messages([{"role": "user", "content": "Weather in Paris?"},
+                                  {"role": "assistant", "content": "", "tool_calls": [
+                                      {"id": "c1", "type": "function",
+                                       "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                                  {"role": "tool", "tool_call_id": "c1", "content": "sunny"}], None, required)
+    assert messages[0]["role"] == "system" and "get_weather" in messages[0]["content"]
+    assert messages[2] == {"role": "assistant", "content": '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'}
+    assert messages[3]["role"] == "user" and "sunny" in messages[3]["content"]
+    assert parser_for_template("<|python_tag|>{{ tools }}") == "llama3_json"
+
+
+def test_a_plugin_format_registers_and_unregisters():
+    class Bracket(ToolCallParser):
+        name = "bracket"
+
+        def split(self, text):
+            return ("", [text[1:-1]], False) if text.startswith("<") else (text, [], False)
+
+    register_tool_parser("bracket", Bracket)
+    try:
+        assert tool_parser("bracket").parse('<{"name": "f", "arguments": {}}>')[1][0].name == "f"
+    finally:
+        unregister_tool_parser("bracket")
+    with pytest.raises(ValueError, match="'bracket' is not registered"):
+        tool_parser("bracket")
+
+
+def test_plugins_add_tool_formats_and_constraint_backends(tiny_models):
+    from tokenloom import LLM, SamplingParams, StructuredOutputsParams
+    from tokenloom.plugins import PluginRegistry
+    from tokenloom.structured.llguidance_backend import LLGuidanceBackend
+
+    class Upper(ToolCallParser):
+        name = "upper"
+
+    class CountingBackend(LLGuidanceBackend):
+        compiled = 0
+
+        def compile(self, params):
+            CountingBackend.compiled += 1
+            return super().compile(params)
+
+    def register(registry):
+        registry.add_tool_parser("upper", Upper)
+        registry.add_constraint_backend("counting", CountingBackend)
+
+    registry = PluginRegistry()
+    info = registry.load("formats", lambda: register, "test")
+    assert info.error is None and info.adds == {"tool_parsers": ["upper"], "constraint_backends": ["counting"]}
+    assert isinstance(tool_parser("upper"), Upper)
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_gib=0.05)
+    params = SamplingParams(temperature=0, max_tokens=4, structured_outputs=StructuredOutputsParams(
+        choice=["ok"], backend="counting"))
+    assert llm.generate(["hi", "there"], params, use_tqdm=False)[1].outputs[0].text == "ok"
+    assert CountingBackend.compiled == 1  # two requests, one compile
+    registry.unload("formats")
+    with pytest.raises(ValueError, match="'upper' is not registered"):
+        tool_parser("upper")
