@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tokenloom.config import option_names
 from tokenloom.pipelines.base import KINDS, Pipeline, PipelineError, Step
+from tokenloom.pipelines.postprocess import ParseJson
 from tokenloom.pipelines.registry import StepSpec, check_options, get_step, plan_task
-from tokenloom.sampling_params import SamplingParams
+from tokenloom.sampling_params import SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from tokenloom.llm import LLM
@@ -142,8 +144,24 @@ def build_pipeline(spec: PipelineSpec, llm: LLM | None = None) -> Pipeline:
     main = task_steps(spec, plan.steps)
     steps = make_steps(spec.preprocess, "preprocess") + main + make_steps(spec.postprocess, "postprocess")
     check_order(steps)
-    return Pipeline(spec.task, llm, [(name, step) for _, name, step in steps],
-                    sampling_params(plan.sampling, spec.sampling), spec.batch_size)
+    sampling = enforced_schema(steps, sampling_params(plan.sampling, spec.sampling))
+    return Pipeline(spec.task, llm, [(name, step) for _, name, step in steps], sampling, spec.batch_size)
+
+
+def enforced_schema(steps: list[tuple[str, str, Step]], sampling: SamplingParams) -> SamplingParams:
+    """The sampling parameters with a `parse_json` step's schema as the generation's constraint (when it
+    enforces one); beam search takes no constraint."""
+    schemas = [step.schema for _, _, step in steps
+               if isinstance(step, ParseJson) and step.schema is not None and step.enforce]
+    if schemas:
+        if sampling.structured_outputs is not None:
+            raise PipelineError("parse_json enforces its schema; the sampling parameters already hold a "
+                                "structured_outputs constraint (give one or the other)", "sampling")
+        sampling = dataclasses.replace(sampling, structured_outputs=StructuredOutputsParams(json=schemas[-1]))
+    if sampling.structured_outputs is not None and any(name == "beam_search" for _, name, _ in steps):
+        raise PipelineError("beam search does not take a structured-outputs constraint (a JSON schema, regex, "
+                            "choice or grammar); use the generate step", "inference")
+    return sampling
 
 
 def pipeline(task: str, model: str | LLM | None = None, *, sampling: dict[str, Any] | SamplingParams | None = None,

@@ -69,7 +69,8 @@ def sampling_overrides(options: dict[str, Any] | None) -> dict[str, Any]:
 @dataclass
 class Generate:
     """Generate text for every item's prompt(s) with the pipeline's sampling parameters (overridden by
-    `sampling`); `result` gets `text` (chunk outputs joined with `join`), and `texts` when n > 1."""
+    `sampling`); `result` gets `text` (chunk outputs joined with `join`), `finish_reason` (stop, or length when
+    max_tokens cut it) and `texts` when n > 1."""
 
     sampling: dict[str, Any] | None = None
     join: str = "\n"
@@ -92,9 +93,11 @@ class Generate:
         if errors:
             fail(item, str(errors[0]))
             return
-        per_choice = zip(*[out.outputs for out in outputs])
+        per_choice = list(zip(*[out.outputs for out in outputs]))
         texts = [self.join.join(c.text for c in choice) for choice in per_choice]
-        item[RESULT] = {"text": texts[0], **({"texts": texts} if len(texts) > 1 else {})}
+        first = per_choice[0]  # the first choice's chunks: a chunk cut at max_tokens marks the whole
+        reason = "length" if any(c.finish_reason == "length" for c in first) else first[-1].finish_reason
+        item[RESULT] = {"text": texts[0], "finish_reason": reason, **({"texts": texts} if len(texts) > 1 else {})}
 
 
 @dataclass

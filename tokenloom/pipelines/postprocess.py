@@ -68,24 +68,50 @@ class ExtractAnswer(ItemStep):
 @dataclass
 class ParseJson(ItemStep):
     """The first JSON object or array in the generated text as `result["json"]`; with `strict` a text
-    without valid JSON (or missing one of `required_keys`) fails the item, else `json` is null."""
+    without valid JSON (or missing one of `required_keys`) fails the item, else `json` is null. With `schema`
+    (a JSON schema) and `enforce` (the default), the pipeline's generation is constrained to it, so the text is
+    that JSON and always validates; without `enforce` the JSON is only checked against it (jsonschema)."""
 
     strict: bool = True
     required_keys: list[str] = field(default_factory=list)
+    schema: dict[str, Any] | None = None
+    enforce: bool = True
+
+    def __post_init__(self) -> None:
+        if self.schema is not None and not isinstance(self.schema, dict):
+            raise PipelineError("must be a JSON schema (a mapping)", "schema")
 
     def apply(self, item: Item, ctx: PipelineContext) -> None:
         """Parse the text."""
         text = result_text(item)
         try:
-            value = first_json(text)
+            value = json.loads(text) if self.schema is not None and self.enforce else first_json(text)
+            if self.schema is not None and not self.enforce:
+                _validate(value, self.schema)
             missing = [k for k in self.required_keys if not isinstance(value, dict) or k not in value]
             if missing:
                 raise ValueError(f"the JSON lacks keys {missing}")
         except ValueError as exc:
             if self.strict:
+                if item[RESULT].get("finish_reason") == "length":
+                    raise PipelineError(f"generation stopped at max_tokens before the JSON was complete; raise "
+                                        f"max_tokens: {text[:80]!r}") from exc
                 raise PipelineError(f"no valid JSON in the generated text ({exc}): {text[:80]!r}") from exc
             value = None
         item[RESULT]["json"] = value
+
+
+def _validate(value: Any, schema: dict[str, Any]) -> None:
+    """ValueError when `value` breaks `schema` (needs the jsonschema package)."""
+    try:
+        import jsonschema
+    except ImportError as exc:
+        raise PipelineError("checking JSON against a schema without enforcing it needs the jsonschema "
+                            "package (pip install jsonschema)", "schema") from exc
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as exc:
+        raise ValueError(f"the JSON breaks the schema: {exc.message}") from exc
 
 
 def first_json(text: str) -> Any:

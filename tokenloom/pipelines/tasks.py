@@ -148,12 +148,27 @@ def sentence_similarity(llm: LLM, truncate: bool = False) -> TaskPlan:
     return TaskPlan([StepSpec("score", {"truncate": truncate})])
 
 
+def extract(llm: LLM, schema: dict[str, Any] | None = None, template: str | None = None,
+            template_file: str | None = None, examples: Examples = None, chat: bool = False,
+            system: str | None = None) -> TaskPlan:
+    """Structured extraction: each item's `text` → `result["json"]`, a JSON value generated under `schema` (a
+    JSON schema: the output always parses and validates); few-shot `examples` are {"text", "json"}."""
+    _needs_generative(llm, "extract")
+    if not isinstance(schema, dict) or not schema:
+        raise PipelineError("extract needs a JSON schema (a non-empty mapping)", "schema")
+    fields = list((schema.get("properties") or {}).keys())
+    return TaskPlan([prompt_step(template, template_file, templates.EXTRACTION, examples, chat, system,
+                                 fields=fields),
+                     StepSpec("generate"), StepSpec("parse_json", {"schema": schema})],
+                    {"max_tokens": 256, "temperature": 0.0})
+
+
 BUILTIN_TASKS = {
     "text-generation": text_generation, "chat": chat, "summarization": summarization, "translation": translation,
     "question-answering": question_answering, "text-classification": text_classification,
     "zero-shot-classification": zero_shot_classification, "token-classification": token_classification,
     "ner": token_classification, "fill-mask": fill_mask, "feature-extraction": feature_extraction,
-    "sentence-similarity": sentence_similarity,
+    "sentence-similarity": sentence_similarity, "extract": extract,
 }
 for _name, _factory in BUILTIN_TASKS.items():
     register_task(_name, _factory)

@@ -45,6 +45,14 @@ CLASSIFICATION = (
 )
 
 
+# Extraction: the generated JSON is held to the schema by a constraint; the prompt shows the fields wanted.
+EXTRACTION = (
+    "Extract the fields {{ fields | join(', ') }} from the text as JSON.\n\n"
+    "{% for ex in examples %}Text: {{ ex.text }}\nJSON: {{ ex.json | tojson }}\n\n{% endfor %}"
+    "Text: {{ text }}\nJSON:"
+)
+
+
 @lru_cache(maxsize=256)
 def compile_template(source: str) -> jinja2.Template:
     """A compiled template; a syntax error is a PipelineError naming the template's line."""
