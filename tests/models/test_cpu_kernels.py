@@ -247,3 +247,32 @@ def test_lora_kernel_adds_each_tokens_own_adapter(kernels, dtype, tol, in_featur
     assert torch.equal(out[slots < 0], base[slots < 0]) and torch.equal(out[slots == 1], base[slots == 1])
     with pytest.raises(RuntimeError, match="reaches outside"):
         kernels.lora_add(out, x, a, b_flat[:-1], cols, slots, ranges)
+
+
+@pytest.mark.parametrize("vocab", [262144, 1000, 77])
+def test_token_bitmask_kernel_equals_unpacking_the_bits(kernels, vocab):
+    """Whole-allowed, whole-forbidden and mixed words, a vocabulary that is not a multiple of 32 (the last
+    word's spare bits), rows left alone, and a bitmask narrower than the logits (the rest forbidden)."""
+    from tokenloom.structured.manager import apply_bitmask
+
+    torch.manual_seed(vocab)
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-2**31, 2**31 - 1, (4, words), dtype=torch.int32)
+    bitmask[0, ::3] = -1
+    bitmask[0, 1::3] = 0
+    bitmask[2] = -1
+    logits = torch.randn(4, vocab)
+    rows = [0, 2, 3]
+    want = logits.clone()
+    bits = ((bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).view(4, -1)[:, :vocab].bool()
+    want[rows] = want[rows].masked_fill(~bits[rows], float("-inf"))
+    got = logits.clone()
+    kernels.apply_token_bitmask(got, bitmask, torch.tensor(rows))
+    assert torch.equal(got, want)
+    with ops.use_level("torch"):
+        fallback = logits.clone()
+        apply_bitmask(fallback, bitmask, rows)
+    assert torch.equal(fallback, want)
+    narrow = logits.clone()
+    kernels.apply_token_bitmask(narrow, bitmask[:, :words // 2].contiguous(), torch.tensor([1]))
+    assert torch.isinf(narrow[1, 32 * (words // 2):]).all() and torch.equal(narrow[0], logits[0])

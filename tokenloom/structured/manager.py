@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from tokenloom.models import ops
 from tokenloom.sampling_params import StructuredOutputsParams
 from tokenloom.structured.backend import Backend, Matcher, StructuredOutputError, TokenizerInfo, backend_factory
 
@@ -102,7 +103,10 @@ class StructuredOutputs:
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """Set to -inf, in place, the logits of `rows` whose bit is clear in their bitmask row (same order)."""
+    """Set to -inf, in place, the logits of `rows` whose bit is clear in the same row of `bitmask` (a native
+    kernel on CPU; elsewhere the bits unpacked with tensor ops)."""
+    if ops.apply_token_bitmask(logits, bitmask, torch.tensor(rows, dtype=torch.long)):
+        return
     vocab = logits.shape[1]
     index = torch.tensor(rows, device=logits.device)
     words = bitmask[index.cpu()].to(logits.device)

@@ -206,6 +206,17 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return k.argmax_rows(x) if k is not None else x.argmax(dim=-1)
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> bool:
+    """-inf, in place, for the logits (float32 [rows, vocab]) of `rows` whose bit is clear in the same row of
+    `bitmask` (int32 [rows, words], llguidance's layout); False where no kernel ran (use the torch path)."""
+    k = _cpu(logits) if logits.dtype == torch.float32 and logits.is_contiguous() and bitmask.device.type == "cpu" \
+        else None
+    if k is None:
+        return False
+    k.apply_token_bitmask(logits, bitmask, rows)
+    return True
+
+
 def bind_threads(cpus: list[int]) -> list[int] | None:
     """Pin the calling thread's intra-op pool, thread i to cpus[i % n]; None without the kernels."""
     k = kernels()

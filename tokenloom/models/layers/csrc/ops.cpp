@@ -23,6 +23,7 @@ at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Ten
 std::vector<int64_t> bind_threads(std::vector<int64_t> cpus);
 void lora_add(at::Tensor out, at::Tensor x, at::Tensor a, at::Tensor b_flat, at::Tensor cols, at::Tensor token_slot,
               at::Tensor ranges);
+void apply_token_bitmask(at::Tensor logits, at::Tensor bitmask, at::Tensor rows);
 at::Tensor gq_dequant(at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high,
                       at::ScalarType dtype);
 
@@ -44,6 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_rows_supported", &dense_rows_supported,
         "whether dense_rows_linear has a kernel at this level for (x dtype, w dtype)", py::arg("x"), py::arg("w"));
   m.def("lora_add", &lora_add, "each token's own adapter's LoRA update added to a batch's layer output");
+  m.def("apply_token_bitmask", &apply_token_bitmask, "-inf, in place, for the tokens a row's bitmask forbids");
   m.def("argmax_rows", &argmax_rows, "row-wise argmax of float32 logits (torch.argmax's answer, vectorised)");
   m.def("bind_threads", &bind_threads, "pin the calling thread's intra-op pool, thread i to cpus[i % n]");
   m.def("gq_linear_native", &gq_linear_native, "whether gq_linear is vectorised (AVX-512, AVX2 or NEON; else a scalar loop)");
