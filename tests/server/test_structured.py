@@ -78,3 +78,14 @@ def test_bad_constraints_are_400s_naming_the_field_and_the_next_request_runs(tin
     ok = tiny.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                       extra_body={"structured_outputs": {"choice": ["fine"]}})
     assert ok.choices[0].message.content == "fine"
+
+
+def test_a_constraint_cut_by_max_tokens_says_so(tiny):
+    r = tiny.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0,
+                                extra_body={"structured_outputs": {"json": {"type": "object", "properties": {
+                                    "a": {"type": "string"}}, "required": ["a"]}}})
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].model_extra["stop_reason"] == ("max_tokens reached before the structured-output "
+                                                      "constraint was complete")
+    plain = tiny.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0)
+    assert plain.choices[0].finish_reason == "length" and plain.choices[0].model_extra["stop_reason"] is None

@@ -28,6 +28,9 @@ from tokenloom.engine.request import Request, RequestStatus
 TextStop = Callable[[Request, int, bool], "str | None"]
 
 
+INCOMPLETE_CONSTRAINT = "max_tokens reached before the structured-output constraint was complete"
+
+
 @dataclass(slots=True)
 class SchedulerOutput:
     """What to run this step: each scheduled request and how many of its tokens to compute; after the step,
@@ -195,12 +198,15 @@ class Scheduler:
     def _grammar_stop(request: Request, token: int, status: RequestStatus | None, reason: int | None
                       ) -> tuple[RequestStatus | None, int | str | None]:
         """Advance a constrained request's matcher over `token`: a complete grammar stops the request (nothing
-        else could follow), a refused token (which the mask should have made impossible) fails it."""
+        else could follow), a refused token (which the mask should have made impossible) fails it, and a
+        request cut by max_tokens with its constraint unfinished says so in its stop reason."""
         if not request.matcher.accept(token):
             return RequestStatus.FINISHED_ERROR, f"error: the constraint refused token {token}: " \
                                                  f"{request.matcher.error()}"
         if request.matcher.is_terminated():
             return RequestStatus.FINISHED_STOPPED, None
+        if status is RequestStatus.FINISHED_LENGTH and not request.matcher.is_accepting():
+            return status, INCOMPLETE_CONSTRAINT
         return status, reason
 
     def finish(self, request: Request, status: RequestStatus, reason: int | str | None = None,

@@ -124,6 +124,7 @@ async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id
     texts: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[ChatLogprobs | None] = [None] * n
     reasons: list[str | None] = [None] * n
+    stop_reasons: list[int | str | None] = [None] * n
     num_tokens = 0
     prompt_logprobs = None
     async with aclosing(outputs):
@@ -134,11 +135,15 @@ async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id
                 texts[c.index].append(c.text)
                 num_tokens += len(c.token_ids)
                 reasons[c.index] = c.finish_reason or reasons[c.index]
+                if c.finish_reason is not None:
+                    stop_reasons[c.index] = c.stop_reason
                 lp = chat_logprobs(c, top)
                 if lp is not None:
                     logprobs[c.index] = logprobs[c.index] or ChatLogprobs(content=[])
                     logprobs[c.index].content.extend(lp.content or [])
     choices = [_choice(i, "".join(texts[i]), logprobs[i], reasons[i], parser) for i in range(n)]
+    for choice, stop_reason in zip(choices, stop_reasons):
+        choice.stop_reason = stop_reason
     return ChatCompletionResponse(id=request_id, model=model, choices=choices,
                                   usage=Usage.of(num_prompt_tokens, num_tokens),
                                   prompt_logprobs=plain_prompt_logprobs(prompt_logprobs))
@@ -181,7 +186,8 @@ async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id:
                 if delta is not None or lp is not None:
                     yield chunk([ChatChunkChoice(index=c.index, delta=delta or Delta(), logprobs=lp)])
                 if reason is not None:
-                    yield chunk([ChatChunkChoice(index=c.index, delta=Delta(), finish_reason=reason)])
+                    yield chunk([ChatChunkChoice(index=c.index, delta=Delta(), finish_reason=reason,
+                                                 stop_reason=c.stop_reason)])
     if include_usage:
         yield chunk([], Usage.of(num_prompt_tokens, num_tokens))
 

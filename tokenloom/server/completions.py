@@ -50,6 +50,7 @@ class _Choice:
     logprobs: CompletionLogprobs | None = None
     num_tokens: int = 0
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
     started: bool = False
     offset: int = 0  # text_offset of the next token
     prompt_logprobs: list | None = None
@@ -132,6 +133,7 @@ async def _chunks(body: CompletionRequest, prompts: list[_Prompt], outputs: Asyn
                 if c.finish_reason and body.prompt_logprobs is not None:
                     plp = plain_prompt_logprobs(out.prompt_logprobs)
                 yield CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=c.finish_reason,
+                                       stop_reason=c.stop_reason if c.finish_reason else None,
                                        prompt_logprobs=plp), len(c.token_ids)
 
 
@@ -162,6 +164,7 @@ async def _collect(chunks: AsyncIterator[tuple[CompletionChoice, int]], request_
         a.text.append(choice.text)
         a.num_tokens += num_tokens
         a.finish_reason = choice.finish_reason or a.finish_reason
+        a.stop_reason = choice.stop_reason if choice.finish_reason else a.stop_reason
         a.prompt_logprobs = choice.prompt_logprobs or a.prompt_logprobs
         if choice.logprobs is not None:
             if a.logprobs is None:
@@ -169,7 +172,8 @@ async def _collect(chunks: AsyncIterator[tuple[CompletionChoice, int]], request_
             for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                 getattr(a.logprobs, name).extend(getattr(choice.logprobs, name))
     choices = [CompletionChoice(index=i, text="".join(a.text), logprobs=a.logprobs, finish_reason=a.finish_reason,
-                                prompt_logprobs=a.prompt_logprobs) for i, a in sorted(acc.items())]
+                                stop_reason=a.stop_reason, prompt_logprobs=a.prompt_logprobs)
+               for i, a in sorted(acc.items())]
     usage = Usage.of(sum(len(p.token_ids) for p in prompts), sum(a.num_tokens for a in acc.values()))
     return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
 

@@ -51,6 +51,9 @@ class Matcher(Protocol):
     def is_terminated(self) -> bool:
         """True when the grammar is complete and allows nothing more (the request can stop)."""
 
+    def is_accepting(self) -> bool:
+        """True when the text so far is complete (the grammar could end here)."""
+
     def error(self) -> str | None:
         """Why the matcher failed, or None."""
 

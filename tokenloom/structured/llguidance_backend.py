@@ -50,6 +50,10 @@ class LLGuidanceMatcher:
         """True when the grammar allows nothing more."""
         return self.inner.is_stopped()
 
+    def is_accepting(self) -> bool:
+        """True when the text so far is complete."""
+        return self.inner.is_accepting()
+
     def error(self) -> str | None:
         """The matcher's error, or None."""
         return self.inner.get_error() if self.inner.is_error() else None
