@@ -190,3 +190,27 @@ def test_gemma_follows_regex_choice_grammar_and_schema(gemma):
     free = json.loads(_complete(gemma, 'A cat as JSON: {"name": "Tom", "age": 3}\nA dog as JSON:',
                                 _params(max_tokens=120, json_object=True, whitespace_flexible=True)))
     assert isinstance(free, dict) and free
+
+
+def test_a_matcher_rolls_back_and_masks_as_before(tiny):
+    """Speculative decoding's need: undoing accepted tokens restores the earlier mask exactly."""
+    import torch
+
+    structured = tiny.engine.structured
+    matcher = structured.matcher(StructuredOutputsParams(regex=r"ab[0-9]{2}c"))
+    tok = tiny.get_tokenizer()
+
+    def mask() -> torch.Tensor:
+        bitmask = torch.zeros((1, structured.words), dtype=torch.int32)
+        matcher.fill_bitmask(bitmask, 0)
+        return bitmask
+
+    start = mask()
+    ids = tok.encode("ab12", add_special_tokens=False)
+    assert all(matcher.accept(t) for t in ids) and not matcher.is_accepting()
+    after = mask()
+    assert not torch.equal(start, after)
+    matcher.rollback(len(ids))
+    assert torch.equal(mask(), start)
+    assert all(matcher.accept(t) for t in ids) and torch.equal(mask(), after)
+    assert not matcher.accept(tok.encode("x", add_special_tokens=False)[0]) and matcher.error()
