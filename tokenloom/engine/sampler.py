@@ -48,8 +48,11 @@ class Sampler:
                     or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         proc_rows = [i for i, r in enumerate(requests) if r.logits_processors]
-        # Copy only when we modify in place; an all-greedy plain batch is one argmax of the raw logits.
-        x = logits.to(torch.float32, copy=bool(masked_rows or bias_rows or min_rows or pen_rows or random_rows
+        # Copy only when we modify rows whose raw logits are still needed (logprobs describe the raw
+        # distribution): an all-greedy plain batch is one argmax of the raw logits, and a greedy constrained
+        # row without logprobs is masked in place.
+        masked_logprobs = any(params[i].logprobs is not None for i in masked_rows)
+        x = logits.to(torch.float32, copy=bool(masked_logprobs or bias_rows or min_rows or pen_rows or random_rows
                                                or proc_rows), memory_format=torch.contiguous_format)
         if masked_rows:
             apply_bitmask(x, bitmask, masked_rows)

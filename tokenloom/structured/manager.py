@@ -72,8 +72,8 @@ class StructuredOutputs:
         return backend.matcher(compiled)
 
     def bitmask_async(self, requests: list[Any]) -> Future[torch.Tensor] | None:
-        """Start filling the bitmask [len(requests), words] (int32; unconstrained rows allow everything) on a
-        helper thread; None when no request has a matcher."""
+        """Start filling the bitmask [len(requests), words] (int32; the rows of requests with a matcher, the
+        others left unset) on a helper thread; None when no request has a matcher."""
         rows = [(r.matcher, i) for i, r in enumerate(requests) if r.matcher is not None]
         if not rows:
             return None
@@ -82,7 +82,7 @@ class StructuredOutputs:
         return self._pool.submit(self._fill, rows, len(requests))
 
     def _fill(self, rows: list[tuple[Matcher, int]], num_rows: int) -> torch.Tensor:
-        bitmask = torch.full((num_rows, self.words), -1, dtype=torch.int32)
+        bitmask = torch.empty((num_rows, self.words), dtype=torch.int32)  # only constrained rows are read
         by_type: dict[type, list[tuple[Matcher, int]]] = {}
         for matcher, row in rows:
             by_type.setdefault(type(matcher), []).append((matcher, row))
