@@ -8,6 +8,7 @@ the other requests' steps, and the engine's own lookup is then a cache hit.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -86,8 +87,11 @@ class StructuredOutputs:
         by_type: dict[type, list[tuple[Matcher, int]]] = {}
         for matcher, row in rows:
             by_type.setdefault(type(matcher), []).append((matcher, row))
+        # A backend's parallel fill only where cores are spare: it runs beside the forward pass, and on a
+        # machine whose every core runs torch's threads it slows the step more than it saves.
+        spare = (os.cpu_count() or 1) > torch.get_num_threads()
         for kind, group in by_type.items():
-            fill_many = getattr(kind, "fill_many", None)  # a backend's batched (parallel) fill, if it has one
+            fill_many = getattr(kind, "fill_many", None) if spare else None
             if fill_many is not None and len(group) > 1:
                 fill_many(group, bitmask)
             else:
