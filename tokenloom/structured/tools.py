@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenloom.sampling_params import StructuredOutputsParams
-from tokenloom.structured.tool_parsers import JsonParser, ToolCallParser, parser_for_template, tool_parser
+from tokenloom.structured.tool_parsers import ToolCallParser, parser_for_template, tool_parser
 
 
 @dataclass(slots=True)
@@ -99,4 +99,4 @@ def _as_text(message: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in message.items() if k in ("role", "content", "name")}
 
 
-__all__ = ["JsonParser", "ToolPlan", "describe_tools", "plan_tools", "template_messages"]
+__all__ = ["ToolPlan", "describe_tools", "plan_tools", "template_messages"]
