@@ -313,8 +313,7 @@ class LLMEngine:
             outputs = []
         if result.pooled and self.loaded.kind == "encoder":
             self.scheduler.update(sched, {})
-            return outputs + [PoolingResult(r.request_id, result.pooled[r.request_id],
-                                            r.num_prompt_tokens - r.num_virtual_tokens)
+            return outputs + [PoolingResult(r.request_id, result.pooled[r.request_id], r.num_real_prompt_tokens)
                               for r in sched.requests if self._pooling.pop(r.request_id, None) is not None]
         for request in sched.requests:
             plp = result.prompt_logprobs.get(request.request_id)
@@ -329,8 +328,7 @@ class LLMEngine:
             logits = result.pooled.get(request.request_id)
             if logits is not None and self._pooling.pop(request.request_id, None) is not None:
                 self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED, None, sched)
-                outputs.append(PoolingResult(request.request_id, logits, request.num_prompt_tokens
-                                             - request.num_virtual_tokens))
+                outputs.append(PoolingResult(request.request_id, logits, request.num_real_prompt_tokens))
         return outputs + self._emit([r for r in sched.requests if r.request_id in result.sampled])
 
     def _execute_isolated(self, sched: SchedulerOutput) -> tuple[RunnerOutput, list[tuple[Request, Exception]]]:
@@ -365,8 +363,7 @@ class LLMEngine:
             error = f"{type(exc).__name__}: {exc}"
             self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"error: {error}", sched)
             if self._pooling.pop(request.request_id, None) is not None:
-                outputs.append(PoolingResult(request.request_id, None,
-                                             request.num_prompt_tokens - request.num_virtual_tokens, error))
+                outputs.append(PoolingResult(request.request_id, None, request.num_real_prompt_tokens, error))
         return outputs + self._emit([request for request, _ in failed if not request.is_pooling])
 
     def memory_bytes(self) -> int:

@@ -77,7 +77,7 @@ class OutputProcessor:
         parent, child = self.child_to_parent[request.request_id]
         if parent.prompt_logprobs is None or child is not parent.children[0]:
             return
-        if len(parent.prompt_logprobs) < request.num_prompt_tokens - request.num_virtual_tokens:
+        if len(parent.prompt_logprobs) < request.num_real_prompt_tokens:
             for lp in logprobs:
                 self._decode_logprob_tokens(lp)
             parent.prompt_logprobs.extend(logprobs)

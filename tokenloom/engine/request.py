@@ -100,8 +100,13 @@ class Request:
 
     @property
     def num_prompt_tokens(self) -> int:
-        """Length of the prompt."""
+        """Length of the prompt (an adapter's virtual tokens included)."""
         return len(self.prompt_token_ids)
+
+    @property
+    def num_real_prompt_tokens(self) -> int:
+        """Length of the prompt the caller gave (an adapter's virtual tokens left out)."""
+        return len(self.prompt_token_ids) - self.num_virtual_tokens
 
     @property
     def num_tokens(self) -> int:

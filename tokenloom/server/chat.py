@@ -141,21 +141,20 @@ async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id
                 if lp is not None:
                     logprobs[c.index] = logprobs[c.index] or ChatLogprobs(content=[])
                     logprobs[c.index].content.extend(lp.content or [])
-    choices = [_choice(i, "".join(texts[i]), logprobs[i], reasons[i], parser) for i in range(n)]
-    for choice, stop_reason in zip(choices, stop_reasons):
-        choice.stop_reason = stop_reason
+    choices = [_choice(i, "".join(texts[i]), logprobs[i], reasons[i], stop_reasons[i], parser) for i in range(n)]
     return ChatCompletionResponse(id=request_id, model=model, choices=choices,
                                   usage=Usage.of(num_prompt_tokens, num_tokens),
                                   prompt_logprobs=plain_prompt_logprobs(prompt_logprobs))
 
 
 def _choice(index: int, text: str, logprobs: ChatLogprobs | None, reason: str | None,
-            parser: ToolCallParser | None) -> ChatChoice:
+            stop_reason: int | str | None, parser: ToolCallParser | None) -> ChatChoice:
     """A finished choice; with tools, its calls parsed out of the text (finish_reason tool_calls)."""
     content, calls = parser.parse(text) if parser is not None else (text, [])
     items = [ToolCallItem(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
     return ChatChoice(index=index, message=AssistantMessage(content=content, tool_calls=items or None),
-                      logprobs=logprobs, finish_reason="tool_calls" if items and reason == "stop" else reason)
+                      logprobs=logprobs, finish_reason="tool_calls" if items and reason == "stop" else reason,
+                      stop_reason=stop_reason)
 
 
 async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, model: str, n: int,

@@ -328,18 +328,22 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
-class DeltaFunction(BaseModel):
-    """A streamed piece of a function call: the name (once), then argument fragments."""
-
-    name: str | None = None
-    arguments: str | None = None
+class _Sparse(BaseModel):
+    """A streamed piece: fields left unset (None) are left out of the chunk."""
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class DeltaToolCall(BaseModel):
+class DeltaFunction(_Sparse):
+    """A streamed piece of a function call: the name (once), then argument fragments."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Sparse):
     """A streamed piece of tool call `index`: the id and type come with its first piece."""
 
     index: int
@@ -347,21 +351,13 @@ class DeltaToolCall(BaseModel):
     type: Literal["function"] | None = None
     function: DeltaFunction
 
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
 
-
-class Delta(BaseModel):
+class Delta(_Sparse):
     """The increment of a streamed chat choice; unset fields are left out of the chunk."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -33,6 +33,11 @@ class StructuredOutputs:
         self._cache: OrderedDict[tuple[str, StructuredOutputsParams], Any] = OrderedDict()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        # A backend's parallel fill only where cores are spare: it runs beside the forward pass, and on a
+        # machine whose every core runs torch's threads it slows the step more than it saves. Decided here,
+        # on the engine's thread (torch's thread count is that thread's setting).
+        self._parallel_fill = len(os.sched_getaffinity(0)) > torch.get_num_threads() \
+            if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > torch.get_num_threads()
 
     def _backend(self, name: str) -> Backend:
         with self._lock:
@@ -87,24 +92,14 @@ class StructuredOutputs:
         by_type: dict[type, list[tuple[Matcher, int]]] = {}
         for matcher, row in rows:
             by_type.setdefault(type(matcher), []).append((matcher, row))
-        # A backend's parallel fill only where cores are spare: it runs beside the forward pass, and on a
-        # machine whose every core runs torch's threads it slows the step more than it saves.
-        spare = (os.cpu_count() or 1) > torch.get_num_threads()
         for kind, group in by_type.items():
-            fill_many = getattr(kind, "fill_many", None) if spare else None
+            fill_many = getattr(kind, "fill_many", None) if self._parallel_fill else None
             if fill_many is not None and len(group) > 1:
                 fill_many(group, bitmask)
             else:
                 for matcher, row in group:
                     matcher.fill_bitmask(bitmask, row)
         return bitmask
-
-    def close(self) -> None:
-        """Stop the helper thread."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
-
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Set to -inf, in place, the logits of `rows` whose bit is clear in the same row of `bitmask` (a native

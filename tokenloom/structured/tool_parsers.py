@@ -179,37 +179,31 @@ def _string(escaped: str) -> str:
         return escaped
 
 
-def _value_end(text: str, start: int) -> int | None:
-    """Where the JSON object or array starting at `start` ends (exclusive), None if it does not yet."""
+def _structure(text: str, start: int = 0):  # noqa: ANN202 - a generator of (index, char, depth)
+    """Each character of `text` from `start` that is outside JSON strings, with the bracket depth after it."""
     depth, in_string, escaped = 0, False, False
     for i in range(start, len(text)):
         ch = text[i]
         if in_string:
             escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
-        elif ch == '"':
+            continue
+        if ch == '"':
             in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+            continue
+        depth += (ch in "{[") - (ch in "}]")
+        yield i, ch, depth
+
+
+def _value_end(text: str, start: int) -> int | None:
+    """Where the JSON object or array starting at `start` ends (exclusive), None if it does not yet."""
+    return next((i + 1 for i, ch, depth in _structure(text, start) if ch in "}]" and depth == 0), None)
 
 
 def _top_level(text: str, separator: str) -> list[str]:
     """`text` cut at `separator`s outside strings, objects and arrays."""
-    parts, depth, in_string, escaped, last = [], 0, False, False, 0
-    for i, ch in enumerate(text):
-        if in_string:
-            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-        elif ch == separator and depth == 0:
+    parts, last = [], 0
+    for i, ch, depth in _structure(text):
+        if ch == separator and depth == 0:
             parts.append(text[last:i])
             last = i + 1
     parts.append(text[last:])
