@@ -5,7 +5,9 @@
 1. Mask time per token (p50 / p99) on gemma's 262k vocabulary: filling the step's bitmask (llguidance) and
    applying it to the logits.
 2. Throughput (generated tok/s) at 1, 16 and 64 concurrent requests, with and without a JSON schema (the
-   free requests generate as many tokens as the constrained ones did, so the batches match step by step).
+   free requests generate as many tokens as the constrained ones did, so the batches match step by step), on
+   two schemas: a record of short fields (many tokens forced by the grammar: they skip the LM head) and one
+   long free string (few forced: the masks' cost shows whole).
 3. Time to first token with a cold schema (never seen before: compiled on arrival) against none (p50).
 4. JSONSchemaBench coverage and validity: a seeded sample of each subset; schemas accepted, outputs that
    finish, finished outputs that validate (jsonschema), tok/s; next to llama.cpp (llama-cpp-python's JSON
@@ -52,14 +54,24 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+FREE_TEXT = {"type": "object", "properties": {"description": {"type": "string", "maxLength": 400}},
+             "required": ["description"], "additionalProperties": False}
+WORKLOADS = {  # name: (schema, prompt template)
+    "record": (SCHEMA, "{city}, as a JSON record with city, country and population in millions: "),
+    "free text": (FREE_TEXT, "A description of {city} as JSON: "),
+}
+
+
 def masks_and_throughput(llm, args) -> None:
     import torch
 
     from tokenloom import SamplingParams, StructuredOutputsParams
     from tokenloom.structured import manager
 
-    fills, applies = [], []
+    fills, applies, lm_head_rows = [], [], []
     real_fill, real_apply = llm.engine.structured._fill, manager.apply_bitmask
+    model = llm.engine.runner.model
+    real_logits = model.compute_logits
 
     def timed_fill(rows, n):
         start = time.perf_counter()
@@ -72,29 +84,40 @@ def masks_and_throughput(llm, args) -> None:
         real_apply(logits, bitmask, rows)
         applies.append((time.perf_counter() - start, len(rows)))
 
+    def counted_logits(hidden):
+        lm_head_rows.append(hidden.shape[0])
+        return real_logits(hidden)
+
     llm.engine.structured._fill = timed_fill
+    model.compute_logits = counted_logits
     import tokenloom.engine.sampler as sampler_module
     sampler_module.apply_bitmask = timed_apply
-    constrained = SamplingParams(temperature=0, max_tokens=64, structured_outputs=StructuredOutputsParams(json=SCHEMA))
     free = SamplingParams(temperature=0, max_tokens=64)
-    llm.generate(["warm-up:"], constrained, use_tqdm=False)
+    llm.generate(["warm-up:"], SamplingParams(temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(
+        json=SCHEMA)), use_tqdm=False)
     fills.clear()
     applies.clear()
-    print("\n| concurrent | free tok/s | JSON schema tok/s | ratio |\n|---|---|---|---|")
-    for n in (1, 16, 64):
-        prompts = [f"{CITIES[i % len(CITIES)]}, as a JSON record with city, country and population in millions: "
-                   for i in range(n)]
-        # The constrained replies end when their JSON does; each free request then generates exactly as many
-        # tokens (ignore_eos), so both runs have the same batch at every step and differ only by the masks.
-        start = time.perf_counter()
-        outs = llm.generate(prompts, constrained, use_tqdm=False)
-        lengths = [len(o.outputs[0].token_ids) for o in outs]
-        rates = {"schema": sum(lengths) / (time.perf_counter() - start)}
-        same = [dataclasses.replace(free, max_tokens=n, ignore_eos=True) for n in lengths]
-        start = time.perf_counter()
-        outs = llm.generate(prompts, same, use_tqdm=False)
-        rates["free"] = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
-        print(f"| {n} | {rates['free']:.1f} | {rates['schema']:.1f} | {rates['schema'] / rates['free']:.2f}x |")
+    print("\n| workload | concurrent | free tok/s | JSON schema tok/s | ratio | tokens forced (no LM head) |"
+          "\n|---|---|---|---|---|---|")
+    for name, (schema, template) in WORKLOADS.items():
+        constrained = SamplingParams(temperature=0, max_tokens=64 if name == "record" else 96,
+                                     structured_outputs=StructuredOutputsParams(json=schema))
+        for n in (1, 16, 64):
+            prompts = [template.format(city=CITIES[i % len(CITIES)]) for i in range(n)]
+            # The constrained replies end when their JSON does (or at max_tokens); each free request then
+            # generates exactly as many tokens (ignore_eos), so both runs have the same batch at every step.
+            lm_head_rows.clear()
+            start = time.perf_counter()
+            outs = llm.generate(prompts, constrained, use_tqdm=False)
+            lengths = [len(o.outputs[0].token_ids) for o in outs]
+            rates = {"schema": sum(lengths) / (time.perf_counter() - start)}
+            forced = 1 - sum(lm_head_rows) / sum(lengths)
+            same = [dataclasses.replace(free, max_tokens=n, ignore_eos=True) for n in lengths]
+            start = time.perf_counter()
+            outs = llm.generate(prompts, same, use_tqdm=False)
+            rates["free"] = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+            print(f"| {name} | {n} | {rates['free']:.1f} | {rates['schema']:.1f} | "
+                  f"{rates['schema'] / rates['free']:.2f}x | {forced:.0%} |", flush=True)
     one = [t * 1e3 for t, rows in fills if rows == 1]
     per_row = [t * 1e3 / rows for t, rows in fills]
     apply_ms = [t * 1e3 / rows for t, rows in applies]
@@ -103,6 +126,7 @@ def masks_and_throughput(llm, args) -> None:
           f"{percentile(apply_ms, 0.5):.3f} ms, p99 {percentile(apply_ms, 0.99):.3f} ms (vocab "
           f"{llm.engine.vocab_size}, {torch.get_num_threads()} threads)")
     llm.engine.structured._fill = real_fill
+    model.compute_logits = real_logits
     sampler_module.apply_bitmask = real_apply
 
 

@@ -4,6 +4,7 @@ each alone, n > 1, preemption, stop strings, logprobs, and bad constraints refus
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -215,3 +216,54 @@ def test_a_matcher_rolls_back_and_masks_as_before(tiny):
     assert torch.equal(mask(), start)
     assert all(matcher.accept(t) for t in ids) and torch.equal(mask(), after)
     assert not matcher.accept(tok.encode("x", add_special_tokens=False)[0]) and matcher.error()
+
+
+def test_single_tokens_finds_the_rows_that_allow_one_token():
+    import torch
+
+    from tokenloom.structured.manager import single_tokens
+
+    bitmask = torch.zeros((4, 3), dtype=torch.int32)
+    bitmask[0, 1] = -(1 << 31)  # token 63 only (the sign bit of an int32 word)
+    bitmask[1, 0] = 0b101  # two tokens
+    bitmask[2, 2] = 1 << 5  # token 69: past a vocabulary of 64, never allowed
+    bitmask[3, 2] = 1  # token 64, row not asked about
+    assert single_tokens(bitmask, [0, 1, 2], vocab_size=64) == {0: 63}
+    assert single_tokens(bitmask, [2, 3], vocab_size=70) == {2: 69, 3: 64}
+
+
+def test_forced_tokens_skip_the_lm_head_and_change_nothing(tiny, monkeypatch):
+    """A row whose grammar allows one token takes it with no logits computed: the same outputs as when every
+    row goes through the LM head, fewer rows through it; not with logprobs (every token gets its logprobs)."""
+    import tokenloom.engine.model_runner as model_runner
+
+    schema = {"type": "object", "properties": {"alpha": {"type": "integer"}, "beta": {"type": "boolean"}},
+              "required": ["alpha", "beta"], "additionalProperties": False}
+    prompts = ["one two", "three", "four five six", "seven"]
+    model = tiny.engine.runner.model
+    real_logits, rows = model.compute_logits, []
+
+    def counting(hidden):
+        rows.append(hidden.shape[0])
+        return real_logits(hidden)
+
+    monkeypatch.setattr(model, "compute_logits", counting)
+
+    def run(params):
+        rows.clear()
+        outs = tiny.generate(prompts, params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, o.outputs[0].text) for o in outs], sum(rows), outs
+
+    shortcut, shortcut_rows, _ = run(_params(max_tokens=30, json=schema))
+    with monkeypatch.context() as m:
+        m.setattr(model_runner, "takes_forced_token", lambda request: False)
+        full, full_rows, _ = run(_params(max_tokens=30, json=schema))
+    assert shortcut == full
+    assert shortcut_rows < full_rows == sum(len(ids) for ids, _ in full)
+    structured = tiny.engine.structured  # masks filled before the forward pass, or beside it
+    monkeypatch.setattr(structured, "spare_cores", not structured.spare_cores)
+    assert run(_params(max_tokens=30, json=schema))[0] == full
+    with_logprobs = dataclasses.replace(_params(max_tokens=30, json=schema), logprobs=1)
+    same, logprob_rows, outs = run(with_logprobs)
+    assert same == full and logprob_rows == full_rows
+    assert all(len(o.outputs[0].logprobs) == len(o.outputs[0].token_ids) for o in outs)

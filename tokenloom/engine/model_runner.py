@@ -24,7 +24,7 @@ from tokenloom.adapters.manager import AdapterManager, VirtualSpan
 from tokenloom.engine.encoder_cache import EncoderCache
 from tokenloom.engine.pooling import PoolingRunner
 from tokenloom.engine.request import Request
-from tokenloom.engine.sampler import Sampler, prompt_logprobs
+from tokenloom.engine.sampler import Sampler, prompt_logprobs, takes_forced_token
 from tokenloom.engine.scheduler import SchedulerOutput
 from tokenloom.models.layers.attention import (
     AttentionMetadata,
@@ -35,6 +35,7 @@ from tokenloom.models.layers.attention import (
 from tokenloom.models.registry import model_kind
 from tokenloom.outputs import PositionLogprobs
 from tokenloom.structured import StructuredOutputs
+from tokenloom.structured.manager import StepMasks
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +129,13 @@ class ModelRunner:
         if self.adapters is not None:
             batch.meta.virtual_kv = self.adapters.begin_step(batch.adapter_rows, len(batch.input_ids),
                                                              batch.virtual_spans)
-        # constrained requests' token masks, filled on a helper thread while the forward pass runs
+        # constrained requests' token masks, filled on a helper thread: beside the forward pass where cores
+        # are spare, else before it (StructuredOutputs.spare_cores)
         masks = self.structured.bitmask_async([sched.requests[i] for i in batch.sample_rows
                                                if not sched.requests[i].head_only]) \
             if self.structured is not None and batch.sample_rows else None
+        if masks is not None and not self.structured.spare_cores:
+            masks.result()
         try:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta)
         finally:
@@ -148,18 +152,34 @@ class ModelRunner:
             batch.sample_rows = [batch.sample_rows[k] for k in keep]
             batch.sample_index = batch.sample_index[keep]
         if batch.sample_rows:
-            logits = self.model.compute_logits(hidden[batch.sample_index])
-            reqs = [sched.requests[i] for i in batch.sample_rows]
-            result = self.sampler(logits, reqs, masks.result() if masks is not None else None)
-            for r, token, lp in zip(reqs, result.token_ids, result.logprobs):
-                out.sampled[r.request_id] = token
-                if lp is not None:
-                    out.logprobs[r.request_id] = lp
+            self._sample(hidden, batch, [sched.requests[i] for i in batch.sample_rows],
+                         masks.result() if masks is not None else None, out)
         for request, index, targets in batch.prompt_logprob_rows:
             logits = self.model.compute_logits(hidden[index])
             k = request.sampling_params.prompt_logprobs
             out.prompt_logprobs[request.request_id] = prompt_logprobs(logits, targets, k)
         return out
+
+    def _sample(self, hidden: torch.Tensor, batch: _Batch, reqs: list[Request], masks: StepMasks | None,
+                out: RunnerOutput) -> None:
+        """Next tokens of the sampled rows. A constrained row whose grammar allows one token takes it with no
+        logits computed (the LM head is most of a small model's step: JSON keys and punctuation are forced)."""
+        index, bitmask = batch.sample_index, None
+        if masks is not None:
+            bitmask = masks.bitmask
+            forced = {k: t for k, t in masks.forced.items() if takes_forced_token(reqs[k])}
+            for k, token in forced.items():
+                out.sampled[reqs[k].request_id] = token
+            if forced:
+                keep = [k for k in range(len(reqs)) if k not in forced]
+                reqs, index, bitmask = [reqs[k] for k in keep], index[keep], bitmask[keep]
+        if not reqs:
+            return
+        result = self.sampler(self.model.compute_logits(hidden[index]), reqs, bitmask)
+        for r, token, lp in zip(reqs, result.token_ids, result.logprobs, strict=True):
+            out.sampled[r.request_id] = token
+            if lp is not None:
+                out.logprobs[r.request_id] = lp
 
     def _copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy cached partial blocks into their new owners' blocks (copy-on-write), every layer, one

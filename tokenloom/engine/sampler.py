@@ -83,6 +83,16 @@ class Sampler:
         return SamplerOutput(token_ids, logprobs)
 
 
+def takes_forced_token(request: Request) -> bool:
+    """Whether a request whose grammar allows exactly one next token can take it without computing its logits:
+    whatever the sampler did, that token would win (every other logit is -inf), and nothing reads the row; not
+    so with logprobs (they describe the raw logits), logits processors (a plugin could forbid the token) or
+    below min_tokens (the token could be a stop token the sampler forbids)."""
+    p = request.sampling_params
+    return (p.logprobs is None and not request.logits_processors
+            and not (p.min_tokens and len(request.output_token_ids) < p.min_tokens))
+
+
 def greedy_argmax(x: torch.Tensor) -> torch.Tensor:
     """Row-wise argmax of float32 logits [rows, vocab] (torch.argmax's answer: the first maximal index):
     the native kernel on CPU, 10 us against torch's 145 us a row for a 262k vocabulary."""

@@ -12,13 +12,24 @@ import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from tokenloom.models import ops
 from tokenloom.sampling_params import StructuredOutputsParams
 from tokenloom.structured.backend import Backend, Matcher, StructuredOutputError, TokenizerInfo, backend_factory
+
+
+@dataclass(slots=True)
+class StepMasks:
+    """One step's token masks: `bitmask` [rows, words] (int32; only constrained rows are set) and the rows whose
+    grammar allows exactly one token, with that token (`forced`: row -> token id)."""
+
+    bitmask: torch.Tensor
+    forced: dict[int, int] = field(default_factory=dict)
 
 
 class StructuredOutputs:
@@ -33,10 +44,12 @@ class StructuredOutputs:
         self._cache: OrderedDict[tuple[str, StructuredOutputsParams], Any] = OrderedDict()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        # A backend's parallel fill only where cores are spare: it runs beside the forward pass, and on a
-        # machine whose every core runs torch's threads it slows the step more than it saves. Decided here,
-        # on the engine's thread (torch's thread count is that thread's setting).
-        self._parallel_fill = len(os.sched_getaffinity(0)) > torch.get_num_threads() \
+        # Where cores are spare (torch runs on fewer than this process may use) the masks fill beside the
+        # forward pass, with a backend's parallel fill. Where torch's threads take every core, a thread
+        # beside them stalls each of their parallel regions (measured on 2 cores: 1.5x the fill's own time
+        # added to the step), so the runner waits for the masks before the forward starts. Decided here, on
+        # the engine's thread (torch's thread count is that thread's setting).
+        self.spare_cores = len(os.sched_getaffinity(0)) > torch.get_num_threads() \
             if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > torch.get_num_threads()
 
     def _backend(self, name: str) -> Backend:
@@ -77,9 +90,9 @@ class StructuredOutputs:
         backend, compiled = self.compile(params)
         return backend.matcher(compiled)
 
-    def bitmask_async(self, requests: list[Any]) -> Future[torch.Tensor] | None:
-        """Start filling the bitmask [len(requests), words] (int32; the rows of requests with a matcher, the
-        others left unset) on a helper thread; None when no request has a matcher."""
+    def bitmask_async(self, requests: list[Any]) -> Future[StepMasks] | None:
+        """Start filling the step's masks for `requests` (the bitmask's rows of requests with a matcher, the
+        others left unset) on the helper thread; None when no request has a matcher."""
         rows = [(r.matcher, i) for i, r in enumerate(requests) if r.matcher is not None]
         if not rows:
             return None
@@ -87,19 +100,36 @@ class StructuredOutputs:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenloom-masks")
         return self._pool.submit(self._fill, rows, len(requests))
 
-    def _fill(self, rows: list[tuple[Matcher, int]], num_rows: int) -> torch.Tensor:
+    def _fill(self, rows: list[tuple[Matcher, int]], num_rows: int) -> StepMasks:
         bitmask = torch.empty((num_rows, self.words), dtype=torch.int32)  # only constrained rows are read
         by_type: dict[type, list[tuple[Matcher, int]]] = {}
         for matcher, row in rows:
             by_type.setdefault(type(matcher), []).append((matcher, row))
         for kind, group in by_type.items():
-            fill_many = getattr(kind, "fill_many", None) if self._parallel_fill else None
+            fill_many = getattr(kind, "fill_many", None) if self.spare_cores else None
             if fill_many is not None and len(group) > 1:
                 fill_many(group, bitmask)
             else:
                 for matcher, row in group:
                     matcher.fill_bitmask(bitmask, row)
-        return bitmask
+        return StepMasks(bitmask, single_tokens(bitmask, [row for _, row in rows], self.info.vocab_size))
+
+
+def single_tokens(bitmask: torch.Tensor, rows: list[int], vocab_size: int) -> dict[int, int]:
+    """The rows of `bitmask` that allow exactly one token (below `vocab_size`), with that token. numpy, not
+    torch: this runs on the helper thread, beside the forward pass's own thread pool."""
+    words = bitmask.numpy()
+    forced = {}
+    for row in rows:
+        line = words[row]
+        if np.count_nonzero(line) != 1:
+            continue
+        w = int(np.flatnonzero(line)[0])
+        word = int(line[w]) & 0xFFFFFFFF
+        token = 32 * w + word.bit_length() - 1
+        if word & (word - 1) == 0 and token < vocab_size:
+            forced[row] = token
+    return forced
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Set to -inf, in place, the logits of `rows` whose bit is clear in the same row of `bitmask` (a native
@@ -114,4 +144,4 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
     logits[index] = logits[index].masked_fill_(~allowed, float("-inf"))
 
 
-__all__ = ["StructuredOutputError", "StructuredOutputs", "apply_bitmask"]
+__all__ = ["StepMasks", "StructuredOutputError", "StructuredOutputs", "apply_bitmask", "single_tokens"]
