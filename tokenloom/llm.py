@@ -16,6 +16,7 @@ from tokenloom.engine.llm_engine import InvalidRequestError, LLMEngine
 from tokenloom.llm_pooling import PoolingTasks
 from tokenloom.outputs import RequestOutput
 from tokenloom.sampling_params import BeamSearchParams, SamplingParams
+from tokenloom.structured.tools import functions_of, plan_tools, template_messages
 
 Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
@@ -84,12 +85,38 @@ class LLM(PoolingTasks):
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, through the chat template."""
+             add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None,
+             tool_choice: str | dict[str, Any] | None = None, parallel_tool_calls: bool = True,
+             tool_call_parser: str | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the chat template.
+
+        With `tools` (OpenAI's shape: `[{"type": "function", "function": {"name", "description", "parameters"}}]`)
+        the tools reach the model as the server offers them (the template's own tool format, else a system
+        message), `tool_choice` ("auto", "none", "required" or `{"type": "function", "function": {"name": ...}}`)
+        constrains the reply as the server does, and each output's `tool_calls` holds the calls parsed from its
+        text (`tool_call_parser`: a registered format; by default the template's), `text` the raw reply."""
         self._require_generative("chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.inputs.chat_token_ids(c, chat_template, add_generation_prompt) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        template = chat_template or self.engine.tokenizer.chat_template
+        params = _broadcast(sampling_params, len(conversations))
+        try:
+            plan = plan_tools(functions_of(tools or []), tool_choice, parallel_tool_calls, template, tool_call_parser)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), "tool_choice" if "tool_choice" in str(exc) else "tools") from exc
+        if plan is not None and plan.constraint is not None:
+            if any(p.structured_outputs is not None for p in params):
+                raise InvalidRequestError("tool_choice required or a named function constrains the reply itself; "
+                                          "it cannot be combined with structured_outputs", "tool_choice")
+            params = [dataclasses.replace(p, structured_outputs=plan.constraint) for p in params]
+        offered = plan.template_tools() if plan is not None else None
+        prompts = [self.engine.inputs.chat_token_ids(template_messages(c, template, plan), chat_template,
+                                                     add_generation_prompt, offered) for c in conversations]
+        outputs = self.generate(prompts, params, use_tqdm)
+        if plan is not None:
+            for out in outputs:
+                for choice in out.outputs:
+                    choice.tool_calls = plan.parser.parse(choice.text)[1] or None
+        return outputs
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams,
                     adapter: AdapterRequest | None = None) -> list[BeamSearchOutput]:

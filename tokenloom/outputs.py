@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenloom.structured.tool_parsers import ToolCall
 
 
 @dataclass(slots=True)
@@ -29,6 +33,7 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    tool_calls: list[ToolCall] | None = None  # LLM.chat with tools: the calls parsed from `text`
 
     @property
     def finished(self) -> bool:

@@ -174,3 +174,49 @@ def test_plugins_add_tool_formats_and_constraint_backends(tiny_models):
     registry.unload("formats")
     with pytest.raises(ValueError, match="'upper' is not registered"):
         tool_parser("upper")
+
+
+def test_offline_chat_with_tools(tiny_models):
+    """`LLM.chat(tools=...)` as the server does it: a named or required choice gives valid calls (parsed into
+    `tool_calls`, arguments valid), `none` is a plain chat, a tool result turn renders, bad tools are refused
+    naming the field."""
+    import jsonschema
+
+    from tokenloom import LLM, SamplingParams, StructuredOutputsParams
+    from tokenloom.engine.request import InvalidRequestError
+
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_gib=0.05)
+    # short: the tiny model's context is 512 tokens; bounded: a random model's strings run on
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 8}}, "required": ["city"], "additionalProperties": False}}
+    tools = [{"type": "function", "function": weather}, {"type": "function", "function": {"name": "get_time"}}]
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    params = SamplingParams(temperature=0, max_tokens=60)
+    named = llm.chat([ask, ask], params, use_tqdm=False, tools=tools,
+                     tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    for out in named:
+        assert out.outputs[0].tool_calls, out.outputs[0].text
+        (call,) = out.outputs[0].tool_calls
+        assert call.name == "get_weather" and out.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(call.arguments), weather["parameters"])
+    required = llm.chat(ask, params, use_tqdm=False, tools=tools, tool_choice="required", parallel_tool_calls=False)
+    (call,) = required[0].outputs[0].tool_calls
+    assert call.name in ("get_weather", "get_time")
+    plain = llm.chat(ask, params, use_tqdm=False)[0].outputs[0]
+    none = llm.chat(ask, params, use_tqdm=False, tools=tools, tool_choice="none")[0].outputs[0]
+    assert (none.token_ids, none.tool_calls) == (plain.token_ids, None)
+    result_turn = ask + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"}]
+    assert llm.chat(result_turn, params, use_tqdm=False, tools=tools)[0].outputs[0].finish_reason is not None
+    bad = [({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools"),
+           ({"tools": [{"function": WEATHER}]}, "tools"),
+           ({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+           ({"tools": tools, "tool_choice": "sometimes"}, "tool_choice")]
+    for kwargs, field in bad:
+        with pytest.raises(InvalidRequestError) as err:
+            llm.chat(ask, params, use_tqdm=False, **kwargs)
+        assert err.value.field == field, (kwargs, str(err.value))
+    constrained = SamplingParams(max_tokens=5, structured_outputs=StructuredOutputsParams(regex="[a-z]+"))
+    with pytest.raises(InvalidRequestError, match="tool_choice"):
+        llm.chat(ask, constrained, use_tqdm=False, tools=tools, tool_choice="required")

@@ -78,9 +78,9 @@ class InputProcessor:
         return ids
 
     def chat_token_ids(self, messages: list[Message], chat_template: str | None = None,
-                       add_generation_prompt: bool = True) -> list[int]:
-        """A conversation's prompt ids through the chat template."""
-        return chat_token_ids(self.tokenizer, messages, chat_template, add_generation_prompt)
+                       add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """A conversation's prompt ids through the chat template (with `tools` offered, in OpenAI's shape)."""
+        return chat_token_ids(self.tokenizer, messages, chat_template, add_generation_prompt, tools)
 
     # ---- the length and vocabulary rules ----
 

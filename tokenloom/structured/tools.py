@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,15 +66,41 @@ def plan_tools(tools: list[dict[str, Any]], choice: str | dict[str, Any] | None,
         raise ValueError(f"tools: function names must be unique; got {names}")
     choice = choice or "auto"
     if isinstance(choice, dict):
-        name = choice["function"]["name"]
+        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if not isinstance(name, str):
+            raise ValueError('tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
+                             '{"name": ...}}')
         chosen = [t for t in tools if t["name"] == name]
         if not chosen:
             raise ValueError(f"tool_choice names function {name!r}, which is not in tools ({', '.join(names)})")
         grammar = parser.grammar(chosen, parallel=False)
-    else:
+    elif choice in ("auto", "required"):
         grammar = parser.grammar(tools, parallel) if choice == "required" else None
+    else:
+        raise ValueError(f'tool_choice must be "auto", "none", "required" or a named function; got {choice!r}')
     constraint = StructuredOutputsParams(grammar=grammar) if grammar is not None else None
     return ToolPlan(parser, tools, constraint, knows)
+
+
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def functions_of(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI's `tools` ([{"type": "function", "function": {"name", "description", "parameters"}}]) → the
+    functions offered, as `plan_tools` takes them; ValueError names a malformed entry (the offline API's check:
+    the server's request model does the same)."""
+    out = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+            raise ValueError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": '
+                             f'{{...}}}}}} with a name of 1 to 64 letters, digits, _ or -')
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema (an object)")
+        out.append({"name": name, "description": function.get("description"), "parameters": parameters})
+    return out
 
 
 def describe_tools(tools: list[dict[str, Any]]) -> str:
@@ -99,4 +126,4 @@ def _as_text(message: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in message.items() if k in ("role", "content", "name")}
 
 
-__all__ = ["ToolPlan", "describe_tools", "plan_tools", "template_messages"]
+__all__ = ["ToolPlan", "describe_tools", "functions_of", "plan_tools", "template_messages"]
