@@ -220,3 +220,62 @@ def test_offline_chat_with_tools(tiny_models):
     constrained = SamplingParams(max_tokens=5, structured_outputs=StructuredOutputsParams(regex="[a-z]+"))
     with pytest.raises(InvalidRequestError, match="tool_choice"):
         llm.chat(ask, constrained, use_tqdm=False, tools=tools, tool_choice="required")
+
+
+# Qwen 2.5's tool format (its chat template, without its instructions: the tiny model's context is 512 tokens): tools in <tools></tools> in the system turn, calls in
+# <tool_call></tool_call>, results in <tool_response></tool_response>
+HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif message.tool_calls %}<|im_start|>assistant
+{%- for call in message.tool_calls %}
+<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_a_template_that_knows_tools_gets_them_and_its_format_is_read(tiny_models):
+    """A Hermes/Qwen template: the tools reach it as OpenAI's objects (rendered in its <tools> block), the
+    required calls are written in its <tool_call> tags and parsed; a past call and its result render in its
+    own format."""
+    import jsonschema
+
+    from tokenloom import LLM, SamplingParams
+
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_gib=0.05)
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 8}}, "required": ["city"], "additionalProperties": False}}
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    params = SamplingParams(temperature=0, max_tokens=120)
+    out = llm.chat(ask, params, use_tqdm=False, chat_template=HERMES_TEMPLATE,
+                   tools=[{"type": "function", "function": weather}], tool_choice="required",
+                   parallel_tool_calls=False)[0]
+    prompt = llm.get_tokenizer().hf.decode(out.prompt_token_ids)
+    assert "<tools>" in prompt and '"name": "get_weather"' in prompt and "Functions you can call" not in prompt
+    reply = out.outputs[0]
+    assert reply.text.startswith("<tool_call>") and reply.text.rstrip().endswith("</tool_call>"), reply.text
+    (call,) = reply.tool_calls
+    jsonschema.validate(json.loads(call.arguments), weather["parameters"])
+    turn = ask + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C"}]
+    again = llm.chat(turn, params, use_tqdm=False, chat_template=HERMES_TEMPLATE,
+                     tools=[{"type": "function", "function": weather}])[0]
+    rendered = llm.get_tokenizer().hf.decode(again.prompt_token_ids)
+    assert "<tool_response>\n18 C\n</tool_response>" in rendered and call.arguments in rendered
