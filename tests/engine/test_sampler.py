@@ -247,3 +247,30 @@ def test_greedy_argmax_is_torchs_on_ties_infinities_and_nan(width) -> None:
         x[4, 1] = float("inf")
     x[5, width - 1] = float("inf")
     assert torch.equal(greedy_argmax(x), x.argmax(dim=-1))
+
+
+def test_constrained_rows_equal_masking_first_whatever_else_they_ask() -> None:
+    """A greedy constrained row with nothing else to do takes the argmax under its mask (not written); rows
+    with logit bias, penalties, min_tokens or sampling are masked first, then processed: every row's token is
+    the one masking the logits first gives, and logprobs still describe the raw logits."""
+    rows, vocab = 6, 100
+    logits = random_logits(rows, vocab, seed=3)
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-2**31, 2**31 - 1, (rows, words), dtype=torch.int32,
+                            generator=torch.Generator().manual_seed(4))
+    kinds = [dict(temperature=0.0), dict(temperature=0.0, logprobs=2), dict(temperature=0.0, logit_bias={5: 9.0}),
+             dict(temperature=0.0, presence_penalty=1.5), dict(temperature=0.0, min_tokens=4), dict(temperature=0.0)]
+    reqs = [make_request(output=[5, 7], **k) for k in kinds]
+    for r in reqs[:-1]:
+        r.matcher = object()  # constrained (the sampler only asks whether there is one)
+    bits = ((bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).view(rows, -1)[:, :vocab].bool()
+    masked = logits.masked_fill(~bits, float("-inf"))
+    masked[-1] = logits[-1]  # the free row
+    plain = [make_request(output=[5, 7], **k) for k in kinds]
+    want = Sampler()(masked.clone(), plain)
+    raw = logits.clone()
+    got = Sampler()(raw, reqs, bitmask)
+    assert got.token_ids == want.token_ids
+    chosen = got.token_ids[1]
+    assert got.logprobs[1][chosen].logprob == pytest.approx(torch.log_softmax(logits[1], -1)[chosen].item())
+    assert torch.equal(raw[0], logits[0])  # the mask-free argmax row was not written

@@ -276,3 +276,43 @@ def test_token_bitmask_kernel_equals_unpacking_the_bits(kernels, vocab):
     narrow = logits.clone()
     kernels.apply_token_bitmask(narrow, bitmask[:, :words // 2].contiguous(), torch.tensor([1]))
     assert torch.isinf(narrow[1, 32 * (words // 2):]).all() and torch.equal(narrow[0], logits[0])
+
+
+@pytest.mark.parametrize("vocab", [262144, 1000, 77])
+def test_masked_argmax_equals_argmax_of_the_masked_logits(kernels, vocab):
+    """Each row's argmax under its bitmask equals torch.argmax of the logits with the forbidden ones at -inf:
+    runs of allowed words, forbidden and mixed words, ties (the first wins), a NaN (allowed: the first one;
+    forbidden: ignored), a row whose allowed logits are all -inf or that allows nothing (0, as torch says),
+    the last word's spare bits, a narrow bitmask, and unmasked rows in the same call."""
+    torch.manual_seed(vocab)
+    words = (vocab + 31) // 32
+    rows = 9
+    bitmask = torch.randint(-2**31, 2**31 - 1, (rows, words), dtype=torch.int32)
+    bitmask[0, ::3], bitmask[0, 1::3] = -1, 0
+    bitmask[1] = -1
+    bitmask[2] = 0
+    bitmask[2, words // 2] = 0b1010  # two tokens
+    bitmask[3] = 0  # nothing allowed
+    bitmask[4, : words // 2] = -1
+    logits = torch.randn(rows, vocab)
+    logits[1, vocab // 3] = logits[1, vocab // 2] = 100.0  # a tie: the first
+    logits[4, 5] = float("nan")  # allowed NaN
+    logits[5, :] = float("-inf")  # allowed ones all -inf
+    logits[6, 33] = 1e6  # a maximum that its mask may forbid
+    logits[7, vocab - 1] = 1e6  # in the last word's spare bits when vocab % 32
+    masked = [0, 1, 2, 3, 4, 5, 6, 7]
+    bits = ((bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).view(rows, -1)[:, :vocab].bool()
+    want = logits.clone()
+    want[masked] = want[masked].masked_fill(~bits[masked], float("-inf"))
+    got = kernels.argmax_rows(logits, bitmask, torch.tensor(masked))
+    assert got.tolist() == want.argmax(dim=-1).tolist()
+    narrow = bitmask[:, : words // 2].contiguous()  # tokens past it are forbidden
+    want_narrow = logits.clone()
+    cut = torch.zeros_like(bits)
+    cut[:, : 32 * (words // 2)] = bits[:, : 32 * (words // 2)]
+    want_narrow[masked] = want_narrow[masked].masked_fill(~cut[masked], float("-inf"))
+    assert kernels.argmax_rows(logits, narrow, torch.tensor(masked)).tolist() == want_narrow.argmax(dim=-1).tolist()
+    from tokenloom.engine.sampler import greedy_argmax
+
+    with ops.use_level("torch"):  # no kernel: the sampler masks, then takes the plain argmax
+        assert greedy_argmax(logits.clone(), bitmask, masked).tolist() == want.argmax(dim=-1).tolist()

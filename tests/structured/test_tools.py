@@ -222,8 +222,8 @@ def test_offline_chat_with_tools(tiny_models):
         llm.chat(ask, constrained, use_tqdm=False, tools=tools, tool_choice="required")
 
 
-# Qwen 2.5's tool format (its chat template, without its instructions: the tiny model's context is 512 tokens): tools in <tools></tools> in the system turn, calls in
-# <tool_call></tool_call>, results in <tool_response></tool_response>
+# Qwen 2.5's tool format (its chat template without its instructions: the tiny model's context is 512 tokens):
+# tools in <tools></tools> in the system turn, calls in <tool_call></tool_call>, results in <tool_response>
 HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
 <tools>
 {%- for tool in tools %}

@@ -199,10 +199,18 @@ def group_quant_dequant(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, h
     return k.gq_dequant(codes, d, m, high, dtype) if k is not None else None
 
 
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+def argmax_rows(x: torch.Tensor, bitmask: torch.Tensor | None = None, masked: list[int] | None = None
+                ) -> torch.Tensor | None:
     """Row-wise argmax of logits [rows, vocab] (torch.argmax's answer: the first maximum, the first NaN):
-    natively for float32 on CPU (10 us against torch's 145 us a row of 262k), else torch.argmax."""
+    natively for float32 on CPU (10 us against torch's 145 us a row of 262k), else torch.argmax. The rows
+    listed in `masked` count only the tokens allowed by their row of `bitmask` (int32 [rows, words],
+    llguidance's layout): the argmax of those logits with the others at -inf, without writing them; None
+    where no kernel can (the caller masks, then asks again without)."""
     k = _cpu(x) if x.dtype == torch.float32 and x.dim() == 2 else None
+    if masked:
+        if k is None or bitmask is None or bitmask.device.type != "cpu":
+            return None
+        return k.argmax_rows(x, bitmask, torch.tensor(masked, dtype=torch.long))
     return k.argmax_rows(x) if k is not None else x.argmax(dim=-1)
 
 

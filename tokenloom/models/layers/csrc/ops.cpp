@@ -16,7 +16,7 @@ at::Tensor qkv_rope_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, 
                           double offset, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots, int64_t heads,
                           int64_t kv_heads);
 std::vector<at::Tensor> gq_pack(at::Tensor weight, int64_t bits);
-at::Tensor argmax_rows(at::Tensor x);
+at::Tensor argmax_rows(at::Tensor x, c10::optional<at::Tensor> bitmask, c10::optional<at::Tensor> masked);
 at::Tensor dense_rows_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, bool float_out);
 bool dense_rows_supported(at::ScalarType x, at::ScalarType w);
 at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Tensor m);
@@ -46,7 +46,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether dense_rows_linear has a kernel at this level for (x dtype, w dtype)", py::arg("x"), py::arg("w"));
   m.def("lora_add", &lora_add, "each token's own adapter's LoRA update added to a batch's layer output");
   m.def("apply_token_bitmask", &apply_token_bitmask, "-inf, in place, for the tokens a row's bitmask forbids");
-  m.def("argmax_rows", &argmax_rows, "row-wise argmax of float32 logits (torch.argmax's answer, vectorised)");
+  m.def("argmax_rows", &argmax_rows, "row-wise argmax of float32 logits (torch.argmax's answer, vectorised), the "
+        "masked rows under their token bitmask", py::arg("x"), py::arg("bitmask") = py::none(),
+        py::arg("masked") = py::none());
   m.def("bind_threads", &bind_threads, "pin the calling thread's intra-op pool, thread i to cpus[i % n]");
   m.def("gq_linear_native", &gq_linear_native, "whether gq_linear is vectorised (AVX-512, AVX2 or NEON; else a scalar loop)");
 }

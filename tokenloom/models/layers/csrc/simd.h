@@ -68,6 +68,10 @@ inline vf bf16_odd(const c10::BFloat16* p) {
 
 // Lane sets from comparisons (`lanes`): nan_lanes(v), equal_lanes(a, b), their union either(a, b), and
 // first_lane(m), the lowest lane in m or -1.
+// p[i] where bit i of `bits` is set, else `fill` (a token bitmask's 16 lanes).
+inline vf vload_bits(const float* p, uint32_t bits, float fill) {
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), static_cast<__mmask16>(bits), p);
+}
 using lanes = __mmask16;
 inline lanes nan_lanes(vf v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q); }
 inline lanes equal_lanes(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
@@ -118,6 +122,11 @@ inline vf bf16_odd(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+inline vf vload_bits(const float* p, uint32_t bits, float fill) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lane_bit), lane_bit);
+  return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_loadu_ps(p), _mm256_castsi256_ps(on));
+}
 using lanes = __m256;  // all-ones float lanes
 inline lanes nan_lanes(vf v) { return _mm256_cmp_ps(v, v, _CMP_UNORD_Q); }
 inline lanes equal_lanes(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
@@ -176,6 +185,12 @@ inline float32x4_t odd_of(uint32x4_t pairs) {
 }
 inline vf bf16_even(const c10::BFloat16* p) { return {even_of(bf16_pairs(p)), even_of(bf16_pairs(p + 8))}; }
 inline vf bf16_odd(const c10::BFloat16* p) { return {odd_of(bf16_pairs(p)), odd_of(bf16_pairs(p + 8))}; }
+
+inline vf vload_bits(const float* p, uint32_t bits, float fill) {
+  const uint32x4_t lo_bit = {1, 2, 4, 8}, hi_bit = {16, 32, 64, 128}, word = vdupq_n_u32(bits);
+  const float32x4_t f = vdupq_n_f32(fill);
+  return {vbslq_f32(vtstq_u32(word, lo_bit), vld1q_f32(p), f), vbslq_f32(vtstq_u32(word, hi_bit), vld1q_f32(p + 4), f)};
+}
 
 // All-ones lanes, and no movemask: first_lane tests for any lane across the vector first, and looks
 // for which one only after a hit.
