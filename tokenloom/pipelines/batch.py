@@ -82,10 +82,13 @@ def finished_rows(output: Path, rows: list[InputRow], retry_errors: bool = False
     done: dict[int, str] = {}
     if not output.exists():
         return done
-    for line in output.read_text(encoding="utf-8").splitlines():
+    # Split the bytes on b"\n" alone: a kill can cut a line inside a character, and str.splitlines would also
+    # split at the U+2028, U+0085... that json.dumps(ensure_ascii=False) leaves raw in a row.
+    for raw in output.read_bytes().split(b"\n"):
         try:
+            line = raw.decode("utf-8").rstrip("\r")
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (UnicodeDecodeError, json.JSONDecodeError):
             continue
         index = row.get("index") if isinstance(row, dict) else None
         if not isinstance(index, int) or not 0 <= index < len(rows) or (retry_errors and ERROR in row):
