@@ -63,3 +63,17 @@ def test_cli_reports_bad_input_without_traceback(tiny_models, capsys):
     assert rc == 2 and "top_p" in err and "Traceback" not in err
     rc = main(["generate", "-m", "nowhere-model", "Hi"])
     assert rc == 2 and "nowhere-model" in capsys.readouterr().err
+
+
+def test_cli_chat_reads_input_that_is_not_utf8(tiny_models):
+    """Bytes that are not UTF-8 on stdin (a terminal in another encoding) are read with U+FFFD, not a crash."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "tokenloom.cli", "chat", "-m", str(tiny_models["qwen2"]),
+                           "--max-tokens", "4", "--kv-cache-gib", "0.01", "--dtype", "float32"],
+                          input=b"caf\xe9 \xff\xfe\n\n", capture_output=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert b"Traceback" not in proc.stderr and b"assistant> " in proc.stdout

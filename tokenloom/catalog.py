@@ -17,6 +17,7 @@ A malformed catalog fails at start-up with the file, the line and the field name
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -40,16 +41,22 @@ class CatalogError(ValueError):
 
 def parse_keep_alive(value: Any) -> float:
     """Seconds from a keep-alive value as Ollama takes it: a number of seconds or "30s" / "10m" / "2h";
-    0 unloads right after the last request, any negative value keeps the model loaded (-1)."""
+    0 unloads right after the last request, -1 (also "-1m", Ollama's example) keeps the model loaded; other
+    negative values, NaN and infinities are refused."""
     if isinstance(value, bool):
         raise ValueError(f"keep_alive must be a duration, not {value!r}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        number, seconds = float(value), float(value)
     else:
         match = _DURATION.match(str(value))
         if match is None:
             raise ValueError(f"keep_alive must be seconds or a duration like 30s, 10m, 2h; got {value!r}")
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        number = float(match.group(1))
+        seconds = number * _UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"keep_alive must be finite; got {value!r}")
+    if seconds < 0 and number != -1:
+        raise ValueError(f"keep_alive must be >= 0, or -1 to keep the model loaded; got {value!r}")
     return -1.0 if seconds < 0 else seconds
 
 

@@ -83,14 +83,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """An interactive chat session; an empty line or EOF ends it."""
+    """An interactive chat session; an empty line, EOF or Ctrl-C ends it. Input that is not UTF-8 is read with
+    U+FFFD in place of the bytes it cannot decode (a terminal in another encoding must not crash the chat)."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
     llm = _build_llm(args)
     params = sampling_params(args, max_tokens=512, temperature=0.7)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     while True:
         try:
             user = input("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             break
         if not user:
             break

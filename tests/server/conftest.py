@@ -143,6 +143,9 @@ def _servers(request, tiny_path, tiny_models, tmp_path_factory, models_dir, budg
         "tiny": (tiny_path, TINY_FLAGS),
         "restricted": (tiny_path, [*TINY_FLAGS, "--api-key", "sekrit", "--max-waiting", "1", "--max-num-seqs", "1",
                                    "--max-body-bytes", "65536"]),
+        "hardened": (tiny_path, [*TINY_FLAGS, "--max-num-seqs", "4", "--max-waiting", "1", "--max-tokens-default", "8",
+                                 "--max-tokens-limit", "64", "--max-prompts-per-request", "4", "--header-timeout",
+                                 "1", "--body-timeout", "1", "--max-connections", "16"]),
         "gemma": ("gemma-3-270m", GEMMA_FLAGS),
         "multi": (None, [*MODEL_FLAGS, "--models-dir", str(models_dir)]),
         "budget": (None, [*MODEL_FLAGS, "--models-config", str(budget_catalog),
@@ -169,6 +172,13 @@ def tiny_server(_servers) -> Server:
 def restricted_server(_servers) -> Server:
     """The tiny model behind an API key ('sekrit'), one running sequence, a waiting queue of one, 64 KiB bodies."""
     return _servers["restricted"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def hardened_server(_servers) -> Server:
+    """The tiny model with tight guards: 4 running sequences and a waiting queue of 1, max_tokens 8 by default
+    and 64 at most, 4 prompts a request, 1 s for headers and for a body, 16 connections."""
+    return _servers["hardened"].wait_ready()
 
 
 @pytest.fixture(scope="session")

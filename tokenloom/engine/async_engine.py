@@ -105,6 +105,13 @@ class AsyncEngine:
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                           arrival: float | None = None, adapter: AdapterRequest | None = None) -> RequestStream:
         """Queue a request and return its stream; validation errors are raised here, before any output."""
+        return (await self.add_requests([(request_id, prompt)], params, arrival, adapter))[0]
+
+    async def add_requests(self, requests: list[tuple[str, str | list[int]]], params: SamplingParams,
+                           arrival: float | None = None, adapter: AdapterRequest | None = None) -> list[RequestStream]:
+        """Queue several requests (id, prompt) with the same parameters as one unit, such as a completion's
+        list of prompts: admitted together between two steps, or refused together (a full queue, or the
+        first invalid one's error, the others then dropped). Their streams, in order."""
         if self._draining:
             raise ServerBusyError("the server is shutting down and takes no new requests")
         if not self.is_alive:
@@ -112,17 +119,19 @@ class AsyncEngine:
         if params.structured_outputs is not None and self.engine.structured is not None:
             # compiled here, on a worker thread, so the engine's loop only meets a cache hit
             await asyncio.to_thread(self.engine.structured.compile, params.structured_outputs)
-        stream = RequestStream(request_id, asyncio.get_running_loop(), self.abort)
-        timings = RequestTimings(arrival if arrival is not None else time.monotonic())
+        loop = asyncio.get_running_loop()
+        start = arrival if arrival is not None else time.monotonic()
+        entries = [(rid, prompt, _Tracked(RequestStream(rid, loop, self.abort), RequestTimings(start)))
+                   for rid, prompt in requests]
         admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._submit(("add", request_id, prompt, dataclasses.replace(params, output_kind="delta"), adapter,
-                      _Tracked(stream, timings), admitted))
+        self._submit(("add", entries, dataclasses.replace(params, output_kind="delta"), adapter, admitted))
         try:
             await asyncio.wrap_future(admitted)
         except asyncio.CancelledError:
-            self.abort(request_id)  # it may have been admitted just before the caller went away
+            for rid, _ in requests:  # they may have been admitted just before the caller went away
+                self.abort(rid)
             raise
-        return stream
+        return [tracked.stream for _, _, tracked in entries]
 
     def submit(self, inputs: list[EncoderInput], task: str, pooling: PoolingConfig | None = None,
                adapter: AdapterRequest | None = None) -> concurrent.futures.Future[list[PoolingResult]]:
@@ -242,24 +251,36 @@ class AsyncEngine:
             if tracked is not None:
                 self._drop(command[1], RequestAbortedError("request aborted"))
             return
-        _, request_id, prompt, params, adapter, tracked, admitted = command
+        _, entries, params, adapter, admitted = command
         if not admitted.set_running_or_notify_cancel():
             return
-        if self.engine.stats().num_waiting >= self.max_waiting:
+        if self._num_queued() >= self.max_waiting:
             admitted.set_exception(ServerBusyError(
                 f"the waiting queue is full ({self.max_waiting} requests); retry later"))
             return
-        if request_id in self._tracked:
-            admitted.set_exception(ValueError(f"request id {request_id!r} is already in use"))
-            return
-        try:
-            self.engine.add_request(request_id, prompt, params, adapter=adapter)
-        except Exception as exc:  # validation errors belong to the caller, not to the loop
-            admitted.set_exception(exc)
-            return
-        tracked.timings.num_prompt_tokens = len(prompt) if isinstance(prompt, list) else 0
-        self._tracked[request_id] = tracked
+        added: list[str] = []
+        for request_id, prompt, tracked in entries:
+            try:
+                if request_id in self._tracked:
+                    raise ValueError(f"request id {request_id!r} is already in use")
+                self.engine.add_request(request_id, prompt, params, adapter=adapter)
+            except Exception as exc:  # validation errors belong to the caller, not to the loop
+                self.engine.abort_request(added)
+                for rid in added:
+                    del self._tracked[rid]
+                admitted.set_exception(exc)
+                return
+            tracked.timings.num_prompt_tokens = len(prompt) if isinstance(prompt, list) else 0
+            self._tracked[request_id] = tracked
+            added.append(request_id)
         admitted.set_result(None)
+
+    def _num_queued(self) -> int:
+        """Waiting requests that cannot start at the next step: those past the free sequence slots (a burst
+        into an idle engine is not a queue)."""
+        stats = self.engine.stats()
+        free = max(self.engine.config.scheduler_config.max_num_seqs - stats.num_running, 0)
+        return max(stats.num_waiting - free, 0)
 
     def _apply_pool(self, pooled: _Pooled, inputs: list[EncoderInput], params: PoolingParams,
                     adapter: AdapterRequest | None) -> None:

@@ -22,9 +22,11 @@ from tokenloom.manager import ModelManager, ModelSpec
 from tokenloom.server import chat, completions, embeddings, misc, models
 from tokenloom.server.config import ServerConfig, ServerConfigError
 from tokenloom.server.errors import install_error_handlers
+from tokenloom.server.http_protocol import GuardedH11Protocol
 from tokenloom.server.metrics import ServerMetrics
 from tokenloom.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from tokenloom.server.model_leases import ModelLeases, ServedModel, served_bytes, served_model_factory
+from tokenloom.server.openapi import install_openapi
 from tokenloom.server.request_handling import ServerState
 
 logger = logging.getLogger(__name__)
@@ -88,10 +90,12 @@ def build_app(state: ServerState) -> FastAPI:
     for module in (completions, chat, embeddings, models, misc):
         app.include_router(module.router)
     install_error_handlers(app)
+    install_openapi(app, state.config.api_key is not None)
     # Added last = outermost: an oversized body is refused before the key is even looked at.
     if state.config.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=state.config.api_key)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=state.config.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.config.max_body_bytes,
+                       timeout=state.config.body_timeout)
     return app
 
 
@@ -130,7 +134,8 @@ def run_server(state: ServerState) -> None:
     config = state.config
     app = build_app(state)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                               timeout_graceful_shutdown=int(config.drain_timeout) + 5)
+                               timeout_graceful_shutdown=int(config.drain_timeout) + 5,
+                               http=GuardedH11Protocol.configure(config.header_timeout, config.max_connections))
     server = _DrainingServer(uv_config, state.models, config.drain_timeout)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean return.
     previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM,)}

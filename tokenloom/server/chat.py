@@ -36,6 +36,7 @@ from tokenloom.server.request_handling import (
     SSEResponse,
     check_failure,
     constraint_field,
+    max_tokens_of,
     merged,
     plain_prompt_logprobs,
     sampling_params,
@@ -61,9 +62,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     async with state.use_model(body) as lease:
         served = lease.model
         served.generator()
-        max_tokens, param = served.sampling_default(body, "max_tokens", body.max_tokens), "max_tokens"
-        if body.max_completion_tokens is not None:
-            max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        asked, max_tokens = max_tokens_of(state, served, body, param)
         params = sampling_params(body, served, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                                  body.prompt_logprobs)
         template = served.tokenizer.tokenizer.chat_template
@@ -77,7 +77,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         messages = template_messages([m.as_template_input() for m in body.messages], template, plan)
         prompt = await served.tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt,
                                                     tools=plan.template_tools() if plan is not None else None)
-        served.check_prompt(prompt, max_tokens, param, prompt_param="messages")
+        served.check_prompt(prompt, asked, param, prompt_param="messages")
         request_id = random_id("chatcmpl")
         field = "tool_choice" if plan is not None and plan.constraint is not None else constraint_field(body)
         streams = await submit(served, request_id, [prompt], params, lease.adapter, field)

@@ -24,6 +24,7 @@ from tokenloom.server.request_handling import (
     SSEResponse,
     check_failure,
     constraint_field,
+    max_tokens_of,
     merged,
     plain_prompt_logprobs,
     sampling_params,
@@ -70,12 +71,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         served = lease.model
         served.generator()
         echo_logprobs = bool(body.echo) and body.logprobs is not None
-        max_tokens = served.sampling_default(body, "max_tokens", body.max_tokens)
+        asked, max_tokens = max_tokens_of(state, served, body)
         params = sampling_params(body, served, max_tokens, body.logprobs,
                                  body.logprobs if echo_logprobs else body.prompt_logprobs)
-        prompts = await _prepare(served, body, echo_logprobs)
+        prompts = await _prepare(served, body, echo_logprobs, state.config.max_prompts_per_request)
         for p in prompts:
-            served.check_prompt(p.token_ids, max_tokens, "max_tokens")
+            served.check_prompt(p.token_ids, asked, "max_tokens")
         request_id = random_id("cmpl")
         streams = await submit(served, request_id, [p.token_ids for p in prompts], params, lease.adapter,
                                constraint_field(body))
@@ -85,12 +86,16 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         return await unless_disconnected(request, _collect(chunks, request_id, lease.name, prompts, n))
 
 
-async def _prepare(served: ServedModel, body: CompletionRequest, echo_logprobs: bool) -> list[_Prompt]:
+async def _prepare(served: ServedModel, body: CompletionRequest, echo_logprobs: bool, max_prompts: int
+                   ) -> list[_Prompt]:
     raw = body.prompt
     if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
         raw = [raw]
     if not raw:
         raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+    if len(raw) > max_prompts:
+        raise APIError(400, f"prompt lists at most {max_prompts} prompts on this server; got {len(raw)}",
+                       param="prompt", code="invalid_value")
     prompts = []
     for item in raw:
         if isinstance(item, str):

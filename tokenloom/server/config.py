@@ -37,6 +37,14 @@ class ServerConfig:
     # How models write tool calls (hermes, llama3_json, json, or a plugin's); default: what the chat template
     # writes (json, described in a system message, for templates that know no tools).
     tool_call_parser: str | None = None
+    # A request that gives no max_tokens generates at most this many (0: up to the context, vLLM's default);
+    # one that asks for more than max_tokens_limit is refused (0: no limit but the context).
+    max_tokens_default: int = 2048
+    max_tokens_limit: int = 0
+    max_prompts_per_request: int = 256  # a completion's list of prompts
+    header_timeout: float = 30.0  # seconds for a request line and its headers (slowloris)
+    body_timeout: float = 60.0  # seconds for a request body, from its headers on
+    max_connections: int = 1024  # open connections; past it a new one is answered 503
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -45,6 +53,18 @@ class ServerConfig:
             raise ServerConfigError(f"max_waiting must be >= 1; got {self.max_waiting}")
         if self.max_body_bytes < 1:
             raise ServerConfigError(f"max_body_bytes must be >= 1; got {self.max_body_bytes}")
+        for name in ("max_tokens_default", "max_tokens_limit"):
+            if getattr(self, name) < 0:
+                raise ServerConfigError(f"{name} must be >= 0 (0: up to the context); got {getattr(self, name)}")
+        if self.max_tokens_limit and self.max_tokens_default > self.max_tokens_limit:
+            raise ServerConfigError(f"max_tokens_default ({self.max_tokens_default}) must not exceed "
+                                    f"max_tokens_limit ({self.max_tokens_limit})")
+        for name in ("max_prompts_per_request", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ServerConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ServerConfigError(f"{name} must be > 0 seconds; got {getattr(self, name)}")
         if self.drain_timeout < 0:
             raise ServerConfigError(f"drain_timeout must be >= 0; got {self.drain_timeout}")
         if self.tool_call_parser is not None:

@@ -5,7 +5,9 @@ key when one is set, as every non-open path)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -68,7 +70,7 @@ def model_card(state: ServerState, info: ModelInfo) -> dict[str, Any]:
     served = state.manager.loaded().get(info.name) if info.state is ModelState.LOADED else None
     last_used = None if info.last_used is None else round(time.time() - (time.monotonic() - info.last_used), 3)
     return {"id": info.name, "object": "model", "created": served.created if served else state.created,
-            "owned_by": "tokenloom", "root": info.source,
+            "owned_by": "tokenloom", "root": public_source(info.source),
             "max_model_len": served.max_model_len if served else None,
             "state": info.state.value, "bytes_used": info.bytes_used, "last_used": last_used,
             "in_flight": info.in_flight, "loads": info.num_loads, "keep_alive": info.keep_alive_s,
@@ -112,7 +114,15 @@ def adapter_card(state: ServerState, name: str) -> dict[str, Any]:
     first use."""
     base, path = state.models.default_model, state.models.adapters[name].path
     return {"id": name, "object": "model", "created": state.created, "owned_by": "tokenloom",
-            "root": str(path), "parent": base, "kind": adapter_method(path)}
+            "root": public_source(str(path)), "parent": base, "kind": adapter_method(path)}
+
+
+def public_source(source: str) -> str:
+    """What a model card shows of where a model comes from: an alias or hub id as given, a file or folder by
+    its name only (the server's paths are not the clients' business)."""
+    if os.path.isabs(source) or source.startswith(".") or os.sep in source and os.path.exists(source):
+        return Path(source).name
+    return source
 
 
 def _info(state: ServerState, name: str) -> ModelInfo:

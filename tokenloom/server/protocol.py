@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 
 def random_id(prefix: str) -> str:
@@ -19,8 +20,44 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# Requests are strict: no "yes" for a boolean, no "4" for a number, no true for a token id.
+_STRICT = ConfigDict(extra="forbid", strict=True)
+_STRICT_ALIASED = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+MAX_STOP = 64  # stop strings (OpenAI allows 4)
+MAX_TOKEN_LIST = 1024  # stop_token_ids, logit_bias entries
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        """Refuse a string holding a lone UTF-16 surrogate (valid JSON, "\\ud800", but no text a tokenizer or
+        a UTF-8 response can carry), naming where it is."""
+        where = lone_surrogate(data)
+        if where is not None:
+            raise PydanticCustomError("lone_surrogate", "not valid Unicode (a lone UTF-16 surrogate) at {path}",
+                                      {"path": where})
+        return data
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path ("messages[0].content") of the first string in a JSON value that UTF-8 cannot encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        at = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+        found = lone_surrogate(key, at) if isinstance(key, str) else None
+        found = found if found is not None else lone_surrogate(item, at)
+        if found is not None:
+            return found
+    return None
 
 
 class StreamOptions(_Request):
@@ -32,7 +69,7 @@ class StreamOptions(_Request):
 class JsonSchemaFormat(_Request):
     """`response_format.json_schema`: a named JSON schema (`strict` is accepted; outputs always follow it)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = _STRICT_ALIASED
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
@@ -49,7 +86,7 @@ class ResponseFormat(_Request):
 class StructuredOutputsField(_Request):
     """vLLM's `structured_outputs` extra field: exactly one of json, json_object, regex, choice, grammar."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = _STRICT_ALIASED
     json_: dict[str, Any] | str | None = Field(None, alias="json")
     json_object: bool | None = None
     regex: str | None = None
@@ -71,12 +108,12 @@ class SamplingRequest(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what a 64-bit generator takes
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_TOKEN_LIST)] | None = None
     ignore_eos: bool | None = False
     min_tokens: int | None = 0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_TOKEN_LIST)] | None = None
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
     spaces_between_special_tokens: bool | None = True
@@ -85,7 +122,7 @@ class SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     keep_alive: float | str | None = None  # Ollama's: how long the model stays loaded after this request
-    logits_processors: list[str | dict[str, Any]] | None = None  # plugins' strategies, by name (and args)
+    logits_processors: Annotated[list[str | dict[str, Any]], Field(max_length=16)] | None = None  # by name (args)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None
 
@@ -95,10 +132,15 @@ class SamplingRequest(_Request):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+_NonEmptyText = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[int], Field(min_length=1)]
+
+
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (_NonEmptyText | Annotated[list[_NonEmptyText], Field(min_length=1)]
+             | Annotated[list[int], Field(min_length=1)] | Annotated[list[_TokenIds], Field(min_length=1)])
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool | None = False
@@ -116,7 +158,7 @@ class TextPart(_Request):
 class FunctionCall(BaseModel):
     """A function call: the name and the arguments as JSON text."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     name: str
     arguments: str
 
@@ -124,7 +166,7 @@ class FunctionCall(BaseModel):
 class ToolCallItem(BaseModel):
     """One tool call of an assistant message."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
@@ -209,6 +251,9 @@ class ChatCompletionRequest(SamplingRequest):
 
 class TokenizeRequest(_Request):
     """POST /tokenize: a prompt, or messages through the chat template."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "anyOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
     model: str | None = None
     prompt: str | None = None

@@ -67,6 +67,21 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.tokenloom
 
 
+def max_tokens_of(state: ServerState, model: ServedModel, req: SamplingRequest, param: str = "max_tokens"
+                  ) -> tuple[int | None, int | None]:
+    """The request field `param`'s limit on generated tokens: (what the request asks for, or for max_tokens its
+    model's default: the prompt check holds it to that; what the engine gets: that, else the server's
+    --max-tokens-default, which the engine shortens to the room the prompt leaves). 400 when it asks for
+    more than --max-tokens-limit."""
+    value = getattr(req, param)
+    asked = model.sampling_default(req, param, value) if param == "max_tokens" else value
+    limit = state.config.max_tokens_limit
+    if asked is not None and limit and asked > limit:
+        raise APIError(400, f"{param} must be at most {limit} on this server; got {asked}", param=param,
+                       code="invalid_value")
+    return asked, asked if asked is not None else (state.config.max_tokens_default or None)
+
+
 def sampling_params(req: SamplingRequest, model: ServedModel, max_tokens: int | None, logprobs: int | None,
                     prompt_logprobs: int | None) -> SamplingParams:
     """SamplingParams from a request; fields it leaves out take the model's defaults (a catalog's
@@ -117,23 +132,15 @@ def constraint_field(req: SamplingRequest) -> str:
 async def submit(model: ServedModel, request_id: str, prompts: list[list[int]], params: SamplingParams,
                  adapter: AdapterRequest | None = None, constraint: str = "structured_outputs"
                  ) -> list[RequestStream]:
-    """Queue one engine request per prompt (with the request's adapter, if any); if one is refused, the
-    others are dropped and the error raised (a constraint that does not compile: a 400 naming the request
-    field `constraint` that carried it)."""
-    arrival = time.monotonic()
-    streams: list[RequestStream] = []
+    """Queue one engine request per prompt (with the request's adapter, if any), all admitted at once; if one
+    is refused, none is (a constraint that does not compile: a 400 naming the request field `constraint`
+    that carried it)."""
+    ids = [(request_id if len(prompts) == 1 else f"{request_id}-{i}", p) for i, p in enumerate(prompts)]
     try:
-        for i, ids in enumerate(prompts):
-            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            streams.append(await model.generator().add_request(rid, ids, params, arrival, adapter))
-    except BaseException as exc:
-        for stream in streams:
-            stream.abort()
-        if isinstance(exc, StructuredOutputError):
-            message = str(exc).replace("structured_outputs", constraint, 1)
-            raise APIError(400, message, param=constraint, code="invalid_value") from exc
-        raise
-    return streams
+        return await model.generator().add_requests(ids, params, time.monotonic(), adapter)
+    except StructuredOutputError as exc:
+        message = str(exc).replace("structured_outputs", constraint, 1)
+        raise APIError(400, message, param=constraint, code="invalid_value") from exc
 
 
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
