@@ -142,8 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ModelLoadError as exc:
             print(f"tokenloom: error: {exc}", file=sys.stderr)
             return 1
-    run_server(state)
-    return 0
+    return run_server(state)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

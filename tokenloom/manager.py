@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenloom import faults
 from tokenloom.config import EngineConfig
 from tokenloom.engine.llm_engine import LLMEngine
 
@@ -328,6 +329,7 @@ class ModelManager:
             with self._load_lock:
                 needed = entry.measured_bytes or estimate_bytes(entry.spec)
                 self._make_room(entry, needed)
+                faults.hit("load", model=entry.spec.name)
                 engine = self._factory(entry.spec)
                 used = self._measure(engine)
                 with self._lock:

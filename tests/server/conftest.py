@@ -69,11 +69,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(model: str | None, flags: list[str], log_dir: Path, name: str) -> Server:
-    """Start `tokenloom serve [MODEL]` in the background."""
+def launch(model: str | None, flags: list[str], log_dir: Path, name: str, env: dict[str, str] | None = None
+           ) -> Server:
+    """Start `tokenloom serve [MODEL]` in the background (with `env` added to the environment)."""
     port = free_port()
     log = log_dir / f"{name}.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     positional = [model] if model is not None else []
     proc = subprocess.Popen([sys.executable, "-m", "tokenloom.cli", "serve", *positional, "--port", str(port),
                              *flags], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenloom import faults
 from tokenloom.adapters import AdapterRequest
 from tokenloom.engine.llm_engine import EngineStats, LLMEngine
 from tokenloom.engine.pooling import EncoderInput, PoolingParams, PoolingResult
@@ -217,6 +218,7 @@ class AsyncEngine:
                     self._close(EngineDeadError("the engine has shut down"))
                     return
                 if self.engine.has_unfinished_requests():
+                    faults.hit("engine_loop")
                     self._step()
                 self._stats = self.engine.stats()
         except BaseException as exc:  # a bug in the loop itself: fail every request rather than hang them

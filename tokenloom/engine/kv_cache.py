@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from tokenloom import faults
 from tokenloom.engine.request import Request
 
 
@@ -184,6 +185,7 @@ class KVCacheManager:
         `num_copied` slots the caller copies into its first new block).
 
         Returns False, changing nothing, when the pool is too small."""
+        faults.hit("kv_allocate", (request.prompt_token_ids,))
         num_computed = request.num_computed_tokens + len(cached) * self.block_size + num_copied
         have = len(request.block_ids) + len(cached)
         need = -(-(num_computed + num_new_tokens) // self.block_size) - have

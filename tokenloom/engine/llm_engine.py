@@ -294,7 +294,8 @@ class LLMEngine:
         self._threads.ensure()
         sched = self.scheduler.schedule()
         try:
-            return self._step(sched)
+            failed = self._failed_outputs(sched.failed) if sched.failed else []
+            return failed + self._step(sched)
         finally:  # requests finished or preempted in this step no longer need their runner state
             self.runner.release(sched.released_req_ids)
 
@@ -358,13 +359,18 @@ class LLMEngine:
 
     def _fail(self, failed: list[tuple[Request, Exception]], sched: SchedulerOutput
               ) -> list[RequestOutput | PoolingResult]:
-        outputs: list[RequestOutput | PoolingResult] = []
         for request, exc in failed:
-            error = f"{type(exc).__name__}: {exc}"
-            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"error: {error}", sched)
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, f"error: {type(exc).__name__}: {exc}", sched)
+        return self._failed_outputs([request for request, _ in failed])
+
+    def _failed_outputs(self, failed: list[Request]) -> list[RequestOutput | PoolingResult]:
+        """The final outputs of requests that ended with an error (their stop_reason holds it)."""
+        outputs: list[RequestOutput | PoolingResult] = []
+        for request in failed:
             if self._pooling.pop(request.request_id, None) is not None:
+                error = str(request.stop_reason).removeprefix("error: ")
                 outputs.append(PoolingResult(request.request_id, None, request.num_real_prompt_tokens, error))
-        return outputs + self._emit([request for request, _ in failed if not request.is_pooling])
+        return outputs + self._emit([request for request in failed if not request.is_pooling])
 
     def memory_bytes(self) -> int:
         """Bytes this engine holds: the model's weights and the KV cache tensors."""

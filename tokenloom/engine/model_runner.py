@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tokenloom import faults
 from tokenloom.adapters.manager import AdapterManager, VirtualSpan
 from tokenloom.engine.encoder_cache import EncoderCache
 from tokenloom.engine.pooling import PoolingRunner
@@ -124,6 +125,7 @@ class ModelRunner:
         encoder-only model)."""
         if self.pooling is not None:
             return RunnerOutput(pooled=self.pooling.execute(sched.requests))
+        faults.hit("forward", (r.prompt_token_ids for r in sched.requests))
         self._copy_blocks(sched.block_copies)
         batch = self._prepare(sched)
         if self.adapters is not None:

@@ -42,6 +42,7 @@ class SchedulerOutput:
     # (source block, destination block, slots): cached partial blocks copied before the step runs
     block_copies: list[tuple[int, int, int]] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)  # filled by Scheduler.update / finish(out=...)
+    failed: list[Request] = field(default_factory=list)  # ended with an error while being scheduled
 
     @property
     def released_req_ids(self) -> list[str]:
@@ -86,7 +87,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, n, out):
+            allocated = self._allocate_or_preempt(request, n, out)
+            if allocated is None:  # failed and gone from the running list
+                continue
+            if not allocated:
                 break
             out.requests.append(request)
             out.num_tokens.append(n)
@@ -96,14 +100,27 @@ class Scheduler:
             self._admit_waiting(out, budget)
         return out
 
-    def _allocate_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool:
-        while not self.kv.allocate(request, n):
+    def _allocate_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool | None:
+        while not (allocated := self._allocate(request, n, out)):
+            if allocated is None:
+                return None
             victim = self.running.pop()
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is request:
                 return False
         return True
+
+    def _allocate(self, request: Request, n: int, out: SchedulerOutput, cached: list = (), num_copied: int = 0
+                  ) -> bool | None:
+        """kv.allocate, with an error there (a bug, an injected fault) failing this request alone: it ends
+        with the error, listed in `out.failed`, and None is returned."""
+        try:
+            return self.kv.allocate(request, n, cached, num_copied)
+        except Exception as exc:
+            self.finish(request, RequestStatus.FINISHED_ERROR, f"error: {type(exc).__name__}: {exc}", out)
+            out.failed.append(request)
+            return None
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
@@ -130,7 +147,10 @@ class Scheduler:
             if (n + enc > budget and not self.config.enable_chunked_prefill) or (enc >= budget and out.requests):
                 break
             n = max(1, min(n, budget - enc))
-            if not self.kv.allocate(request, n, cached, num_copied):
+            allocated = self._allocate(request, n, out, cached, num_copied)
+            if allocated is None:  # failed and gone from the queue
+                continue
+            if not allocated:
                 break
             if partial:
                 out.block_copies.append((partial[0], request.block_ids[len(cached)], num_copied))

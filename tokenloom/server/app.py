@@ -23,7 +23,7 @@ from tokenloom.server import chat, completions, embeddings, misc, models
 from tokenloom.server.config import ServerConfig, ServerConfigError
 from tokenloom.server.errors import install_error_handlers
 from tokenloom.server.http_protocol import GuardedH11Protocol
-from tokenloom.server.metrics import ServerMetrics
+from tokenloom.server.metrics import ErrorCounter, ServerMetrics
 from tokenloom.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from tokenloom.server.model_leases import ModelLeases, ServedModel, served_bytes, served_model_factory
 from tokenloom.server.openapi import install_openapi
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 SWEEP_INTERVAL_S = 1.0  # how often idle models are checked against their keep-alive
+ENGINE_WATCH_INTERVAL_S = 0.25  # how often the engines' loops are checked
 
 
 def server_specs(config: ServerConfig, model: str | None, engine_options: dict[str, Any]) -> list[ModelSpec]:
@@ -79,11 +80,12 @@ def build_app(state: ServerState) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        sweeper = asyncio.create_task(_sweep_forever(state.manager))
+        tasks = [asyncio.create_task(_sweep_forever(state.manager)), asyncio.create_task(_watch_engines(state))]
         try:
             yield
         finally:
-            sweeper.cancel()
+            for task in tasks:
+                task.cancel()
 
     app = FastAPI(title="tokenloom", version=tokenloom.__version__, lifespan=lifespan)
     app.state.tokenloom = state
@@ -96,6 +98,7 @@ def build_app(state: ServerState) -> FastAPI:
         app.add_middleware(APIKeyMiddleware, api_key=state.config.api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.config.max_body_bytes,
                        timeout=state.config.body_timeout)
+    app.add_middleware(ErrorCounter, metrics=state.metrics)  # outermost: counts the others' refusals too
     return app
 
 
@@ -110,6 +113,20 @@ async def _sweep_forever(manager: ModelManager) -> None:
             continue
         for name in unloaded:
             logger.info("unloaded %s: idle past its keep_alive", name)
+
+
+async def _watch_engines(state: ServerState) -> None:
+    """Stop serving, to exit non-zero, once a loaded model's engine loop died: its requests have already
+    ended with an error and /health says so; a supervisor restarts the process."""
+    while True:
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        dead = [name for name, served in state.manager.loaded().items() if not served.is_alive]
+        if dead and not state.models.draining:
+            logger.error("the engine of %s stopped; shutting down to be restarted", ", ".join(dead))
+            state.exit_code = 1
+            if state.request_exit is not None:
+                state.request_exit()
+            return
 
 
 class _DrainingServer(uvicorn.Server):
@@ -128,15 +145,17 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_server(state: ServerState) -> None:
+def run_server(state: ServerState) -> int:
     """Serve until SIGINT or SIGTERM, then drain: in-flight requests finish (up to the drain timeout), every
-    model is unloaded, and the process returns normally instead of dying from the re-raised signal."""
+    model is unloaded, and the process returns normally instead of dying from the re-raised signal. Returns
+    the exit code: 0, or 1 when an engine loop died."""
     config = state.config
     app = build_app(state)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                timeout_graceful_shutdown=int(config.drain_timeout) + 5,
                                http=GuardedH11Protocol.configure(config.header_timeout, config.max_connections))
     server = _DrainingServer(uv_config, state.models, config.drain_timeout)
+    state.request_exit = lambda: setattr(server, "should_exit", True)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean return.
     previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM,)}
     try:
@@ -145,6 +164,7 @@ def run_server(state: ServerState) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         state.manager.close_all()
+    return state.exit_code
 
 
 def _ignore(sig: int, frame: FrameType | None) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenloom.engine.async_engine import RequestTimings
 from tokenloom.manager import ModelManager, ModelState
@@ -85,6 +86,8 @@ class ServerMetrics:
                              buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("tokenloom:e2e_request_latency_seconds", "Arrival to last output.", label,
                              buckets=E2E_BUCKETS, registry=r)
+        self.http_errors = Counter("tokenloom:http_errors", "Responses with an error status, by status.",
+                                   ["status"], registry=r)
 
     def attach(self, served: ServedModel) -> None:
         """Record the requests of a newly loaded generative model."""
@@ -107,3 +110,22 @@ class ServerMetrics:
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
+
+
+class ErrorCounter:
+    """ASGI middleware: count every response whose status is 4xx or 5xx in `metrics.http_errors`."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.http_errors.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

@@ -40,6 +40,8 @@ class ServerState:
     config: ServerConfig
     metrics: ServerMetrics
     created: int = field(default_factory=lambda: int(time.time()))
+    exit_code: int = 0  # 1 once an engine loop died: the process exits so that a supervisor restarts it
+    request_exit: Callable[[], None] | None = None  # how to stop serving (set by run_server)
 
     @property
     def manager(self) -> ModelManager:

@@ -8,6 +8,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+from tokenloom import faults
 from tokenloom.engine.input_processor import chat_token_ids
 from tokenloom.loader.tokenizer import Tokenizer
 
@@ -32,12 +33,14 @@ class TokenizerPool:
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a text."""
+        faults.hit("tokenize", text=text)
         return await self._run(self.tokenizer.encode, text, add_special_tokens)
 
     async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                           tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a conversation (and the tools offered) through the chat template, exactly as `LLM.chat`
         builds them."""
+        faults.hit("tokenize", text="\n".join(str(m.get("content", "")) for m in messages))
         return await self._run(chat_token_ids, self.tokenizer, messages, None, add_generation_prompt, tools)
 
     async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
