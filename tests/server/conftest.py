@@ -155,7 +155,8 @@ def _servers(request, tiny_path, tiny_models, tmp_path_factory, models_dir, budg
     if "adapters_server" in wanted:
         paths = request.getfixturevalue("server_adapters")
         specs["adapters"] = (str(tiny_models["llama"]), [*MODEL_FLAGS, "--served-model-name", "base", "--adapters",
-                                                          ",".join(f"{n}={p}" for n, p in paths.items())])
+                                                          ",".join(f"{n}={p}" for n, p in paths.items()),
+                                                          "--adapter-dir", str(paths["a1"].parent)])
     servers = {name: launch(model, flags, logs, name) for name, (model, flags) in specs.items()
                if f"{name}_server" in wanted}
     yield servers

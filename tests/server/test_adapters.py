@@ -59,8 +59,15 @@ def test_adapters_load_and_unload_through_the_admin_routes(adapters_server, serv
     assert late == httpx.post(f"{url}/v1/completions", json={**body, "model": "a2"}).json()["choices"][0]["text"]
     assert httpx.post(f"{url}/v1/models/unload", json={"model": "late"}).json()["state"] == "unloaded"
     assert httpx.post(f"{url}/v1/completions", json=body).status_code == 404
-    bad = httpx.post(f"{url}/v1/models/load", json={"model": "broken", "adapter_path": "/nowhere"})
+    bad = httpx.post(f"{url}/v1/models/load", json={"model": "broken", "adapter_path": "nowhere"})
     assert bad.status_code == 400 and "adapter_config.json does not exist" in bad.json()["error"]["message"]
+    assert "server-adapters" not in bad.text  # the server's folders stay its own
+    relative = httpx.post(f"{url}/v1/models/load", json={"model": "rel", "adapter_path": "a2"})
+    assert relative.status_code == 200 and relative.json()["root"] == "a2"
+    assert httpx.post(f"{url}/v1/models/unload", json={"model": "rel"}).status_code == 200
+    for outside in ("/etc", "../../etc", f"{server_adapters['a1']}/../..", "http://example.com/lora"):
+        r = httpx.post(f"{url}/v1/models/load", json={"model": "evil", "adapter_path": outside})
+        assert r.status_code == 403 and r.json()["error"]["param"] == "adapter_path", (outside, r.text)
     assert {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]} == {"base", "a1", "a2"}
 
 

@@ -45,6 +45,9 @@ class ServerConfig:
     header_timeout: float = 30.0  # seconds for a request line and its headers (slowloris)
     body_timeout: float = 60.0  # seconds for a request body, from its headers on
     max_connections: int = 1024  # open connections; past it a new one is answered 503
+    # The folder POST /v1/models/load may load adapters from (adapter_path inside it; no .., no URLs). Unset,
+    # clients cannot make the server read a path: only the --adapters given at start exist.
+    adapter_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

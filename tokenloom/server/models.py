@@ -86,7 +86,7 @@ async def _load_adapter(state: ServerState, name: str, path: str) -> dict[str, A
     if name in state.manager.names():
         raise APIError(400, f"'{name}' is a model's name; pick another name for the adapter", param="model",
                        code="invalid_value")
-    adapter = AdapterRequest(name, path)
+    adapter = AdapterRequest(name, str(_inside_adapter_dir(state, path)))
     async with state.models.using(base) as lease:
         try:
             await asyncio.wrap_future(lease.model.engine.call(lambda engine: engine.load_adapter(adapter)))
@@ -94,6 +94,22 @@ async def _load_adapter(state: ServerState, name: str, path: str) -> dict[str, A
             raise APIError(400, str(exc), param="adapter_path", code="invalid_value") from exc
     state.models.adapters[name] = adapter
     return adapter_card(state, name)
+
+
+def _inside_adapter_dir(state: ServerState, path: str) -> Path:
+    """`path` resolved inside the server's --adapter-dir (relative to it, or absolute within it); 403 when
+    there is no such folder, or the path leaves it (.., a link out) or is a URL."""
+    folder = state.config.adapter_dir
+    if folder is None:
+        raise APIError(403, "loading adapters by path is off on this server: start it with --adapter-dir FOLDER "
+                            "(or name adapters at start with --adapters)", param="adapter_path",
+                       code="adapter_loading_disabled")
+    root = Path(folder).resolve()
+    resolved = (root / path).resolve()
+    if "://" in path or not resolved.is_relative_to(root):
+        raise APIError(403, f"adapter_path must lie inside the server's adapter folder; got {path!r}",
+                       param="adapter_path", code="path_not_allowed")
+    return resolved
 
 
 async def _unload_adapter(state: ServerState, name: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ ERROR_SCHEMA: dict[str, Any] = {
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 _WHY = {400: "Invalid request: the message names the parameter", 401: "Missing or wrong API key",
+        403: "Not allowed on this server (an adapter path outside --adapter-dir)",
         404: "Unknown model or route", 408: "The request body did not arrive in time",
         409: "The model is busy", 413: "Request body too large", 500: "Server error (details in the server log)",
         503: "Busy (retry after Retry-After seconds), shutting down, or out of memory for the model"}
@@ -46,6 +47,8 @@ def _add_errors(operation: dict[str, Any], path: str, method: str, api_key: bool
         statuses += [408, 413]
     if path.startswith("/v1/models/"):
         statuses.append(409)
+    if path == "/v1/models/load":
+        statuses.append(403)
     if api_key and path not in OPEN_PATHS:
         statuses.append(401)
     ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
