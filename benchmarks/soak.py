@@ -5,7 +5,8 @@
 
 Starts `tokenloom serve` (the model, plus all-MiniLM-L6-v2 for embeddings) unless given `--url`, then drives it
 for `--duration` seconds with `--clients` concurrent clients, each looping over a mix of requests: completions,
-streamed chats, n > 1, logprobs, stop strings, JSON-schema structured output, embeddings. Of the streamed
+streamed chats, n > 1, logprobs, stop strings, JSON-schema structured output, embeddings, and completions under
+a LoRA adapter (trained here for one short epoch) beside the base model. Of the streamed
 requests 10% disconnect after their first chunks; 1% of all requests are invalid on purpose (they must be 400s).
 
 Records: requests served and errors by kind (5xx apart from none injected: the target is zero), resident anonymous
@@ -41,7 +42,8 @@ WORDS = _TEXT.split()
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
                                            "count": {"type": "integer", "minimum": 0, "maximum": 99}},
           "required": ["name", "count"], "additionalProperties": False}
-KINDS = {"completion": 25, "chat_stream": 25, "n2": 8, "logprobs": 8, "stop": 10, "structured": 8, "embedding": 16}
+KINDS = {"completion": 20, "chat_stream": 25, "n2": 8, "logprobs": 8, "stop": 10, "structured": 8, "embedding": 13,
+         "adapter": 8}
 
 
 @dataclass
@@ -64,7 +66,7 @@ def prompt(rng: random.Random, words: int) -> str:
 
 
 async def one_request(http: httpx.AsyncClient, rng: random.Random, tally: Tally, start: float, model: str,
-                      embedder: str | None) -> None:
+                      embedder: str | None, adapter: str | None) -> None:
     """Send one request of a random kind and record its outcome."""
     if rng.random() < 0.01:  # invalid on purpose
         r = await http.post("/v1/completions", json={"model": model, "prompt": prompt(rng, 3), "max_tokens": "x"})
@@ -91,6 +93,8 @@ async def one_request(http: httpx.AsyncClient, rng: random.Random, tally: Tally,
             body.update(logprobs=3)
         elif kind == "stop":
             body.update(stop=[rng.choice(WORDS), "."])
+        elif kind == "adapter":
+            body.update(model=adapter or model)
         elif kind == "structured":
             body = {**base, "messages": [{"role": "user", "content": "A record: " + prompt(rng, 8)}],
                     "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}},
@@ -129,12 +133,12 @@ async def chat_stream(http: httpx.AsyncClient, rng: random.Random, tally: Tally,
 
 
 async def client(url: str, seed: int, deadline: float, tally: Tally, start: float, model: str,
-                 embedder: str | None) -> None:
+                 embedder: str | None, adapter: str | None) -> None:
     rng = random.Random(seed)
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
         while time.monotonic() < deadline:
             try:
-                await one_request(http, rng, tally, start, model, embedder)
+                await one_request(http, rng, tally, start, model, embedder, adapter)
             except httpx.HTTPError as exc:
                 tally.errors[f"transport {type(exc).__name__}"] += 1
 
@@ -182,10 +186,18 @@ def start_server(args) -> tuple[subprocess.Popen, str, Path]:
     catalog.write_text(f"models:\n  - name: minilm\n    source: {minilm_path()}\n")
     port = 18000 + os.getpid() % 1000
     log = folder / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # A LoRA of our own training (one short epoch): a share of the requests runs under it, beside the base model.
+    data = folder / "lora.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{w} is a word.", "completion": f" {w.upper()}"}) + "\n"
+                            for w in WORDS[:16]))
+    subprocess.run([sys.executable, "-m", "tokenloom.cli", "train", "-m", args.model, "--method", "lora", "--data",
+                    str(data), "--output", str(folder / "lora"), "--epochs", "1", "--batch-size", "8"],
+                   check=True, env=env, capture_output=True)
     cmd = [sys.executable, "-m", "tokenloom.cli", "serve", args.model, "--port", str(port), "--models-config",
-           str(catalog), "--max-num-seqs", str(max(args.clients, 16)), *args.server_flag]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+           str(catalog), "--max-num-seqs", str(max(args.clients, 16)), "--adapters", f"soak-lora={folder / 'lora'}",
+           *args.server_flag]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if proc.poll() is not None:
@@ -203,13 +215,14 @@ async def soak(args, url: str, pid: int) -> dict:
     models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
     model = args.model if args.model in models else models[0]
     embedder = "minilm" if "minilm" in models else None
+    adapter = "soak-lora" if "soak-lora" in models else None
     if embedder is not None:  # loaded on demand: not inside the measured run
         httpx.post(f"{url}/v1/embeddings", json={"model": embedder, "input": "warm"}, timeout=300)
     tally, series = Tally(), []
     start = time.monotonic()
     deadline = start + args.duration
     await asyncio.gather(sample_memory(pid, tally, deadline, start, series),
-                         *(client(url, args.seed + i, deadline, tally, start, model, embedder)
+                         *(client(url, args.seed + i, deadline, tally, start, model, embedder, adapter)
                            for i in range(args.clients)))
     elapsed = time.monotonic() - start
     await asyncio.sleep(2)  # the aborted and last requests drain
