@@ -13,6 +13,7 @@ from fastapi.responses import Response
 
 from tokenloom.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenloom.server.errors import APIError
+from tokenloom.server.openapi import event_stream
 from tokenloom.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -52,7 +53,8 @@ from tokenloom.structured.tools import ToolPlan, plan_tools, template_messages
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None,
+             responses={200: {"model": ChatCompletionResponse, "content": event_stream(ChatCompletionChunk)}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
     """Reply to a conversation."""
     state = state_of(request)

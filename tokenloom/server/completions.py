@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from tokenloom.outputs import PositionLogprobs, RequestOutput
 from tokenloom.server.errors import APIError
 from tokenloom.server.model_leases import ServedModel
+from tokenloom.server.openapi import event_stream
 from tokenloom.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -57,7 +58,8 @@ class _Choice:
     prompt_logprobs: list | None = None
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None,
+             responses={200: {"model": CompletionResponse, "content": event_stream(CompletionResponse)}})
 async def create_completion(body: CompletionRequest, request: Request) -> Response | CompletionResponse:
     """Complete one or more prompts."""
     state = state_of(request)

@@ -20,13 +20,19 @@ from tokenloom.engine import pooling_outputs
 from tokenloom.engine.pooling import EncoderInput, PoolingResult
 from tokenloom.server.errors import APIError
 from tokenloom.server.model_leases import ServedModel
-from tokenloom.server.protocol import ClassifyRequest, EmbeddingRequest, random_id
+from tokenloom.server.protocol import (
+    ClassifyRequest,
+    ClassifyResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    random_id,
+)
 from tokenloom.server.request_handling import state_of
 
 router = APIRouter()
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", response_model=None, responses={200: {"model": EmbeddingResponse}})
 async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
     """Sentence embeddings of a text, a list of texts, or token id lists (through an adapter when `model`
     names one)."""
@@ -47,7 +53,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-@router.post("/classify")
+@router.post("/classify", response_model=None, responses={200: {"model": ClassifyResponse}})
 async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
     """Label probabilities of a text or several, with the model's labels (`id2label`)."""
     items = [body.input] if isinstance(body.input, str) else list(body.input)

@@ -5,18 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import tokenloom
 from tokenloom.server.errors import APIError
-from tokenloom.server.protocol import DetokenizeRequest, TokenizeRequest
+from tokenloom.server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    HealthResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
 from tokenloom.server.request_handling import state_of
 
 router = APIRouter()
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", response_model=None, responses={200: {"model": TokenizeResponse}})
 async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     """Token ids of a prompt, or of messages rendered through the chat template."""
     if (body.prompt is None) == (body.messages is None):
@@ -31,7 +38,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
         return {"count": len(tokens), "max_model_len": lease.model.max_model_len, "tokens": tokens}
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", response_model=None, responses={200: {"model": DetokenizeResponse}})
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
     """Text of token ids."""
     async with state_of(request).use_model(body) as lease:
@@ -43,7 +50,8 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any
         return {"prompt": await lease.model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
 
-@router.get("/health")
+@router.get("/health", response_model=None, responses={
+    200: {"model": HealthResponse}, 503: {"model": HealthResponse, "description": "Draining, or an engine stopped"}})
 async def health(request: Request) -> Response:
     """200 while every loaded model's engine runs; 503 once one stopped or while the server drains."""
     state = state_of(request)
@@ -55,7 +63,7 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/version")
+@router.get("/version", response_model=None, responses={200: {"model": VersionResponse}})
 async def version() -> dict[str, object]:
     """The tokenloom version, and the CPU's instruction-set level with the level the kernels run at."""
     from tokenloom.models import ops
@@ -63,7 +71,7 @@ async def version() -> dict[str, object]:
     return {"version": tokenloom.__version__, **ops.describe()}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics in the text format."""
     return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -15,13 +15,13 @@ from fastapi import APIRouter, Request
 from tokenloom.adapters import AdapterRequest, adapter_method
 from tokenloom.manager import ModelInfo, ModelState
 from tokenloom.server.errors import APIError
-from tokenloom.server.protocol import ModelActionRequest
+from tokenloom.server.protocol import AdapterCard, ModelActionRequest, ModelCard, ModelList
 from tokenloom.server.request_handling import ServerState, keep_alive_of, state_of
 
 router = APIRouter()
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=None, responses={200: {"model": ModelList}})
 async def list_models(request: Request) -> dict[str, Any]:
     """Every model this server can serve, loaded or not."""
     state = state_of(request)
@@ -29,16 +29,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": cards + [adapter_card(state, name) for name in state.models.adapters]}
 
 
-@router.get("/v1/models/{model:path}")
-async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
-    """One model."""
-    state = state_of(request)
-    if model in state.models.adapters:
-        return adapter_card(state, model)
-    return _card_of(state, state.models.resolve(model))
-
-
-@router.post("/v1/models/load")
+@router.post("/v1/models/load", response_model=None, responses={200: {"model": ModelCard | AdapterCard}})
 async def load_model(body: ModelActionRequest, request: Request) -> dict[str, Any]:
     """Load a model now (a no-op when it is loaded), optionally setting how long it stays once idle; with
     `adapter_path`, load an adapter (LoRA, soft prompt, prefix) named `model` onto the server's model and list it."""
@@ -50,7 +41,7 @@ async def load_model(body: ModelActionRequest, request: Request) -> dict[str, An
     return _card_of(state, body.model)
 
 
-@router.post("/v1/models/unload")
+@router.post("/v1/models/unload", response_model=None, responses={200: {"model": ModelCard | AdapterCard}})
 async def unload_model(body: ModelActionRequest, request: Request) -> dict[str, Any]:
     """Unload a model now; 409 while it has requests in flight. An adapter's name drops the adapter."""
     state = state_of(request)
@@ -63,6 +54,16 @@ async def unload_model(body: ModelActionRequest, request: Request) -> dict[str, 
             raise APIError(409, f"model '{name}' has {info.in_flight} requests in flight; it unloads once they end "
                                 f"if its keep_alive allows", param="model", code="model_busy")
     return _card_of(state, name)
+
+
+# After load and unload: an OPTIONS or PUT on those paths then answers 405 with Allow: POST, not GET.
+@router.get("/v1/models/{model:path}", response_model=None, responses={200: {"model": ModelCard | AdapterCard}})
+async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+    """One model."""
+    state = state_of(request)
+    if model in state.models.adapters:
+        return adapter_card(state, model)
+    return _card_of(state, state.models.resolve(model))
 
 
 def model_card(state: ServerState, info: ModelInfo) -> dict[str, Any]:

@@ -456,3 +456,121 @@ class ClassifyRequest(_Request):
     user: str | None = None
     truncate: bool = False
     keep_alive: float | str | None = None
+
+
+# The shapes of the other endpoints' answers, for the OpenAPI document only (the routes build plain dicts);
+# tests/server/test_fuzz.py checks every response against them.
+
+
+class ModelCard(BaseModel):
+    """A model as /v1/models lists it: OpenAI's fields plus its state, memory, last use and keep-alive."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int | None
+    state: Literal["available", "loading", "loaded", "failed"]
+    bytes_used: int
+    last_used: float | None
+    in_flight: int
+    loads: int
+    keep_alive: float
+    error: str | None
+
+
+class AdapterCard(BaseModel):
+    """An adapter as /v1/models lists it: a model whose `parent` is the base model (state: in unload's answer)."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    kind: str
+    state: Literal["unloaded"] | None = None
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+
+    object: Literal["list"]
+    data: list[ModelCard | AdapterCard]
+
+
+class PoolingUsage(BaseModel):
+    """Token counts of an embedding or classification request."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Embedding(BaseModel):
+    """One input's embedding: floats, or base64 of little-endian float32 bytes."""
+
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    """POST /v1/embeddings."""
+
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: PoolingUsage
+
+
+class Classification(BaseModel):
+    """One input's labels with their probabilities, and the likeliest."""
+
+    index: int
+    label: str
+    probs: list[float]
+    labels: list[str]
+    num_classes: int
+
+
+class ClassifyResponse(BaseModel):
+    """POST /classify."""
+
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[Classification]
+    usage: PoolingUsage
+
+
+class TokenizeResponse(BaseModel):
+    """POST /tokenize."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    """POST /detokenize."""
+
+    prompt: str
+
+
+class HealthResponse(BaseModel):
+    """GET /health: "ok", "draining", or which engines stopped."""
+
+    status: str
+
+
+class VersionResponse(BaseModel):
+    """GET /version: the tokenloom version and the CPU kernels' instruction-set levels."""
+
+    version: str
+    architecture: str
+    cpu_isa: str
+    supported: list[str]
+    isa_in_use: str
+    kernels: bool
