@@ -102,9 +102,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(validation_error(exc.errors()))
 
     async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = {404: f"no route {request.method} {request.url.path}",
+        # FastAPI's own 400 is a body its JSON parser gave up on: not UTF-8, or nested past Python's stack.
+        message = {400: "the request body could not be parsed as JSON: it is not UTF-8, or nested too deep",
+                   404: f"no route {request.method} {request.url.path}",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code)
-        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
                 413: "request_too_large"}.get(exc.status_code)
         error = APIError(exc.status_code, message or str(exc.detail), code=code, headers=exc.headers)
         return error_response(error)  # a 405 keeps its Allow header
@@ -124,12 +126,12 @@ def validation_error(errors: list[dict[str, Any]] | Any) -> APIError:
         detail = (first.get("ctx") or {}).get("error", first["msg"])
         return APIError(400, f"the request body is not valid JSON: {detail}", code="invalid_json")
     loc = [p for p in first["loc"] if p != "body"]
-    if first["type"] == "lone_surrogate":  # a model-level check: the path inside the model is in ctx
+    if first["type"] in ("lone_surrogate", "too_deep"):  # a model-level check: the path inside it is in ctx
         inner = first["ctx"]["path"]
         outer = _path([p for p in loc if not _is_tag(p)])
         param = (outer + ("" if inner.startswith("[") or not outer else ".") + inner) if outer else inner
-        return APIError(400, f"invalid value for '{param}': not valid Unicode (a lone UTF-16 surrogate)",
-                        param=param, code="invalid_value")
+        return APIError(400, f"invalid value for '{param}': {first['msg']}", param=param or None,
+                        code="invalid_value")
     if not loc:
         if first["type"] == "missing":
             return APIError(400, "the request needs a JSON object body", code="invalid_json")

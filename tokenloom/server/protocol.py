@@ -25,6 +25,18 @@ _STRICT = ConfigDict(extra="forbid", strict=True)
 _STRICT_ALIASED = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 MAX_STOP = 64  # stop strings (OpenAI allows 4)
 MAX_TOKEN_LIST = 1024  # stop_token_ids, logit_bias entries
+# A repetition_penalty r divides positive logits by r: r near 0 (1e-36 at a low temperature, 1e-40 at any) makes
+# float32 logits infinite and the draw fails. Under 0.01 a repeated token's logit is scaled by over 100 anyway.
+MIN_REPETITION_PENALTY = 0.01
+# llguidance's parser holds at most 2000 items in a row: a choice of 2000 strings compiled, then failed at the first
+# token (a 500).
+MAX_CHOICES = 1024
+MAX_TOOLS = 128  # as OpenAI: each is a branch of the calls grammar of tool_choice "required"
+# Arrays and objects in arrays and objects: what walks a request's JSON schema or tool parameters recurses, and
+# 500 levels exhausted Python's stack (a 500); no real schema comes near this.
+MAX_DEPTH = 100
+_PROBLEMS = {"lone_surrogate": "not valid Unicode (a lone UTF-16 surrogate)",
+             "too_deep": f"arrays and objects nested over {MAX_DEPTH} deep"}
 
 
 class _Request(BaseModel):
@@ -32,31 +44,41 @@ class _Request(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
+    def _valid_json(cls, data: Any) -> Any:
         """Refuse a string holding a lone UTF-16 surrogate (valid JSON, "\\ud800", but no text a tokenizer or
-        a UTF-8 response can carry), naming where it is."""
-        where = lone_surrogate(data)
-        if where is not None:
-            raise PydanticCustomError("lone_surrogate", "not valid Unicode (a lone UTF-16 surrogate) at {path}",
-                                      {"path": where})
+        a UTF-8 response can carry), and arrays or objects nested over MAX_DEPTH deep, naming where."""
+        problem = json_problem(data)
+        if problem is not None:
+            kind, where = problem
+            raise PydanticCustomError(kind, _PROBLEMS[kind], {"path": where})
         return data
 
 
-def lone_surrogate(value: Any, path: str = "") -> str | None:
-    """The path ("messages[0].content") of the first string in a JSON value that UTF-8 cannot encode."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        at = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
-        found = lone_surrogate(key, at) if isinstance(key, str) else None
-        found = found if found is not None else lone_surrogate(item, at)
-        if found is not None:
-            return found
+def json_problem(value: Any) -> tuple[str, str] | None:
+    """The first problem in a JSON value, as (kind, path): "lone_surrogate" where a string (or key) UTF-8 cannot
+    encode is ("messages[0].content"), "too_deep" at the first array or object nested over MAX_DEPTH deep. The
+    walk keeps its own stack, so however deep the value, it does not recurse."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "lone_surrogate", path
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth >= MAX_DEPTH:
+            return "too_deep", path
+        if isinstance(item, dict):
+            for key, child in reversed(list(item.items())):  # popped in order, each key before its value
+                at = f"{path}.{key}" if path else str(key)
+                stack += [(child, at, depth + 1), (key, at, depth + 1)]
+        else:
+            for i in range(len(item) - 1, -1, -1):
+                if isinstance(item[i], (str, dict, list)):  # not the numbers of a token id list
+                    stack.append((item[i], f"{path}[{i}]", depth + 1))
     return None
 
 
@@ -90,7 +112,7 @@ class StructuredOutputsField(_Request):
     json_: dict[str, Any] | str | None = Field(None, alias="json")
     json_object: bool | None = None
     regex: str | None = None
-    choice: list[str] | None = None
+    choice: Annotated[list[str], Field(max_length=MAX_CHOICES)] | None = None
     grammar: str | None = None
     backend: str | None = None
     whitespace_flexible: bool | None = None
@@ -107,7 +129,7 @@ class SamplingRequest(_Request):
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what a 64-bit generator takes
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_TOKEN_LIST)] | None = None
@@ -244,7 +266,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
 
