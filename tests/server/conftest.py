@@ -22,6 +22,8 @@ from tests.encoder_models import minilm_path, tiny_encoder_path
 
 TINY_FLAGS = ["--dtype", "float32", "--kv-cache-gib", "0.05", "--served-model-name", "tiny", "--num-threads", "1"]
 GEMMA_FLAGS = ["--kv-cache-gib", "0.25", "--num-threads", "2"]
+# Fuzzed servers generate little: every generated request stays cheap however many tokens or prompts it asks for.
+FUZZ_FLAGS = [*TINY_FLAGS, "--max-tokens-default", "2", "--max-tokens-limit", "16", "--max-prompts-per-request", "4"]
 
 
 @dataclass
@@ -147,6 +149,8 @@ def _servers(request, tiny_path, tiny_models, tmp_path_factory, models_dir, budg
         "hardened": (tiny_path, [*TINY_FLAGS, "--max-num-seqs", "4", "--max-waiting", "1", "--max-tokens-default", "8",
                                  "--max-tokens-limit", "64", "--max-prompts-per-request", "4", "--header-timeout",
                                  "1", "--body-timeout", "1", "--max-connections", "16"]),
+        "fuzz": (tiny_path, FUZZ_FLAGS),
+        "fuzz_keyed": (tiny_path, [*FUZZ_FLAGS, "--api-key", "sekrit"]),
         "gemma": ("gemma-3-270m", GEMMA_FLAGS),
         "multi": (None, [*MODEL_FLAGS, "--models-dir", str(models_dir)]),
         "budget": (None, [*MODEL_FLAGS, "--models-config", str(budget_catalog),
@@ -181,6 +185,19 @@ def hardened_server(_servers) -> Server:
     """The tiny model with tight guards: 4 running sequences and a waiting queue of 1, max_tokens 8 by default
     and 64 at most, 4 prompts a request, 1 s for headers and for a body, 16 connections."""
     return _servers["hardened"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def fuzz_server(_servers) -> Server:
+    """The tiny model for tests/server/test_fuzz.py alone (fuzzing changes its keep_alive and unloads it): at most
+    16 generated tokens (2 by default) and 4 prompts a request."""
+    return _servers["fuzz"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def fuzz_keyed_server(_servers) -> Server:
+    """`fuzz_server`'s twin behind an API key ('sekrit')."""
+    return _servers["fuzz_keyed"].wait_ready()
 
 
 @pytest.fixture(scope="session")
