@@ -119,6 +119,32 @@ def test_answers_conform_to_the_document(open_schema, method, path, body):
     case.validate_response(response)
 
 
+def _call_and_validate(url: str, method: str, path: str, body: dict | None = None, model: str | None = None) -> None:
+    """One request to the server at `url`, answered 200 as its document says."""
+    operation = schemathesis.openapi.from_url(f"{url}/openapi.json", config=fuzz_config())[path][method]
+    kwargs: dict = {"path_parameters": {"model": model}} if model is not None else {}
+    if body is not None:
+        kwargs.update(body=body, media_type="application/json")
+    case = operation.Case(**kwargs)
+    response = case.call()
+    assert response.status_code == 200, response.text
+    case.validate_response(response)
+
+
+def test_embeddings_and_classifications_conform_to_the_document(multi_server):
+    """What the fuzzed tiny decoder never answers with a 200."""
+    _call_and_validate(multi_server.url, "POST", "/v1/embeddings", {"model": "minilm", "input": ["Hello", "world"]})
+    _call_and_validate(multi_server.url, "POST", "/v1/embeddings",
+                       {"model": "minilm", "input": "Hello", "encoding_format": "base64"})
+    _call_and_validate(multi_server.url, "POST", "/classify", {"model": "classifier", "input": ["Hello", "world"]})
+    _call_and_validate(multi_server.url, "GET", "/v1/models")  # a failed model's card among them
+
+
+def test_adapter_cards_conform_to_the_document(adapters_server):
+    _call_and_validate(adapters_server.url, "GET", "/v1/models")
+    _call_and_validate(adapters_server.url, "GET", "/v1/models/{model}", model="a1")
+
+
 def test_stream_media_types_in_the_document(fuzz_server):
     doc = httpx.get(f"{fuzz_server.url}/openapi.json").json()
     for path in ("/v1/completions", "/v1/chat/completions"):
