@@ -216,6 +216,29 @@ def test_choices_and_tools_are_capped(fuzz_server):
     assert_error(r, 400, "128", param="tools")
 
 
+def test_a_seed_past_64_bits_for_its_last_choice_is_a_400(fuzz_server):
+    """Choice i draws with seed + i: the largest seed with n = 4 was a 400 leaking torch's "Overflow when
+    unpacking long long", naming no parameter."""
+    body = {"prompt": "Hi", "max_tokens": 2, "n": 4}
+    r = httpx.post(f"{fuzz_server.url}/v1/completions", json={**body, "seed": 2**64 - 1})
+    assert_error(r, 400, str(2**64 - 4), param="seed")
+    r = httpx.post(f"{fuzz_server.url}/v1/completions", json={**body, "seed": 2**64 - 4})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4, r.text
+
+
+def test_a_constraint_the_engine_gives_up_on_is_a_400(fuzz_server):
+    """llguidance gives up on `root ::= "a" root` at the first token (too many parser items): a request's own
+    constraint, once a 500 "generation failed" with llguidance's state dump; streamed, an error event."""
+    body = {"prompt": "Hi", "max_tokens": 4, "structured_outputs": {"grammar": 'root ::= "a" root'}}
+    error = assert_error(httpx.post(f"{fuzz_server.url}/v1/completions", json=body), 400, "gave up",
+                         param="structured_outputs")
+    assert "\n" not in error["message"]
+    with httpx.stream("POST", f"{fuzz_server.url}/v1/completions", json={**body, "stream": True}) as r:
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["param"] == "structured_outputs"
+
+
 def test_every_protected_operation_is_a_401_without_the_key(fuzz_keyed_server):
     """The document declares the Bearer scheme, required on every operation but /health, /version and /metrics;
     each of those answers 401 in OpenAI's shape without the key or with a wrong one."""

@@ -88,9 +88,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         parser = plan.parser if plan is not None else None
         if body.stream:
             return SSEResponse(_stream(outputs, request_id, lease.name, n, len(prompt), top, body.include_usage,
-                                       parser), on_close=lease.hand_over())
+                                       parser, field), on_close=lease.hand_over())
         return await unless_disconnected(request, _collect(outputs, request_id, lease.name, n, len(prompt), top,
-                                                           parser))
+                                                           parser, field))
 
 
 def _tool_plan(body: ChatCompletionRequest, template: str | None, parser_name: str | None) -> ToolPlan | None:
@@ -122,7 +122,8 @@ def _token_logprob(lp: PositionLogprobs, token_id: int, top: int) -> TokenLogpro
 
 
 async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, model: str, n: int,
-                   num_prompt_tokens: int, top: int, parser: ToolCallParser | None = None) -> ChatCompletionResponse:
+                   num_prompt_tokens: int, top: int, parser: ToolCallParser | None = None,
+                   constraint: str | None = None) -> ChatCompletionResponse:
     texts: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[ChatLogprobs | None] = [None] * n
     reasons: list[str | None] = [None] * n
@@ -131,7 +132,7 @@ async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id
     prompt_logprobs = None
     async with aclosing(outputs):
         async for _, out in outputs:
-            check_failure(out)
+            check_failure(out, constraint)
             prompt_logprobs = out.prompt_logprobs
             for c in out.outputs:
                 texts[c.index].append(c.text)
@@ -160,8 +161,8 @@ def _choice(index: int, text: str, logprobs: ChatLogprobs | None, reason: str | 
 
 
 async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, model: str, n: int,
-                  num_prompt_tokens: int, top: int, include_usage: bool, parser: ToolCallParser | None = None
-                  ) -> AsyncIterator[str]:
+                  num_prompt_tokens: int, top: int, include_usage: bool, parser: ToolCallParser | None = None,
+                  constraint: str | None = None) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
@@ -173,7 +174,7 @@ async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], request_id:
     streamers = [ToolCallStreamer(parser) if parser is not None else None for _ in range(n)]
     async with aclosing(outputs):
         async for _, out in outputs:
-            check_failure(out)
+            check_failure(out, constraint)
             for c in out.outputs:
                 num_tokens += len(c.token_ids)
                 streamer, reason = streamers[c.index], c.finish_reason

@@ -122,7 +122,7 @@ async def _chunks(body: CompletionRequest, prompts: list[_Prompt], outputs: Asyn
     choices: dict[int, _Choice] = {}
     async with aclosing(outputs):
         async for pi, out in outputs:
-            check_failure(out)
+            check_failure(out, constraint_field(body))
             for c in out.outputs:
                 index = pi * n + c.index
                 choice = choices.setdefault(index, _Choice())

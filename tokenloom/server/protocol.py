@@ -25,6 +25,7 @@ _STRICT = ConfigDict(extra="forbid", strict=True)
 _STRICT_ALIASED = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 MAX_STOP = 64  # stop strings (OpenAI allows 4)
 MAX_TOKEN_LIST = 1024  # stop_token_ids, logit_bias entries
+MAX_SEED = 2**64 - 1
 # A repetition_penalty r divides positive logits by r: r near 0 (1e-36 at a low temperature, 1e-40 at any) makes
 # float32 logits infinite and the draw fails. Under 0.01 a repeated token's logit is scaled by over 100 anyway.
 MIN_REPETITION_PENALTY = 0.01
@@ -130,7 +131,7 @@ class SamplingRequest(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what a 64-bit generator takes
+    seed: int | None = Field(None, ge=-(2**63), le=MAX_SEED)  # what a 64-bit generator takes
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_TOKEN_LIST)] | None = None
     ignore_eos: bool | None = False

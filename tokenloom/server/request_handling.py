@@ -26,7 +26,7 @@ from tokenloom.server.config import ServerConfig
 from tokenloom.server.errors import APIError, error_body, to_api_error
 from tokenloom.server.metrics import ServerMetrics
 from tokenloom.server.model_leases import ModelLease, ModelLeases, ServedModel
-from tokenloom.server.protocol import SamplingRequest
+from tokenloom.server.protocol import MAX_SEED, SamplingRequest
 from tokenloom.structured import StructuredOutputError
 
 T = TypeVar("T")
@@ -93,6 +93,10 @@ def sampling_params(req: SamplingRequest, model: ServedModel, max_tokens: int | 
         "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "include_stop_str_in_output",
         "skip_special_tokens", "spaces_between_special_tokens", "logits_processors")}
     kwargs = {k: v for k, v in given.items() if v is not None}
+    seed, n = kwargs.get("seed"), kwargs.get("n", 1)
+    if seed is not None and seed + n - 1 > MAX_SEED:  # choice i draws from a generator seeded with seed + i
+        raise APIError(400, f"seed must be at most {MAX_SEED - n + 1} (2**64 - n) with n = {n}; got {seed}",
+                       param="seed", code="invalid_value")
     if req.logit_bias:
         try:
             kwargs["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
@@ -181,10 +185,22 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
             stream.abort()
 
 
-def check_failure(out: RequestOutput) -> None:
-    """Raise when a completion ended in an engine error (the engine isolated it; other requests went on)."""
+# How the scheduler fails a request whose constraint refused the token its own mask allowed: llguidance gave up on
+# the request's grammar mid-way (a regex of a{1000000}: too many lexer states; `root ::= "a" root`: too many parser
+# items), so the request is at fault, not the server.
+CONSTRAINT_FAILED = "error: the constraint refused token"
+
+
+def check_failure(out: RequestOutput, constraint: str | None = None) -> None:
+    """Raise when a completion ended in an engine error (the engine isolated it; other requests went on): a 400
+    naming the request field `constraint` when its constraint gave up, else a 500."""
     for c in out.outputs:
         if c.finish_reason == "error":
+            reason = str(c.stop_reason)
+            if constraint is not None and reason.startswith(CONSTRAINT_FAILED):
+                first_line = reason.removeprefix("error: ").split("\n", 1)[0]  # not llguidance's state dump
+                raise APIError(400, f"{constraint}: the constraint engine gave up on it ({first_line})",
+                               param=constraint, code="invalid_value")
             raise APIError(500, f"generation failed: {c.stop_reason}", code="generation_error")
 
 
