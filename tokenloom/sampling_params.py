@@ -120,7 +120,8 @@ class SamplingParams:
                self.presence_penalty)
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]",
                self.frequency_penalty)
-        _check(0.0 < self.repetition_penalty <= 20.0, "repetition_penalty", "must be in (0, 20]",
+        # below 0.01, dividing a positive logit by it can make float32 logits infinite (and the draw fail)
+        _check(0.01 <= self.repetition_penalty <= 20.0, "repetition_penalty", "must be in [0.01, 20]",
                self.repetition_penalty)
         _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
                "max_tokens", "must be an integer >= 1 (or None for up to the context length)", self.max_tokens)

@@ -237,6 +237,10 @@ def test_a_constraint_the_engine_gives_up_on_is_a_400(fuzz_server):
         events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
     assert r.status_code == 200 and events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["param"] == "structured_outputs"
+    regex = {"prompt": "Hi", "max_tokens": 4, "structured_outputs": {"regex": "a{1000000}"}}
+    for _ in range(2):  # the second time too: once a clean stop with empty text, the constraint ignored
+        assert_error(httpx.post(f"{fuzz_server.url}/v1/completions", json=regex), 400, "gave up",
+                     param="structured_outputs")
 
 
 def test_every_protected_operation_is_a_401_without_the_key(fuzz_keyed_server):

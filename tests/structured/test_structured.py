@@ -267,3 +267,12 @@ def test_forced_tokens_skip_the_lm_head_and_change_nothing(tiny, monkeypatch):
     same, logprob_rows, outs = run(with_logprobs)
     assert same == full and logprob_rows == full_rows
     assert all(len(o.outputs[0].logprobs) == len(o.outputs[0].token_ids) for o in outs)
+
+
+def test_a_constraint_the_engine_gives_up_on_fails_every_time(tiny):
+    """llguidance gives up on a{1000000} (too many lexer states): the request ends with an error, and so does the
+    next one with the same constraint (its mask then allows only EOS: once a clean stop with empty text)."""
+    params = _params(max_tokens=8, regex="a{1000000}")
+    for _ in range(2):
+        out = tiny.generate(["x"], params, use_tqdm=False)[0].outputs[0]
+        assert out.finish_reason == "error" and "constraint" in str(out.stop_reason)

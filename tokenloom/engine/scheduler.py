@@ -191,6 +191,13 @@ class Scheduler:
             if token is None:
                 continue
             request.output_token_ids.append(token)
+            if request.matcher is not None and request.matcher.error() is not None:
+                # the grammar gave up while computing this step's mask (its mask then allows only EOS): an
+                # error, never a clean stop that would pass the unconstrained text off as an answer
+                self.finish(request, RequestStatus.FINISHED_ERROR, "error: the constraint failed: "
+                            + request.matcher.error().splitlines()[0], out)
+                finished.append(request)
+                continue
             status, reason = self._token_stop(request, token)
             text = text_stop(request, token, status is RequestStatus.FINISHED_STOPPED) if text_stop else None
             if status is None and text is not None:

@@ -188,7 +188,7 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 # How the scheduler fails a request whose constraint refused the token its own mask allowed: llguidance gave up on
 # the request's grammar mid-way (a regex of a{1000000}: too many lexer states; `root ::= "a" root`: too many parser
 # items), so the request is at fault, not the server.
-CONSTRAINT_FAILED = "error: the constraint refused token"
+CONSTRAINT_FAILED = "error: the constraint "  # "refused token ..." or "failed: ..." (scheduler.py)
 
 
 def check_failure(out: RequestOutput, constraint: str | None = None) -> None:
