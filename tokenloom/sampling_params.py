@@ -35,7 +35,10 @@ class StructuredOutputsParams:
         if isinstance(self.json, dict):
             import json
 
-            object.__setattr__(self, "json", json.dumps(self.json, sort_keys=True))  # hashable, one cache key
+            try:
+                object.__setattr__(self, "json", json.dumps(self.json, sort_keys=True))  # hashable, one cache key
+            except RecursionError:
+                raise SamplingParamsError("structured_outputs.json is nested too deep to be a usable schema") from None
         given = self.kinds
         _check(len(given) == 1, "structured_outputs", f"must set exactly one of {', '.join(CONSTRAINT_KINDS)}",
                ", ".join(given) or "none")

@@ -276,3 +276,18 @@ def test_a_constraint_the_engine_gives_up_on_fails_every_time(tiny):
     for _ in range(2):
         out = tiny.generate(["x"], params, use_tqdm=False)[0].outputs[0]
         assert out.finish_reason == "error" and "constraint" in str(out.stop_reason)
+
+
+def test_a_schema_nested_too_deep_and_a_seed_at_the_top_of_its_range(tiny):
+    """Offline as over HTTP: a schema nested 2,000 deep is a StructuredOutputError, not a RecursionError; n > 1
+    with the largest seed wraps its children's seeds round rather than overflowing."""
+    deep: dict = {"type": "string"}
+    for _ in range(2000):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(SamplingParamsError, match="nested too deep"):
+        _params(json=deep)
+    with pytest.raises(InvalidRequestError, match="nested too deep"):  # as text, it parses into a deep object
+        text = '{"type": "array", "items": ' * 2000 + '{"type": "string"}' + "}" * 2000
+        tiny.generate(["x"], _params(json=text), use_tqdm=False)
+    out = tiny.generate(["x"], SamplingParams(n=3, seed=2**64 - 1, max_tokens=4, temperature=1.0), use_tqdm=False)
+    assert len(out[0].outputs) == 3

@@ -141,7 +141,8 @@ class InputProcessor:
         for i in range(params.n):
             generator = None
             if params.seed is not None:
-                generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+                seed = params.seed + i  # a 64-bit generator's seed: past 2**64 - 1 it wraps round
+                generator = torch.Generator(device=self.device).manual_seed(seed - 2**64 if seed >= 2**64 else seed)
             children.append(Request(f"{i}_{request_id}" if params.n > 1 else request_id, list(decoder_ids),
                                     child_params, self.eos_token_ids, max_tokens, generator=generator,
                                     logits_processors=build_logits_processors(params.logits_processors),

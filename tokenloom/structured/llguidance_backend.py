@@ -123,6 +123,8 @@ def _schema(params: StructuredOutputsParams) -> Any:
         return disjoint_one_of(expand_dependencies(json.loads(params.json)))
     except ValueError as exc:  # json.JSONDecodeError is one
         raise StructuredOutputError(f"structured_outputs.json: {_short(str(exc))}") from exc
+    except RecursionError as exc:
+        raise StructuredOutputError("structured_outputs.json: the schema is nested too deep") from exc
 
 
 def _grammar(params: StructuredOutputsParams, schema: Any = None) -> str:
