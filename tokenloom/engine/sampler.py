@@ -51,7 +51,7 @@ class Sampler:
         proc_rows = [i for i, r in enumerate(requests) if r.logits_processors]
         # Copy only when we modify rows whose raw logits are still needed (logprobs describe the raw
         # distribution): an all-greedy plain batch is one argmax of the raw logits, and a greedy constrained
-        # row without logprobs is masked in place.
+        # row is not written at all (its argmax reads the mask).
         masked_logprobs = any(params[i].logprobs is not None for i in masked_rows)
         x = logits.to(torch.float32, copy=bool(masked_logprobs or bias_rows or min_rows or pen_rows or random_rows
                                                or proc_rows), memory_format=torch.contiguous_format)
