@@ -92,6 +92,27 @@ class DecodingConfig:
     structured_outputs_backend: str = "llguidance"
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(slots=True)
+class SpeculativeConfig:
+    """Speculative decoding (engine/speculative.py): a decoding request's next tokens are guessed and the model
+    verifies them in one step, keeping the ones it would have produced itself (exact outputs).
+
+    `speculative_method` ngram (prompt lookup: the continuation of the longest recent n-gram match, of
+    `prompt_lookup_min` to `prompt_lookup_max` tokens, in the request's own prompt and output) or None (off).
+    Up to `num_speculative_tokens` guesses a request each step, fewer after misses. Speculation pauses for a step
+    whose running requests number more than `speculative_max_batch`: there the step is compute-bound and every
+    guessed row costs as much as a token (0: never pause). `LLM(speculative_config={...})` takes vLLM's shape."""
+
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    speculative_max_batch: int = 8
+
+
 @dataclass(slots=True)
 class DeviceConfig:
     """Where tensors live, how many CPU threads torch uses, and whether they are pinned (`cpu_bind`:
@@ -114,7 +135,10 @@ QUANTIZATIONS = ("auto", "none", "int8", "int5", "int4")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GROUPS = {"model_config": ModelConfig, "cache_config": CacheConfig,
            "scheduler_config": SchedulerConfig, "device_config": DeviceConfig, "adapter_config": AdapterConfig,
-           "decoding_config": DecodingConfig}
+           "decoding_config": DecodingConfig, "speculative_config": SpeculativeConfig}
+# vLLM's `speculative_config` keys → our flat options
+_VLLM_SPECULATIVE_KEYS = {"method": "speculative_method", "num_speculative_tokens": "num_speculative_tokens",
+                          "prompt_lookup_min": "prompt_lookup_min", "prompt_lookup_max": "prompt_lookup_max"}
 CONFIG_GROUPS = tuple(_GROUPS.values())  # the option groups, in flag order
 
 
@@ -128,6 +152,7 @@ class EngineConfig:
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
     adapter_config: AdapterConfig = field(default_factory=AdapterConfig)
     decoding_config: DecodingConfig = field(default_factory=DecodingConfig)
+    speculative_config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +161,7 @@ class EngineConfig:
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Dispatch each flat option to the sub-config that owns it; unknown names are an error."""
         parts: dict[str, dict[str, Any]] = {name: {} for name in _GROUPS}
+        kwargs = {**_speculative_options(kwargs.pop("speculative_config", None)), **kwargs}
         for key, value in kwargs.items():
             group = option_owner(key)
             if group is None:
@@ -167,6 +193,35 @@ class EngineConfig:
             raise ConfigError(f"max_adapters and max_adapter_rank must be >= 1; got {a.max_adapters}, "
                               f"{a.max_adapter_rank}")
         parse_cpu_bind(self.device_config.cpu_bind)
+        self.speculative_config_check()
+
+    def speculative_config_check(self) -> None:
+        """Raise `ConfigError` for an unknown speculative method or lookup sizes out of range."""
+        sp = self.speculative_config
+        if sp.speculative_method is not None and sp.speculative_method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)} (or unset); "
+                              f"got {sp.speculative_method!r}")
+        if not 1 <= sp.num_speculative_tokens <= 64:
+            raise ConfigError(f"num_speculative_tokens must be between 1 and 64; got {sp.num_speculative_tokens}")
+        if not 1 <= sp.prompt_lookup_min <= sp.prompt_lookup_max:
+            raise ConfigError(f"prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max; got "
+                              f"{sp.prompt_lookup_min}, {sp.prompt_lookup_max}")
+        if sp.speculative_max_batch < 0:
+            raise ConfigError(f"speculative_max_batch must be >= 0; got {sp.speculative_max_batch}")
+
+
+def _speculative_options(spec: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM's `speculative_config` dict as our flat options; an unknown key is an error naming it."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"speculative_config must be a dict such as {{'method': 'ngram', "
+                          f"'num_speculative_tokens': 4}}; got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(_VLLM_SPECULATIVE_KEYS))
+    if unknown:
+        raise ConfigError(f"speculative_config: unknown key(s) {', '.join(map(repr, unknown))}; known: "
+                          f"{', '.join(_VLLM_SPECULATIVE_KEYS)}")
+    return {_VLLM_SPECULATIVE_KEYS[k]: v for k, v in spec.items()}
 
 
 def parse_cpu_bind(spec: str) -> list[int] | None:

@@ -20,7 +20,7 @@ def req(rid: str, n: int, max_tokens: int = 8, **params) -> Request:
 def run_step(s: Scheduler, token: int = 7):
     out = s.schedule()
     sampled = {r.request_id: token for i, r in enumerate(out.requests) if out.samples(i)}
-    s.update(out, sampled)
+    s.update(out, {k: [v] for k, v in sampled.items()})
     return out
 
 
@@ -78,12 +78,12 @@ def test_token_level_stops():
     s.add(req("stoptok", 3, max_tokens=5, stop_token_ids=[9]))
     s.add(req("min", 3, max_tokens=5, min_tokens=2))
     out = s.schedule()
-    finished = s.update(out, {"len": 7, "eos": 0, "stoptok": 9, "min": 0})
+    finished = s.update(out, {"len": [7], "eos": [0], "stoptok": [9], "min": [0]})
     assert {r.request_id for r in finished} == {"eos", "stoptok"}
     by_id = {r.request_id: r for r in out.requests}
     assert by_id["stoptok"].stop_reason == 9
     out = s.schedule()
-    finished = s.update(out, {r.request_id: 7 for r in out.requests})
+    finished = s.update(out, {r.request_id: [7] for r in out.requests})
     assert [r.request_id for r in finished] == ["len"]
     assert finished[0].status is RequestStatus.FINISHED_LENGTH
     assert by_id["min"].is_finished is False

@@ -7,6 +7,7 @@ request travel the same path: the scheduler's queue and token budget, the runner
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import torch
 from tokenloom.adapters import AdapterRequest
 from tokenloom.adapters.manager import AdapterManager
 from tokenloom.adapters.virtual import PLACEHOLDER_TOKEN
-from tokenloom.config import ConfigError, EngineConfig
+from tokenloom.config import ConfigError, EngineConfig, SpeculativeConfig
 from tokenloom.engine.input_processor import AdapterBinding, InputProcessor
 from tokenloom.engine.kv_cache import KVCacheManager
 from tokenloom.engine.model_runner import ModelRunner, RunnerOutput, kv_bytes_per_block
@@ -34,6 +35,7 @@ from tokenloom.engine.pooling import (
 )
 from tokenloom.engine.request import InvalidRequestError, Request, RequestStatus
 from tokenloom.engine.scheduler import Scheduler, SchedulerOutput
+from tokenloom.engine.speculative import SpeculativeStats, Speculator
 from tokenloom.engine.threads import ThreadBinder
 from tokenloom.loader import LoadedModel, load_model
 from tokenloom.models.pooling import PoolingConfig, read_pooling_config
@@ -56,6 +58,7 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    speculative: SpeculativeStats | None = None  # with speculative decoding on
 
 
 GENERATIVE_TASKS = ("generate", "chat")
@@ -98,7 +101,8 @@ class LLMEngine:
             # A request must always fit alone, or it could neither run nor be preempted away.
             self.max_model_len = min(self.loaded.max_model_len, num_blocks * cache.block_size)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
+        self.speculator = self._speculator(config.speculative_config)
+        self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len, self.speculator)
         self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.kv_dtype, device, pooling,
                                   self.adapters)
         self.inputs = InputProcessor(self.loaded, self.max_model_len, device, encoder_inputs)
@@ -114,6 +118,15 @@ class LLMEngine:
         self.device = device
         self._pooling: dict[str, Request] = {}  # pooling requests in flight, by id
         self._run_ids = itertools.count()
+
+    def _speculator(self, config: SpeculativeConfig) -> Speculator | None:
+        """The speculative decoder `config` asks for (None when off); decoder-only models only."""
+        if config.speculative_method is None:
+            return None
+        if self.loaded.kind != "decoder":
+            raise ConfigError(f"speculative_method: speculative decoding runs on decoder-only models; "
+                              f"{self.loaded.name} is {self.loaded.kind}")
+        return Speculator(config, self.max_model_len)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -298,6 +311,8 @@ class LLMEngine:
             return failed + self._step(sched)
         finally:  # requests finished or preempted in this step no longer need their runner state
             self.runner.release(sched.released_req_ids)
+            if self.runner.freed_memory is not None:
+                self.runner.freed_memory.after_step(not self.scheduler.has_unfinished())
 
     def _step(self, sched: SchedulerOutput) -> list[RequestOutput | PoolingResult]:
         if not sched.requests:
@@ -322,7 +337,8 @@ class LLMEngine:
                 self.outputs.on_prompt_logprobs(request, plp)
 
         def text_stop(request: Request, token: int, ends: bool) -> str | None:
-            return self.outputs.on_token(request, token, result.logprobs.get(request.request_id), ends)
+            logprobs = result.logprobs.get(request.request_id)  # one per new token, in order
+            return self.outputs.on_token(request, token, logprobs.pop(0) if logprobs else None, ends)
 
         self.scheduler.update(sched, result.sampled, text_stop)
         for request in sched.requests if result.pooled else ():  # decoder classifications end with their head
@@ -338,7 +354,9 @@ class LLMEngine:
         merged, failed, ok = RunnerOutput(), [], []
         for request, n in zip(sched.requests, sched.num_tokens):
             try:
-                part = self.runner.execute(SchedulerOutput([request], [n]))
+                drafts = {request.request_id: sched.drafts[request.request_id]} \
+                    if request.request_id in sched.drafts else {}
+                part = self.runner.execute(SchedulerOutput([request], [n], drafts=drafts))
             except Exception as exc:
                 failed.append((request, exc))
                 continue
@@ -381,4 +399,5 @@ class LLMEngine:
         """Current queue sizes, cache usage and prefix-cache counters."""
         s = self.kv.stats
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage,
-                           self.kv.num_blocks, s.queries, s.hits, self.scheduler.num_preemptions)
+                           self.kv.num_blocks, s.queries, s.hits, self.scheduler.num_preemptions,
+                           dataclasses.replace(self.speculator.stats) if self.speculator is not None else None)

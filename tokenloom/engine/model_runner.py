@@ -13,6 +13,7 @@ import ctypes.util
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -27,6 +28,7 @@ from tokenloom.engine.pooling import PoolingRunner
 from tokenloom.engine.request import Request
 from tokenloom.engine.sampler import Sampler, prompt_logprobs, takes_forced_token
 from tokenloom.engine.scheduler import SchedulerOutput
+from tokenloom.engine.speculative import accepted_prefix, draft_position
 from tokenloom.models.layers.attention import (
     AttentionMetadata,
     PrefillSpan,
@@ -45,10 +47,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 @dataclass(slots=True)
 class RunnerOutput:
-    """Sampled token per request id, plus logprobs where asked for; a pooling step's results instead."""
+    """New tokens per request id (one, or with speculation its accepted guesses and the model's next token),
+    plus their logprobs where asked for; a pooling step's results instead."""
 
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -81,6 +84,36 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+class FreedMemoryReleaser:
+    """Hands the free memory malloc keeps (`keep_freed_memory`) back to the operating system now and then.
+
+    Under a long mixed load glibc's heaps fragment: freed blocks that no later request fits stay resident, and
+    a server's resident memory grew by about 5 MiB per 1,000 requests with nothing leaking (docs/reliability.md:
+    malloc's bytes in use flat, its free bytes growing). `malloc_trim(0)` returns the free pages inside the heaps.
+    It runs at most every `interval` seconds while the engine works and when it goes idle; the step after it
+    faults its large tensors' pages in again, once."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        self.interval = interval
+        self._trim = None
+        if keep_freed_memory():
+            try:
+                self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                self._trim = None
+        self._last = time.monotonic()
+
+    def after_step(self, idle: bool) -> None:
+        """Called after every engine step; `idle` when no request is left."""
+        if self._trim is None:
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval or (idle and now - self._last >= 1.0):
+            self._trim(0)
+            self._last = time.monotonic()
+            logger.debug("malloc_trim took %.1f ms", 1e3 * (self._last - now))
+
+
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block occupies across every attention layer (keys and values) in the cache's `dtype`."""
     per_token = sum(2 * a.num_kv_heads * a.head_dim for a in attention_layers(model))
@@ -100,8 +133,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
-        if device.type == "cpu":
-            keep_freed_memory()
+        self.freed_memory = FreedMemoryReleaser() if device.type == "cpu" else None
         self.attention = index_attention_layers(model)
         for attn in self.attention:
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
@@ -131,11 +163,13 @@ class ModelRunner:
         if self.adapters is not None:
             batch.meta.virtual_kv = self.adapters.begin_step(batch.adapter_rows, len(batch.input_ids),
                                                              batch.virtual_spans)
+        # the sampled rows' requests (a speculating request at each of its guesses: engine/speculative.py)
+        row_reqs = [sched.requests[i] if not guesses else draft_position(sched.requests[i], guesses)
+                    for i, guesses in zip(batch.sample_rows, batch.sample_guesses, strict=True)]
         # constrained requests' token masks, filled on a helper thread: beside the forward pass where cores
         # are spare, else before it (StructuredOutputs.spare_cores)
-        masks = self.structured.bitmask_async([sched.requests[i] for i in batch.sample_rows
-                                               if not sched.requests[i].head_only]) \
-            if self.structured is not None and batch.sample_rows else None
+        masks = self.structured.bitmask_async([r for r in row_reqs if not r.head_only]) \
+            if self.structured is not None and row_reqs else None
         if masks is not None and not self.structured.spare_cores:
             masks.result()
         try:
@@ -153,9 +187,11 @@ class ModelRunner:
             keep = [k for k, i in enumerate(batch.sample_rows) if not sched.requests[i].head_only]
             batch.sample_rows = [batch.sample_rows[k] for k in keep]
             batch.sample_index = batch.sample_index[keep]
+            row_reqs = [row_reqs[k] for k in keep]
         if batch.sample_rows:
-            self._sample(hidden, batch, [sched.requests[i] for i in batch.sample_rows],
-                         masks.result() if masks is not None else None, out)
+            self._sample(hidden, batch, row_reqs, masks.result() if masks is not None else None, out)
+            if sched.drafts:
+                self._verify(sched, out)
         for request, index, targets in batch.prompt_logprob_rows:
             logits = self.model.compute_logits(hidden[index])
             k = request.sampling_params.prompt_logprobs
@@ -167,21 +203,35 @@ class ModelRunner:
         """Next tokens of the sampled rows. A constrained row whose grammar allows one token takes it with no
         logits computed (the LM head is most of a small model's step: JSON keys and punctuation are forced)."""
         index, bitmask = batch.sample_index, None
+        tokens: list[int] = [0] * len(reqs)
+        rest = list(range(len(reqs)))
         if masks is not None:
             bitmask = masks.bitmask
             forced = {k: t for k, t in masks.forced.items() if takes_forced_token(reqs[k])}
             for k, token in forced.items():
-                out.sampled[reqs[k].request_id] = token
+                tokens[k] = token
             if forced:
-                keep = [k for k in range(len(reqs)) if k not in forced]
-                reqs, index, bitmask = [reqs[k] for k in keep], index[keep], bitmask[keep]
-        if not reqs:
-            return
-        result = self.sampler(self.model.compute_logits(hidden[index]), reqs, bitmask)
-        for r, token, lp in zip(reqs, result.token_ids, result.logprobs, strict=True):
-            out.sampled[r.request_id] = token
-            if lp is not None:
-                out.logprobs[r.request_id] = lp
+                rest = [k for k in rest if k not in forced]
+                index, bitmask = index[rest], bitmask[rest]
+        if rest:
+            result = self.sampler(self.model.compute_logits(hidden[index]), [reqs[k] for k in rest], bitmask)
+            for k, token, lp in zip(rest, result.token_ids, result.logprobs, strict=True):
+                tokens[k] = token
+                if lp is not None:  # a request's rows all have logprobs or none (forced rows have none)
+                    out.logprobs.setdefault(reqs[k].request_id, []).append(lp)
+        for r, token in zip(reqs, tokens, strict=True):  # a speculating request's rows come in order
+            out.sampled.setdefault(r.request_id, []).append(token)
+
+    @staticmethod
+    def _verify(sched: SchedulerOutput, out: RunnerOutput) -> None:
+        """Keep each speculating request's tokens up to its first rejected guess (engine/speculative.py)."""
+        for request_id, guesses in sched.drafts.items():
+            sampled = out.sampled.get(request_id)
+            if sampled is None:
+                continue
+            emitted = out.sampled[request_id] = accepted_prefix(sampled, guesses)
+            if request_id in out.logprobs:
+                out.logprobs[request_id] = out.logprobs[request_id][:len(emitted)]
 
     def _copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy cached partial blocks into their new owners' blocks (copy-on-write), every layer, one
@@ -202,7 +252,7 @@ class ModelRunner:
         order = sorted(range(len(sched.requests)), key=lambda i: sched.num_tokens[i] == 1)
         bs = self.block_size
         ids, positions, slots = [], [], []
-        spans, decode_rows, sample_rows, sample_index, plp_rows = [], [], [], [], []
+        spans, decode_rows, sample_rows, sample_index, sample_guesses, plp_rows = [], [], [], [], [], []
         adapter_rows: dict[int, list[int]] = {}
         virtual_spans = []
         offset = 0
@@ -216,7 +266,9 @@ class ModelRunner:
                                                      min(n, request.num_virtual_tokens - start)))
             pos = np.arange(start, start + n)
             table = np.asarray(request.block_ids)
-            ids.extend(request.token_slice(start, start + n))
+            guesses = sched.drafts.get(request.request_id, [])
+            ids.extend(request.token_slice(start, start + n - len(guesses)))
+            ids.extend(guesses)
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             if n == 1:
@@ -225,9 +277,11 @@ class ModelRunner:
                 ctx = np.arange(start + n)
                 kv = torch.from_numpy(table[ctx // bs] * bs + ctx % bs).to(self.device) if start else None
                 spans.append(PrefillSpan(offset, n, start, kv))
-            if sched.samples(i):
-                sample_rows.append(i)
-                sample_index.append(offset + n - 1)
+            if sched.samples(i):  # its last token's row, and one after each guess
+                for j in range(len(guesses) + 1):
+                    sample_rows.append(i)
+                    sample_index.append(offset + n - 1 - len(guesses) + j)
+                    sample_guesses.append(guesses[:j])
             plp = self._prompt_logprob_positions(request, start, n, offset)
             if plp is not None:
                 plp_rows.append(plp)
@@ -243,7 +297,7 @@ class ModelRunner:
         return _Batch(torch.tensor(ids, dtype=torch.long, device=self.device),
                       torch.from_numpy(np.concatenate(positions)).to(self.device), meta,
                       sample_rows, torch.tensor(sample_index, dtype=torch.long, device=self.device), plp_rows,
-                      adapter_rows, virtual_spans)
+                      sample_guesses, adapter_rows, virtual_spans)
 
     def _decode_tables(self, rows: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.block_size
@@ -277,5 +331,6 @@ class _Batch:
     sample_rows: list[int]
     sample_index: torch.Tensor
     prompt_logprob_rows: list[tuple[Request, torch.Tensor, torch.Tensor]]
+    sample_guesses: list[list[int]]  # per sampled row: the guesses before it (empty unless speculating)
     adapter_rows: dict[int, list[int]] = field(default_factory=dict)  # adapter slot → its requests' packed rows
     virtual_spans: list[VirtualSpan] = field(default_factory=list)  # virtual tokens' rows (prompt adapters)

@@ -11,6 +11,10 @@ its encoder tokens are charged to that step's budget too; they cannot be chunked
 encoder input does not fit what is left waits for the next step (or runs alone if it exceeds the budget).
 A pooling request (an encoder-only model's input) is admitted the same way, whole, with no KV blocks,
 and finishes in the step that runs it.
+
+With speculative decoding (engine/speculative.py) a decoding request may run its guesses of its next tokens
+too: they take budget and KV slots like any token, are dropped first when either runs short, and after the
+step its computed tokens advance only over the guesses the model accepted.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from tokenloom.config import SchedulerConfig
 from tokenloom.engine.kv_cache import KVCacheManager
 from tokenloom.engine.request import Request, RequestStatus
+from tokenloom.engine.speculative import Speculator
 
 # (request, its new token, whether that token ended the request by EOS or a stop token id) → a stop string
 # found in the text, or None. The output processor's detokenizer is the one implementation.
@@ -43,6 +48,9 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int, int]] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)  # filled by Scheduler.update / finish(out=...)
     failed: list[Request] = field(default_factory=list)  # ended with an error while being scheduled
+    # speculative decoding: request id → its guesses of its next tokens, run after its last token (counted in
+    # its num_tokens)
+    drafts: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def released_req_ids(self) -> list[str]:
@@ -55,18 +63,21 @@ class SchedulerOutput:
         return sum(self.num_tokens)
 
     def samples(self, i: int) -> bool:
-        """Whether request i reaches its last token this step, and so samples a new one."""
+        """Whether request i reaches its last token this step, and so samples a new one (one at each of its
+        guesses too, with speculation)."""
         r = self.requests[i]
-        return r.num_computed_tokens + self.num_tokens[i] == r.num_tokens
+        return r.num_computed_tokens + self.num_tokens[i] >= r.num_tokens
 
 
 class Scheduler:
     """Owns the waiting queue and the running list; decides each step's batch."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 speculator: Speculator | None = None) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
+        self.speculator = speculator
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -83,22 +94,42 @@ class Scheduler:
         """Choose this step's requests and token counts, allocating their KV blocks."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        speculate = self.speculator is not None and self.speculator.active(len(self.running))
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            allocated = self._allocate_or_preempt(request, n, out)
-            if allocated is None:  # failed and gone from the running list
+            drafts = self._drafts(request, n, budget, out) if speculate else []
+            if drafts is None:  # failed and gone from the running list
+                continue
+            allocated = True if drafts else self._allocate_or_preempt(request, n, out)
+            if allocated is None:
                 continue
             if not allocated:
                 break
             out.requests.append(request)
-            out.num_tokens.append(n)
-            budget -= n
+            out.num_tokens.append(n + len(drafts))
+            budget -= n + len(drafts)
             i += 1
         if not out.preempted:
             self._admit_waiting(out, budget)
         return out
+
+    def _drafts(self, request: Request, n: int, budget: int, out: SchedulerOutput) -> list[int] | None:
+        """A decoding request's guesses, with KV slots allocated for its token and them; [] when it has none or
+        they do not fit (nothing allocated: the caller allocates its one token, preempting if need be)."""
+        if n != 1 or request.num_tokens - request.num_computed_tokens != 1:
+            return []
+        drafts = self.speculator.propose(request, budget - 1)
+        if not drafts:
+            return []
+        allocated = self._allocate(request, 1 + len(drafts), out)
+        if allocated is None:
+            return None
+        if not allocated:
+            return []
+        out.drafts[request.request_id] = drafts
+        return drafts
 
     def _allocate_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool | None:
         while not (allocated := self._allocate(request, n, out)):
@@ -170,44 +201,58 @@ class Scheduler:
         out.num_tokens.append(n)
         return n
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int],
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]],
                text_stop: TextStop | None = None) -> list[Request]:
-        """Advance computed counts, append sampled tokens and decide every stop, in this order: EOS and stop
-        token ids (after min_tokens), max_tokens and the context length, then a stop string that
-        `text_stop` (the detokenizer) finds in the new token's text, then a constrained request's complete
-        grammar (its token's text kept). A pooling request that ran is done.
+        """Advance computed counts, append each request's new tokens (one, or with speculation its accepted
+        guesses and the model's next token) and decide every stop after each token, in this order: EOS and stop
+        token ids (after min_tokens), max_tokens and the context length, then a stop string that `text_stop`
+        (the detokenizer) finds in the new token's text, then a constrained request's complete grammar (its
+        token's text kept); tokens after a stop are dropped. A pooling request that ran is done.
         Returns the requests that finished, also listed in `out.finished_req_ids`."""
         finished = []
         for request, n in zip(out.requests, out.num_tokens):
             if request.is_finished:
                 continue
-            request.num_computed_tokens += n
+            drafts = out.drafts.get(request.request_id, ())
+            request.num_computed_tokens += n - len(drafts)
             if request.is_pooling:
                 self.finish(request, RequestStatus.FINISHED_STOPPED, None, out)
                 finished.append(request)
                 continue
+            tokens = sampled.get(request.request_id)
+            if not tokens:
+                self.kv.cache_full_blocks(request)
+                continue
+            if drafts:
+                self.speculator.observe(request, len(drafts), len(tokens) - 1)
+            status = reason = None
+            for j, token in enumerate(tokens):
+                request.num_computed_tokens += j > 0  # the accepted guess before this token was computed
+                request.output_token_ids.append(token)
+                status, reason = self._stop(request, token, text_stop)
+                if status is not None:
+                    break
             self.kv.cache_full_blocks(request)
-            token = sampled.get(request.request_id)
-            if token is None:
-                continue
-            request.output_token_ids.append(token)
-            if request.matcher is not None and request.matcher.error() is not None:
-                # the grammar gave up while computing this step's mask (its mask then allows only EOS): an
-                # error, never a clean stop that would pass the unconstrained text off as an answer
-                self.finish(request, RequestStatus.FINISHED_ERROR, "error: the constraint failed: "
-                            + request.matcher.error().splitlines()[0], out)
-                finished.append(request)
-                continue
-            status, reason = self._token_stop(request, token)
-            text = text_stop(request, token, status is RequestStatus.FINISHED_STOPPED) if text_stop else None
-            if status is None and text is not None:
-                status, reason = RequestStatus.FINISHED_STOPPED, text
-            if request.matcher is not None and status is not RequestStatus.FINISHED_STOPPED:
-                status, reason = self._grammar_stop(request, token, status, reason)
             if status is not None:
                 self.finish(request, status, reason, out)
                 finished.append(request)
         return finished
+
+    def _stop(self, request: Request, token: int, text_stop: TextStop | None
+              ) -> tuple[RequestStatus | None, int | str | None]:
+        """Whether the request stops after its new `token`, and why (see update)."""
+        if request.matcher is not None and request.matcher.error() is not None:
+            # the grammar gave up while computing this step's mask (its mask then allows only EOS): an
+            # error, never a clean stop that would pass the unconstrained text off as an answer
+            return RequestStatus.FINISHED_ERROR, "error: the constraint failed: " + \
+                request.matcher.error().splitlines()[0]
+        status, reason = self._token_stop(request, token)
+        text = text_stop(request, token, status is RequestStatus.FINISHED_STOPPED) if text_stop else None
+        if status is None and text is not None:
+            status, reason = RequestStatus.FINISHED_STOPPED, text
+        if request.matcher is not None and status is not RequestStatus.FINISHED_STOPPED:
+            status, reason = self._grammar_stop(request, token, status, reason)
+        return status, reason
 
     def _token_stop(self, request: Request, token: int) -> tuple[RequestStatus | None, int | None]:
         params = request.sampling_params
@@ -249,5 +294,7 @@ class Scheduler:
         request.status = status
         request.stop_reason = reason
         self.kv.free(request)
+        if self.speculator is not None:
+            self.speculator.forget([request.request_id])
         if out is not None:
             out.finished_req_ids.append(request.request_id)

@@ -47,6 +47,15 @@ class _ModelCollector(Collector):
             "preemptions": CounterMetricFamily("tokenloom:num_preemptions", "Requests preempted to free KV cache.",
                                                labels=label),
         }
+        spec_label = ["model_name", "method"]
+        speculative = {
+            "drafts": CounterMetricFamily("tokenloom:spec_decode_num_drafts",
+                                          "Request steps that verified speculative guesses.", labels=spec_label),
+            "draft_tokens": CounterMetricFamily("tokenloom:spec_decode_num_draft_tokens",
+                                                "Speculative guesses verified.", labels=spec_label),
+            "accepted_tokens": CounterMetricFamily("tokenloom:spec_decode_num_accepted_tokens",
+                                                   "Speculative guesses accepted.", labels=spec_label),
+        }
         for name, served in self.manager.loaded().items():
             if served.kind == "encoder":  # no generation queue or KV cache
                 continue
@@ -55,7 +64,13 @@ class _ModelCollector(Collector):
                                ("blocks", s.num_blocks), ("queries", s.prefix_cache_queries),
                                ("hits", s.prefix_cache_hits), ("preemptions", s.num_preemptions)):
                 families[key].add_metric([name], value)
+            if s.speculative is not None:
+                sp = s.speculative
+                for key, value in (("drafts", sp.num_drafts), ("draft_tokens", sp.num_draft_tokens),
+                                   ("accepted_tokens", sp.num_accepted_tokens)):
+                    speculative[key].add_metric([name, sp.method], value)
         yield from families.values()
+        yield from speculative.values()
         loaded = GaugeMetricFamily("tokenloom:model_loaded", "1 while the model is in memory.", labels=label)
         memory = GaugeMetricFamily("tokenloom:model_memory_bytes", "Weights plus KV cache of a loaded model.",
                                    labels=label)

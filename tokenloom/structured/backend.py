@@ -57,6 +57,10 @@ class Matcher(Protocol):
     def error(self) -> str | None:
         """Why the matcher failed, or None."""
 
+    # Optional, for speculative decoding (a backend without it decodes its requests without guesses):
+    # def validate(self, tokens: list[int]) -> int: how many of `tokens`, in order, the grammar allows from
+    # here, without advancing.
+
 
 class Backend(Protocol):
     """Compiles constraints for one tokenizer and makes matchers."""

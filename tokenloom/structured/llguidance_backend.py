@@ -46,6 +46,10 @@ class LLGuidanceMatcher:
         if num_tokens and not self.inner.rollback(num_tokens):
             raise StructuredOutputError(f"cannot roll the matcher back {num_tokens} tokens: {self.error()}")
 
+    def validate(self, tokens: list[int]) -> int:
+        """How many of `tokens`, in order, the grammar allows from here (the matcher does not advance)."""
+        return self.inner.validate_tokens(tokens)
+
     def is_terminated(self) -> bool:
         """True when the grammar allows nothing more."""
         return self.inner.is_stopped()
