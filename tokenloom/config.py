@@ -92,7 +92,7 @@ class DecodingConfig:
     structured_outputs_backend: str = "llguidance"
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft", "self")
 
 
 @dataclass(slots=True)
@@ -101,7 +101,10 @@ class SpeculativeConfig:
     verifies them in one step, keeping the ones it would have produced itself (exact outputs).
 
     `speculative_method` ngram (prompt lookup: the continuation of the longest recent n-gram match, of
-    `prompt_lookup_min` to `prompt_lookup_max` tokens, in the request's own prompt and output) or None (off).
+    `prompt_lookup_min` to `prompt_lookup_max` tokens, in the request's own prompt and output), draft (the
+    greedy guesses of `speculative_model`, a smaller model with the same tokenizer), self (the target's own
+    weights at 4 bits, group-quantized, drafting for it) or None (off). A draft model has a KV cache of its
+    own beside the target's, out of the same `kv_cache_gib`.
     Up to `num_speculative_tokens` guesses a request each step, fewer after misses. Speculation pauses for a step
     whose running requests number more than `speculative_max_batch`: there the step is compute-bound and every
     guessed row costs as much as a token (0: never pause). `LLM(speculative_config={...})` takes vLLM's shape."""
@@ -111,6 +114,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     speculative_max_batch: int = 8
+    speculative_model: str | None = None
 
 
 @dataclass(slots=True)
@@ -138,7 +142,8 @@ _GROUPS = {"model_config": ModelConfig, "cache_config": CacheConfig,
            "decoding_config": DecodingConfig, "speculative_config": SpeculativeConfig}
 # vLLM's `speculative_config` keys → our flat options
 _VLLM_SPECULATIVE_KEYS = {"method": "speculative_method", "num_speculative_tokens": "num_speculative_tokens",
-                          "prompt_lookup_min": "prompt_lookup_min", "prompt_lookup_max": "prompt_lookup_max"}
+                          "prompt_lookup_min": "prompt_lookup_min", "prompt_lookup_max": "prompt_lookup_max",
+                          "model": "speculative_model"}
 CONFIG_GROUPS = tuple(_GROUPS.values())  # the option groups, in flag order
 
 
@@ -208,6 +213,9 @@ class EngineConfig:
                               f"{sp.prompt_lookup_min}, {sp.prompt_lookup_max}")
         if sp.speculative_max_batch < 0:
             raise ConfigError(f"speculative_max_batch must be >= 0; got {sp.speculative_max_batch}")
+        if (sp.speculative_method == "draft") != (sp.speculative_model is not None):
+            raise ConfigError("speculative_model names the draft model of speculative_method draft, and only of "
+                              f"it; got method {sp.speculative_method!r} and model {sp.speculative_model!r}")
 
 
 def _speculative_options(spec: dict[str, Any] | None) -> dict[str, Any]:
@@ -221,7 +229,10 @@ def _speculative_options(spec: dict[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"speculative_config: unknown key(s) {', '.join(map(repr, unknown))}; known: "
                           f"{', '.join(_VLLM_SPECULATIVE_KEYS)}")
-    return {_VLLM_SPECULATIVE_KEYS[k]: v for k, v in spec.items()}
+    options = {_VLLM_SPECULATIVE_KEYS[k]: v for k, v in spec.items()}
+    if "speculative_model" in options and "speculative_method" not in options:  # vLLM: a model means a draft
+        options["speculative_method"] = "draft"
+    return options
 
 
 def parse_cpu_bind(spec: str) -> list[int] | None:

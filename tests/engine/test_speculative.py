@@ -224,3 +224,63 @@ def test_gemma_greedy_with_prompt_lookup_equals_without(gemma):
     assert token_ids(got) == token_ids(reference)
     assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in reference]
     assert stats.mean_accepted_length > 1.5  # copying a given text: most guesses hold
+
+
+@pytest.mark.parametrize("draft_arch", ["llama", "gemma3"])
+def test_a_draft_model_guesses_and_outputs_stay_exact(tiny_models, draft_arch):
+    """The target drafting for itself accepts (nearly) every guess, which only a draft cache kept in step with the
+    request's tokens achieves; an unrelated draft (another tiny architecture with the same tokenizer) is mostly
+    wrong, and the outputs equal decoding without speculation either way."""
+    target = str(tiny_models["llama"])
+    prompts = repetitive_prompts(4, 300, seed=12) + mixed_prompts(4, 300, seed=13)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    reference = token_ids(LLM(target, dtype="float32").generate(prompts, params, use_tqdm=False))
+    spec = LLM(target, dtype="float32", speculative_method="draft", speculative_model=str(tiny_models[draft_arch]),
+               num_speculative_tokens=4, speculative_max_batch=0)
+    assert token_ids(spec.generate(prompts, params, use_tqdm=False)) == reference
+    stats = spec.engine.stats().speculative
+    assert stats.num_drafts > 0
+    rate = stats.num_accepted_tokens / stats.num_draft_tokens
+    assert rate > 0.95 if draft_arch == "llama" else rate < 0.5, rate
+    assert spec.engine.kv.pool.num_free == spec.engine.kv.num_blocks
+
+
+def test_self_speculation_drafts_with_4_bit_weights(tiny_models):
+    target = str(tiny_models["qwen3"])
+    prompts = mixed_prompts(6, 300, seed=14)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    reference = token_ids(LLM(target, dtype="float32").generate(prompts, params, use_tqdm=False))
+    spec = LLM(target, dtype="float32", quantization="none", speculative_method="self", speculative_max_batch=0)
+    assert spec.engine.speculator.drafter.loaded.quantization == "int4"
+    assert token_ids(spec.generate(prompts, params, use_tqdm=False)) == reference
+    stats = spec.engine.stats().speculative
+    assert stats.num_accepted_tokens / stats.num_draft_tokens > 0.5  # a 4-bit copy mostly agrees
+
+
+def test_a_draft_model_across_preemption_and_sampling(tiny_models):
+    target = str(tiny_models["llama"])
+    prompts = mixed_prompts(10, 300, seed=15)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    reference = token_ids(LLM(target, dtype="float32").generate(prompts, params, use_tqdm=False))
+    block_bytes = 2 * 2 * 2 * 16 * 16 * 4 * 2  # (target + draft) × layers × (k, v) × kv heads × head dim × block
+    spec = LLM(target, dtype="float32", speculative_method="draft", speculative_model=target,
+               speculative_max_batch=0, kv_cache_gib=16 * block_bytes / 2**30)
+    assert spec.engine.kv.num_blocks == 16
+    assert token_ids(spec.generate(prompts, params, use_tqdm=False)) == reference
+    assert spec.engine.stats().num_preemptions > 0
+    stats = spec.engine.stats().speculative
+    assert stats.num_accepted_tokens / stats.num_draft_tokens > 0.95  # the draft restarts cleanly after each
+    sampled = spec.generate(prompts, SamplingParams(temperature=1.0, max_tokens=24, seed=3), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) > 0 for o in sampled)
+    assert spec.engine.kv.pool.num_free == spec.engine.kv.num_blocks
+
+
+def test_draft_options_are_checked(tiny_models, tmp_path):
+    with pytest.raises(ConfigError, match="speculative_model"):
+        EngineConfig.from_kwargs(speculative_method="draft")
+    with pytest.raises(ConfigError, match="speculative_model"):
+        EngineConfig.from_kwargs(speculative_method="ngram", speculative_model="x")
+    assert EngineConfig.from_kwargs(speculative_config={"model": "x"}).speculative_config.speculative_method == \
+        "draft"
+    with pytest.raises(ConfigError, match="cannot load draft model"):
+        LLM(str(tiny_models["llama"]), speculative_method="draft", speculative_model=str(tmp_path / "missing"))

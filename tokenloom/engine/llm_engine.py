@@ -19,7 +19,8 @@ import torch
 from tokenloom.adapters import AdapterRequest
 from tokenloom.adapters.manager import AdapterManager
 from tokenloom.adapters.virtual import PLACEHOLDER_TOKEN
-from tokenloom.config import ConfigError, EngineConfig, SpeculativeConfig
+from tokenloom.config import ConfigError, EngineConfig
+from tokenloom.engine.draft_model import DraftModelProposer
 from tokenloom.engine.input_processor import AdapterBinding, InputProcessor
 from tokenloom.engine.kv_cache import KVCacheManager
 from tokenloom.engine.model_runner import ModelRunner, RunnerOutput, kv_bytes_per_block
@@ -86,6 +87,7 @@ class LLMEngine:
             a = config.adapter_config
             self.adapters = AdapterManager(self.loaded.model, device, a.max_adapters, a.max_adapter_rank)
         pooling = encoder_inputs = None
+        draft = self._load_draft(config)
         if self.loaded.kind == "encoder":  # no KV cache: inputs run whole, in one step
             num_blocks = 0
             self.pooling_config = read_pooling_config(self.loaded.path)
@@ -94,19 +96,25 @@ class LLMEngine:
             pooling = PoolingRunner(self.loaded.model, self.pooling_config, self.tokenizer.hf.mask_token_id, device,
                                     self.adapters)
         else:
-            block_bytes = kv_bytes_per_block(self.loaded.model, cache.block_size, self.kv_dtype)
+            block_bytes = kv_bytes_per_block(self.loaded.model, cache.block_size, self.kv_dtype) + (
+                kv_bytes_per_block(draft.model, cache.block_size, cache.torch_dtype(draft.dtype)) if draft else 0)
             num_blocks = int(cache.kv_cache_gib * 2**30 // block_bytes)
             if num_blocks < 1:
                 raise ConfigError(f"kv_cache_gib={cache.kv_cache_gib} holds no block of {block_bytes} bytes")
             # A request must always fit alone, or it could neither run nor be preempted away.
-            self.max_model_len = min(self.loaded.max_model_len, num_blocks * cache.block_size)
+            self.max_model_len = min(self.loaded.max_model_len, num_blocks * cache.block_size,
+                                     draft.max_model_len if draft is not None else num_blocks * cache.block_size)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.speculator = self._speculator(config.speculative_config)
-        self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len, self.speculator)
         self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.kv_dtype, device, pooling,
                                   self.adapters)
         self.inputs = InputProcessor(self.loaded, self.max_model_len, device, encoder_inputs)
         self.vocab_size = self.inputs.vocab_size
+        self.speculator = None
+        if config.speculative_config.speculative_method is not None:
+            drafter = DraftModelProposer(draft, num_blocks, cache.block_size, cache.torch_dtype(draft.dtype), device,
+                                         self.vocab_size) if draft is not None else None
+            self.speculator = Speculator(config.speculative_config, self.max_model_len, drafter)
+        self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len, self.speculator)
         self.structured = None  # constraints (JSON schema, regex, choice, grammar): generative models only
         if self.loaded.kind != "encoder":
             backend = config.decoding_config.structured_outputs_backend
@@ -119,14 +127,38 @@ class LLMEngine:
         self._pooling: dict[str, Request] = {}  # pooling requests in flight, by id
         self._run_ids = itertools.count()
 
-    def _speculator(self, config: SpeculativeConfig) -> Speculator | None:
-        """The speculative decoder `config` asks for (None when off); decoder-only models only."""
-        if config.speculative_method is None:
+    def _load_draft(self, config: EngineConfig) -> LoadedModel | None:
+        """The draft model speculative decoding asks for: `speculative_model` (method draft), or the target
+        loaded again with 4-bit weights (method self); None for ngram or none. Decoder-only targets only."""
+        sp = config.speculative_config
+        if sp.speculative_method is None:
             return None
         if self.loaded.kind != "decoder":
             raise ConfigError(f"speculative_method: speculative decoding runs on decoder-only models; "
                               f"{self.loaded.name} is {self.loaded.kind}")
-        return Speculator(config, self.max_model_len)
+        if sp.speculative_method == "ngram":
+            return None
+        m = config.model_config
+        if sp.speculative_method == "self":
+            if self.loaded.quantization == "int4":
+                logger.warning("speculative_method self: the target already runs 4-bit weights, so its draft is "
+                               "as slow as itself; speculation will not pay (use --quantization none)")
+            draft_config = dataclasses.replace(m, quantization="int4")
+        else:
+            draft_config = dataclasses.replace(m, model=sp.speculative_model, tokenizer=None, quantization="auto")
+        try:
+            draft = load_model(draft_config, self.loaded.device)
+        except Exception as exc:
+            raise ConfigError(f"speculative_model: cannot load draft model {draft_config.model!r}: {exc}") from exc
+        if draft.kind != "decoder":
+            raise ConfigError(f"speculative_model: the draft must be a decoder-only model; {draft.name} is "
+                              f"{draft.kind}")
+        if sp.speculative_method == "draft" and draft.tokenizer.hf.get_vocab() != self.tokenizer.hf.get_vocab():
+            raise ConfigError(f"speculative_model: {draft.name} does not share {self.loaded.name}'s tokenizer; a "
+                              f"draft model must (its tokens are the target's guesses)")
+        logger.info("speculative decoding: %s drafts with %s (%s, quantization %s)", sp.speculative_method,
+                    draft.name, str(draft.dtype).removeprefix("torch."), draft.quantization)
+        return draft
 
     @property
     def model(self) -> torch.nn.Module:
@@ -317,6 +349,8 @@ class LLMEngine:
     def _step(self, sched: SchedulerOutput) -> list[RequestOutput | PoolingResult]:
         if not sched.requests:
             return []
+        if self.speculator is not None:  # a draft model's guesses, for the slots the scheduler reserved
+            self.speculator.fill(sched)
         try:
             result = self.runner.execute(sched)
         except Exception:  # the loop must survive: find the request that fails, keep the others
@@ -393,7 +427,9 @@ class LLMEngine:
     def memory_bytes(self) -> int:
         """Bytes this engine holds: the model's weights and the KV cache tensors."""
         adapters = self.adapters.memory_bytes() if self.adapters is not None else 0
-        return self.loaded.weight_bytes + self.runner.kv_cache_bytes() + adapters  # an encoder has no KV cache
+        drafter = self.speculator.drafter if self.speculator is not None else None
+        draft = drafter.loaded.weight_bytes + drafter.kv_cache_bytes() if drafter is not None else 0
+        return self.loaded.weight_bytes + self.runner.kv_cache_bytes() + adapters + draft  # encoders: no KV cache
 
     def stats(self) -> EngineStats:
         """Current queue sizes, cache usage and prefix-cache counters."""

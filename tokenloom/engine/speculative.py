@@ -22,8 +22,9 @@ a generated token: speculation pauses there (`speculative_max_batch`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +32,13 @@ import torch
 from tokenloom.config import SpeculativeConfig
 from tokenloom.engine.request import Request
 from tokenloom.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenloom.engine.draft_model import DraftModelProposer
+    from tokenloom.engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+PENDING = -1  # a guess slot reserved by the scheduler, filled by a draft model before the step runs
 
 
 @dataclass(slots=True)
@@ -142,9 +150,11 @@ class _RequestState:
 class Speculator:
     """Makes each step's guesses and adapts each request's guess count to its acceptance."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, drafter: DraftModelProposer | None = None
+                 ) -> None:
         self.config = config
         self.max_model_len = max_model_len
+        self.drafter = drafter  # the draft model of methods draft and self; None for ngram
         self.stats = SpeculativeStats(config.speculative_method or "none")
         self._state: dict[str, _RequestState] = {}
 
@@ -163,8 +173,9 @@ class Speculator:
 
     def propose(self, request: Request, budget: int) -> list[int]:
         """Up to `budget` guesses of the decoding request's next tokens (never past its max_tokens or the
-        context length: the model's own token after the last guess must still be allowed)."""
-        if not self.eligible(request):
+        context length: the model's own token after the last guess must still be allowed). With a draft model
+        they are PENDING slots, for `fill` to write once the step's batch is known."""
+        if not self.eligible(request) or (self.drafter is not None and request.num_virtual_tokens):
             return []
         state = self._state.get(request.request_id)
         if state is None:
@@ -173,12 +184,40 @@ class Speculator:
                    self.max_model_len - request.num_tokens - 1)
         if room < 1:
             return []
+        if self.drafter is not None:
+            return [PENDING] * room
         tokens = self._tokens(state, request)
         c = self.config
         guesses = ngram_proposal(tokens, c.prompt_lookup_min, c.prompt_lookup_max, room)
-        if guesses and request.matcher is not None:  # only what the grammar allows: the model could not pick more
+        return self._allowed(request, guesses)
+
+    @staticmethod
+    def _allowed(request: Request, guesses: list[int]) -> list[int]:
+        """The guesses up to the first one the request's grammar refuses (the model could not pick it)."""
+        if guesses and request.matcher is not None:
             guesses = guesses[:request.matcher.validate(guesses)]
         return guesses
+
+    def fill(self, sched: SchedulerOutput) -> None:
+        """Write the draft model's guesses into the PENDING slots of the scheduled requests, shrinking a
+        request's tokens where it has fewer. A draft that fails costs only this step's speculation."""
+        if self.drafter is None or not sched.drafts:
+            return
+        rows = [i for i, r in enumerate(sched.requests) if r.request_id in sched.drafts]
+        requests = [sched.requests[i] for i in rows]
+        try:
+            guesses = self.drafter.draft(requests, [len(sched.drafts[r.request_id]) for r in requests])
+        except Exception:  # the target's step goes on, without guesses
+            logger.exception("the draft model failed; this step runs without speculation")
+            guesses = {}
+        for i, request in zip(rows, requests, strict=True):
+            reserved = len(sched.drafts[request.request_id])
+            kept = self._allowed(request, guesses.get(request.request_id, []))
+            sched.num_tokens[i] -= reserved - len(kept)
+            if kept:
+                sched.drafts[request.request_id] = kept
+            else:
+                del sched.drafts[request.request_id]
 
     @staticmethod
     def _tokens(state: _RequestState, request: Request) -> np.ndarray:
@@ -208,3 +247,5 @@ class Speculator:
         """Drop finished requests' state."""
         for request_id in request_ids:
             self._state.pop(request_id, None)
+        if self.drafter is not None:
+            self.drafter.forget(request_ids)
