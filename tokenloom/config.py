@@ -93,6 +93,8 @@ class DecodingConfig:
 
 
 SPECULATIVE_METHODS = ("ngram", "draft", "self")
+# speculative_max_batch when unset, per method (benchmarks/speculative.py's sweeps)
+DEFAULT_SPECULATIVE_MAX_BATCH = {"ngram": 64, "draft": 2, "self": 2}
 
 
 @dataclass(slots=True)
@@ -107,13 +109,15 @@ class SpeculativeConfig:
     own beside the target's, out of the same `kv_cache_gib`.
     Up to `num_speculative_tokens` guesses a request each step, fewer after misses. Speculation pauses for a step
     whose running requests number more than `speculative_max_batch`: there the step is compute-bound and every
-    guessed row costs as much as a token (0: never pause). `LLM(speculative_config={...})` takes vLLM's shape."""
+    guessed row costs as much as a token (0: never pause; None: the method's default, measured on a 2-core CPU:
+    64 for ngram, whose guesses cost only their rows, 2 for draft and self, whose draft steps cost on top;
+    docs/benchmarks.md). `LLM(speculative_config={...})` takes vLLM's shape."""
 
     speculative_method: str | None = None
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
-    speculative_max_batch: int = 8
+    speculative_max_batch: int | None = None
     speculative_model: str | None = None
 
 
@@ -211,7 +215,7 @@ class EngineConfig:
         if not 1 <= sp.prompt_lookup_min <= sp.prompt_lookup_max:
             raise ConfigError(f"prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max; got "
                               f"{sp.prompt_lookup_min}, {sp.prompt_lookup_max}")
-        if sp.speculative_max_batch < 0:
+        if sp.speculative_max_batch is not None and sp.speculative_max_batch < 0:
             raise ConfigError(f"speculative_max_batch must be >= 0; got {sp.speculative_max_batch}")
         if (sp.speculative_method == "draft") != (sp.speculative_model is not None):
             raise ConfigError("speculative_model names the draft model of speculative_method draft, and only of "

@@ -192,15 +192,16 @@ def gemma() -> LLM:
     return LLM("gemma-3-270m", dtype="float32", quantization="none", kv_cache_gib=0.25)
 
 
-def _speculating(llm: LLM, **options) -> LLM:
-    """The same engine with speculation switched on (the weights loaded once)."""
+def _speculating(llm: LLM, drafter=None, **options) -> LLM:
+    """The same engine with speculation switched on (the target's weights loaded once)."""
     from tokenloom.config import SpeculativeConfig
     from tokenloom.engine.speculative import Speculator
 
     engine = llm.engine
+    method = "ngram" if drafter is None else "self"
     engine.speculator = engine.scheduler.speculator = Speculator(
-        SpeculativeConfig(**{"speculative_method": "ngram", "speculative_max_batch": 0, **options}),
-        engine.max_model_len)
+        SpeculativeConfig(**{"speculative_method": method, "speculative_max_batch": 0, **options}),
+        engine.max_model_len, drafter)
     return llm
 
 
@@ -284,3 +285,45 @@ def test_draft_options_are_checked(tiny_models, tmp_path):
         "draft"
     with pytest.raises(ConfigError, match="cannot load draft model"):
         LLM(str(tiny_models["llama"]), speculative_method="draft", speculative_model=str(tmp_path / "missing"))
+
+
+def test_gemma_greedy_with_self_speculation_equals_without(gemma):
+    """gemma-3-270m's own weights at 4 bits (the GGUF's blocks repacked) draft for its float32 self."""
+    import dataclasses
+
+    from tokenloom.engine.draft_model import DraftModelProposer
+    from tokenloom.loader import load_model
+
+    engine = gemma.engine
+    draft = load_model(dataclasses.replace(engine.config.model_config, quantization="int4"), engine.device)
+    drafter = DraftModelProposer(draft, engine.kv.num_blocks, engine.kv.block_size, torch.float32, engine.device,
+                                 engine.vocab_size)
+    prompts = ["The capital of France is", "Once upon a time, there was a little fox who",
+               "def fibonacci(n):\n    "]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    reference = _no_speculation(gemma).generate(prompts, params, use_tqdm=False)
+    try:
+        got = _speculating(gemma, drafter).generate(prompts, params, use_tqdm=False)
+        stats = gemma.engine.stats().speculative
+    finally:
+        _no_speculation(gemma)
+    assert token_ids(got) == token_ids(reference)
+    assert stats.num_accepted_tokens / stats.num_draft_tokens > 0.6, stats  # a 4-bit copy mostly agrees
+
+
+def test_speculation_pauses_above_its_batch_limit(tiny_models):
+    from tokenloom.config import SpeculativeConfig
+    from tokenloom.engine.speculative import Speculator
+
+    assert Speculator(SpeculativeConfig("ngram"), 512).max_batch == 64
+    assert Speculator(SpeculativeConfig("self"), 512).max_batch == 2
+    never = Speculator(SpeculativeConfig("ngram", speculative_max_batch=0), 512)
+    assert never.active(1000)
+    spec = LLM(str(tiny_models["llama"]), dtype="float32", speculative_method="ngram", speculative_max_batch=2)
+    seen = []
+    propose = spec.engine.speculator.propose
+    spec.engine.speculator.propose = lambda request, budget: seen.append(len(spec.engine.scheduler.running)) or \
+        propose(request, budget)
+    params = [SamplingParams(temperature=0, max_tokens=8 * (i + 1), ignore_eos=True) for i in range(6)]
+    spec.generate(repetitive_prompts(6, 300, seed=16), params, use_tqdm=False)
+    assert seen and max(seen) <= 2  # guesses only in steps with at most two requests running

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tokenloom.config import SpeculativeConfig
+from tokenloom.config import DEFAULT_SPECULATIVE_MAX_BATCH, SpeculativeConfig
 from tokenloom.engine.request import Request
 from tokenloom.sampling_params import SamplingParams
 
@@ -158,10 +158,15 @@ class Speculator:
         self.stats = SpeculativeStats(config.speculative_method or "none")
         self._state: dict[str, _RequestState] = {}
 
-    def active(self, num_running: int) -> bool:
-        """Whether this step speculates: not when more requests run than `speculative_max_batch`."""
+    @property
+    def max_batch(self) -> int:
+        """Running requests above which a step does not speculate (0: always speculates)."""
         limit = self.config.speculative_max_batch
-        return limit == 0 or num_running <= limit
+        return DEFAULT_SPECULATIVE_MAX_BATCH.get(self.config.speculative_method, 0) if limit is None else limit
+
+    def active(self, num_running: int) -> bool:
+        """Whether this step speculates: not when more requests run than `max_batch`."""
+        return self.max_batch == 0 or num_running <= self.max_batch
 
     @staticmethod
     def eligible(request: Request) -> bool:
