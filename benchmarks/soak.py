@@ -194,7 +194,9 @@ def start_server(args) -> tuple[subprocess.Popen, str, Path]:
     subprocess.run([sys.executable, "-m", "tokenloom.cli", "train", "-m", args.model, "--method", "lora", "--data",
                     str(data), "--output", str(folder / "lora"), "--epochs", "1", "--batch-size", "8"],
                    check=True, env=env, capture_output=True)
-    cmd = [sys.executable, "-m", "tokenloom.cli", "serve", args.model, "--port", str(port), "--models-config",
+    watch = [str(Path(__file__).with_name("memwatch.py")), args.memwatch]
+    launcher = watch if args.memwatch else ["-m", "tokenloom.cli"]
+    cmd = [sys.executable, *launcher, "serve", args.model, "--port", str(port), "--models-config",
            str(catalog), "--max-num-seqs", str(max(args.clients, 16)), "--adapters", f"soak-lora={folder / 'lora'}",
            *args.server_flag]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -248,6 +250,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-flag", action="append", default=[], help="extra flags for tokenloom serve")
     parser.add_argument("--out", default="/tmp/soak.json")
+    parser.add_argument("--memwatch", help="record where the server's memory goes into this JSON-lines file "
+                                           "(benchmarks/memwatch.py)")
     args = parser.parse_args()
     proc = None
     if args.url is None:

@@ -91,7 +91,7 @@ class DraftModelProposer:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
                  device: torch.device, vocab_size: int) -> None:
         self.loaded = loaded
-        self.runner = ModelRunner(loaded.model, num_blocks, block_size, kv_dtype, device)
+        self.runner = ModelRunner(loaded.model, num_blocks, block_size, kv_dtype, device, short_chunks_as_decode=True)
         self.vocab_size = vocab_size  # the target's: a draft token past it cannot be a guess
         self._state: dict[str, _DraftState] = {}
 
@@ -122,6 +122,14 @@ class DraftModelProposer:
             valid = next((j for j, t in enumerate(guesses) if t >= self.vocab_size), len(guesses))
             out[view.request_id] = guesses[:valid]
         return out
+
+    def catch_up(self, request: Request) -> int:
+        """Tokens the draft would have to run before its first guess for `request` (its whole sequence when it
+        has never drafted for it, or after a preemption)."""
+        state = self._state.get(request.request_id)
+        if state is None or state.num_preemptions != request.num_preemptions:
+            return request.num_tokens
+        return request.num_tokens - min(state.computed, request.num_computed_tokens)
 
     def forget(self, request_ids: list[str]) -> None:
         """Drop finished requests' state."""

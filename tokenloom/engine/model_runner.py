@@ -43,7 +43,7 @@ from tokenloom.structured.manager import StepMasks
 logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-SHORT_CHUNK = 8  # a chunk of up to this many tokens after computed ones runs as decode rows
+SHORT_CHUNK = 8  # a draft runner's chunk of up to this many tokens after computed ones runs as decode rows
 
 
 @dataclass(slots=True)
@@ -125,9 +125,11 @@ class ModelRunner:
     """Runs the model on a scheduled batch over its bound paged KV cache."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, pooling: PoolingRunner | None = None, adapters: AdapterManager | None = None
-                 ) -> None:
-        """`dtype` is the KV cache's (the engine's `kv_cache_dtype` resolved)."""
+                 device: torch.device, pooling: PoolingRunner | None = None, adapters: AdapterManager | None = None,
+                 short_chunks_as_decode: bool = False) -> None:
+        """`dtype` is the KV cache's (the engine's `kv_cache_dtype` resolved); `short_chunks_as_decode` runs chunks
+        of up to SHORT_CHUNK tokens after computed ones as decode rows (a draft model's runner)."""
+        self.short_chunks_as_decode = short_chunks_as_decode
         self.model = model
         self.pooling = pooling
         self.adapters = adapters
@@ -251,13 +253,14 @@ class ModelRunner:
         """Pack the batch: prefill chunks first, then decode rows (single tokens, a speculating request's tokens,
         short continuations); an encoder–decoder model's new requests are encoded here, for the cross-attention
         metadata."""
-        # A speculating request's tokens, and any few tokens after cached ones (a draft model catching up), are
-        # decode rows too, each seeing the cache up to itself (the step writes every token's keys before
+        # A speculating request's tokens, and on a draft model's runner a few tokens after cached ones (catching
+        # up), are decode rows too, each seeing the cache up to itself (the step writes every token's keys before
         # attending): the paged decode kernel instead of a prefill's gathered context, which costs a fixed ~5 ms
-        # a step on gemma-3-270m however few its tokens.
+        # a step on gemma-3-270m however few its tokens. (The target's own chunks keep the prefill path: in bf16
+        # the two round differently, and a prefix-cache hit should not change a greedy answer.)
         decode_like = [sched.num_tokens[i] == 1 or sched.requests[i].request_id in sched.drafts
-                       or (sched.requests[i].num_computed_tokens > 0 and sched.num_tokens[i] <= SHORT_CHUNK
-                           and self.encoder_cache is None)
+                       or (self.short_chunks_as_decode and sched.requests[i].num_computed_tokens > 0
+                           and sched.num_tokens[i] <= SHORT_CHUNK)
                        for i in range(len(sched.requests))]
         order = sorted(range(len(sched.requests)), key=lambda i: decode_like[i])
         bs = self.block_size

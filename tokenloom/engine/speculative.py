@@ -1,10 +1,10 @@
 """Speculative decoding: guess a decoding request's next tokens, let the model score them all in one step, keep
 the ones it would have produced itself.
 
-A request with guesses d1..dk runs k + 1 tokens in the step (its last token and the guesses: a short chunk, as in
-chunked prefill) and is sampled at each of the k + 1 positions, position j seeing its output followed by
-d1..dj (`DraftPosition`: penalties, logit bias and min_tokens see that history). Walking the positions, the
-token sampled at position j is emitted, and the walk goes on while it equals the guess d(j+1); so a step
+A request with guesses d1..dk runs k + 1 tokens in the step (its last token and the guesses, as k + 1 decode
+rows each seeing the cache up to itself) and is sampled at each of the k + 1 positions, position j seeing its
+output followed by d1..dj (`DraftPosition`: penalties, logit bias and min_tokens see that history). Walking the
+positions, the token sampled at position j is emitted, and the walk goes on while it equals the guess d(j+1); so a step
 emits between 1 and k + 1 tokens. Every emitted token is sampled from the model's own processed distribution
 given the tokens before it, so outputs are exact: greedy outputs equal decoding without speculation, and a
 sampled token's distribution is the model's. For a deterministic guess this is the standard rejection rule
@@ -15,9 +15,11 @@ The keys and values written for rejected guesses are simply not counted: a reque
 only over the accepted ones, and the next step overwrites those slots (the scheduler's one rule).
 
 Proposers: `ngram` (prompt lookup) finds the longest recent n-gram of the request's own tokens that ends its
-sequence and proposes what followed it. A request's guess count adapts: all accepted → two more next time,
-a miss → one fewer. A step with many running requests is compute-bound, where a guessed row costs as much as
-a generated token: speculation pauses there (`speculative_max_batch`).
+sequence and proposes what followed it, while the scheduler builds the step; a draft model (engine/draft_model.py:
+`draft`, `self`) gets PENDING slots reserved by the scheduler and fills them, batched, before the step runs. A
+request's guess count adapts: all accepted → two more next time, a miss → one fewer. A step with many running
+requests is compute-bound, where a guessed row costs as much as a generated token: speculation pauses there
+(`speculative_max_batch`, per method by default).
 """
 
 from __future__ import annotations
@@ -190,7 +192,10 @@ class Speculator:
         if room < 1:
             return []
         if self.drafter is not None:
-            return [PENDING] * room
+            # a draft far behind (the request ran while speculation paused) first runs the whole gap, a prefill
+            # that pays back only over enough tokens still to come: about 4 draft-prefill tokens per saved step
+            remaining = request.max_tokens - len(request.output_token_ids)
+            return [PENDING] * room if self.drafter.catch_up(request) <= max(8, 4 * remaining) else []
         tokens = self._tokens(state, request)
         c = self.config
         guesses = ngram_proposal(tokens, c.prompt_lookup_min, c.prompt_lookup_max, room)
