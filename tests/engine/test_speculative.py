@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import ARCHITECTURES
+from tests.engine.test_engine import mixed_prompts, token_ids
 from tokenloom import SamplingParams
 from tokenloom.config import ConfigError, EngineConfig
 from tokenloom.engine.speculative import accepted_prefix, ngram_proposal
 from tokenloom.llm import LLM
-from tests.conftest import ARCHITECTURES
-from tests.engine.test_engine import mixed_prompts, token_ids
 
 
 def repetitive_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -211,7 +213,7 @@ def _no_speculation(llm: LLM) -> LLM:
 
 
 def test_gemma_greedy_with_prompt_lookup_equals_without(gemma):
-    source = open(__file__).read()[:900]
+    source = Path(__file__).read_text()[:900]
     prompts = [f"Here is a Python file:\n{source}\nThe same file, copied exactly:\n",
                "The quick brown fox jumps over the lazy dog. The quick brown fox",
                "List the days of the week: Monday, Tuesday,"]
