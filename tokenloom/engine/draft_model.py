@@ -41,33 +41,12 @@ class _DraftView:
     logits_processors: tuple = ()
     generator: None = None
 
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
+    def __getattr__(self, name: str):  # noqa: ANN204 - the rest (ids, blocks, tokens) is the request's
+        return getattr(self.request, name)
 
     @property
     def sampling_params(self) -> SamplingParams:
         return _GREEDY  # guesses are the draft's argmax
-
-    @property
-    def block_ids(self) -> list[int]:
-        return self.request.block_ids
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.request.prompt_token_ids
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.request.output_token_ids
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self.request.eos_token_ids
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return self.request.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -97,12 +76,7 @@ class DraftModelProposer:
 
     def draft(self, requests: list[Request], rooms: list[int]) -> dict[str, list[int]]:
         """Up to rooms[i] guesses for each request (a decoding request whose last token and guesses have slots)."""
-        views = []
-        for request in requests:
-            state = self._state.get(request.request_id)
-            if state is None or state.num_preemptions != request.num_preemptions:  # new blocks: start again
-                state = self._state[request.request_id] = _DraftState(0, request.num_preemptions)
-            views.append(_DraftView(request, min(state.computed, request.num_computed_tokens)))
+        views = [_DraftView(request, self._held(request)) for request in requests]
         active = [i for i, room in enumerate(rooms) if room > 0]
         while active:
             sched = SchedulerOutput([views[i] for i in active],
@@ -115,21 +89,24 @@ class DraftModelProposer:
             active = [i for i in active if len(views[i].guesses) < rooms[i]]
         out = {}
         for view, room in zip(views, rooms, strict=True):
-            state = self._state[view.request_id]
             # the last guess was never fed back: the cache holds the positions before it
-            state.computed = view.num_computed_tokens
+            self._state[view.request_id] = _DraftState(view.num_computed_tokens, view.request.num_preemptions)
             guesses = view.guesses[:room]
             valid = next((j for j, t in enumerate(guesses) if t >= self.vocab_size), len(guesses))
             out[view.request_id] = guesses[:valid]
         return out
 
     def catch_up(self, request: Request) -> int:
-        """Tokens the draft would have to run before its first guess for `request` (its whole sequence when it
-        has never drafted for it, or after a preemption)."""
+        """Tokens the draft would have to run before its first guess for `request`."""
+        return request.num_tokens - self._held(request)
+
+    def _held(self, request: Request) -> int:
+        """Positions of `request` whose keys and values the draft's cache holds and the target still counts: none
+        when it never drafted for it or after a preemption (new blocks)."""
         state = self._state.get(request.request_id)
         if state is None or state.num_preemptions != request.num_preemptions:
-            return request.num_tokens
-        return request.num_tokens - min(state.computed, request.num_computed_tokens)
+            return 0
+        return min(state.computed, request.num_computed_tokens)
 
     def forget(self, request_ids: list[str]) -> None:
         """Drop finished requests' state."""

@@ -187,14 +187,13 @@ class Speculator:
         state = self._state.get(request.request_id)
         if state is None:
             state = self._state[request.request_id] = _RequestState(self.config.num_speculative_tokens)
-        room = min(state.k, budget, request.max_tokens - len(request.output_token_ids) - 1,
-                   self.max_model_len - request.num_tokens - 1)
+        remaining = request.max_tokens - len(request.output_token_ids)
+        room = min(state.k, budget, remaining - 1, self.max_model_len - request.num_tokens - 1)
         if room < 1:
             return []
         if self.drafter is not None:
             # a draft far behind (the request ran while speculation paused) first runs the whole gap, a prefill
             # that pays back only over enough tokens still to come: about 4 draft-prefill tokens per saved step
-            remaining = request.max_tokens - len(request.output_token_ids)
             return [PENDING] * room if self.drafter.catch_up(request) <= max(8, 4 * remaining) else []
         tokens = self._tokens(state, request)
         c = self.config
