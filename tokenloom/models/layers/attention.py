@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.models import ops
+from tokenloom.models.layers.linear import onednn_gemm, shape_bucket
 from tokenloom.models.layers.norm import RMSNorm
 from tokenloom.models.layers.rotary import RotaryEmbedding
 from tokenloom.models.layers.seq2seq import CrossAttentionMetadata
@@ -265,9 +266,17 @@ class PagedAttention(GivenKVAttention):
         rows = q.view(length, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * length, dim)
         scores = torch.bmm(rows.float(), k.permute(1, 2, 0).float()).view(kv_heads, group, length, keys)
         scores.mul_(self.scale).masked_fill_(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype).view(kv_heads, group * length, keys)
-        out = torch.bmm(probs, v.permute(1, 0, 2))
-        return out.view(kv_heads, group, length, dim).permute(2, 0, 1, 3).reshape(length, self.num_heads, dim)
+        # bf16 on CPU is a oneDNN product, a kernel kept per shape: pad rows and keys to a few sizes (with zero
+        # probabilities and values) so that a server's chunks reuse them (bucketed_linear says why)
+        rows_in, keys_in = (shape_bucket(length), shape_bucket(keys)) if onednn_gemm(v) else (length, keys)
+        probs = torch.zeros(kv_heads, group, rows_in, keys_in, dtype=v.dtype, device=v.device)
+        probs[:, :, :length, :keys] = torch.softmax(scores, dim=-1)
+        values = v.permute(1, 0, 2)
+        if keys_in != keys:
+            values = F.pad(values, (0, 0, 0, keys_in - keys))
+        out = torch.bmm(probs.view(kv_heads, group * rows_in, keys_in), values)
+        out = out.view(kv_heads, group, rows_in, dim)[:, :, :length]
+        return out.permute(2, 0, 1, 3).reshape(length, self.num_heads, dim)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, k_flat: torch.Tensor,
                 v_flat: torch.Tensor) -> torch.Tensor:

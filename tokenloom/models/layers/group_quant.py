@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenloom.models import ops
+from tokenloom.models.layers.linear import bucketed_linear
 
 # Input index (within a chunk of 64) held by each vector position of the packed layout: 32-bit lanes
 # alternate between the chunk's two groups (see csrc/gq_layout.h).
@@ -219,5 +220,5 @@ def group_quant_matmul(x: torch.Tensor, weight: GroupQuantWeight, bias: torch.Te
     native = ops.group_quant_rows(x, weight.codes, weight.d, weight.m, weight.high, bias, float_out)
     if native is not None:
         return native
-    out = F.linear(x, unpack_group_quant(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+    out = bucketed_linear(x, unpack_group_quant(weight, x.dtype), None if bias is None else bias.to(x.dtype))
     return out.float() if float_out else out

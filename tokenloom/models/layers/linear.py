@@ -20,22 +20,52 @@ class ShardedOutput:
         return out.split([w for _, w in self.shard_offsets.values()], dim=-1)
 
 
+def shape_bucket(n: int) -> int:
+    """`n` rows rounded up to one of a few sizes: itself up to 16, then multiples of 16 up to 128, then eight
+    sizes per doubling (at most 12.5% more rows): a server's steps visit a few dozen sizes, not thousands."""
+    if n <= 16:
+        return n
+    step = max(16, 1 << (n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+def onednn_gemm(t: torch.Tensor) -> bool:
+    """Whether torch multiplies `t` through oneDNN: bf16 and float16 on CPU (float32 goes to MKL)."""
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def bucketed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear of x [rows, K], its rows padded to a `shape_bucket` where torch would go through oneDNN.
+
+    oneDNN builds a kernel per GEMM shape and torch keeps it, with its buffers, in two caches of 1,024 entries:
+    with every step's token count a new shape a server's memory grew by ~0.5 MiB per new size for hours
+    (docs/reliability.md). At the bucket sizes (multiples of 16) its AMX kernels are as fast or faster."""
+    rows = x.shape[0]
+    padded_rows = shape_bucket(rows) if onednn_gemm(x) else rows
+    if padded_rows == rows:
+        return F.linear(x, weight, bias)
+    padded = x.new_empty(padded_rows, x.shape[1])
+    padded[:rows] = x
+    padded[rows:] = 0
+    return F.linear(padded, weight, bias)[:rows]
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear, except for a few rows on CPU (decode): a native kernel (`ops.dense_rows`: float32 sums,
     csrc/dense_rows.cpp) that streams bf16 or float32 weights at close to memory bandwidth, where torch's
     GEMM reads them at about half that rate."""
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     out = ops.dense_rows(rows, weight, bias)
-    if out is not None:
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    if out is None:
+        out = bucketed_linear(rows, weight, bias)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
 
 
 def vocab_projection(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden [tokens, K] @ weight [vocab, K].T: float32 logits from the native kernel for a few rows
     (torch's bf16 GEMM would also round each logit to bf16), else F.linear in the weight's dtype."""
     out = ops.dense_rows(hidden, weight, None, True)
-    return out if out is not None else F.linear(hidden, weight)
+    return out if out is not None else bucketed_linear(hidden, weight)
 
 
 class Linear(nn.Linear):
