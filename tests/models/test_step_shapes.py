@@ -67,14 +67,40 @@ def test_a_bf16_engine_creates_onednn_kernels_only_for_bucketed_shapes(tiny_mode
         pytest.skip("torch built without oneDNN")
     llm = LLM(str(tiny_models["gemma3"]), dtype="bfloat16", kv_cache_gib=0.05, enable_prefix_caching=False)
     params = SamplingParams(max_tokens=1, temperature=0)
-    capfd.readouterr()
-    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
-        for length in range(17, 91):
-            llm.generate([list(range(3, 3 + length))], params, use_tqdm=False)
-    created = [line.split(",")[-2] for line in capfd.readouterr().out.splitlines()
-               if "create:cache_miss" in line and ",matmul," in line]
+    created = _created_matmuls(capfd, lambda: [llm.generate([list(range(3, 3 + length))], params, use_tqdm=False)
+                                               for length in range(17, 91)])
     if not created:
         pytest.skip("this CPU's bf16 products do not go through oneDNN")
     sizes = {int(n) for shape in created for n in re.findall(r"\d+", shape.split(":")[0])[-2:]}
     assert all(n <= 16 or n == shape_bucket(n) for n in sizes), sorted(sizes)
     assert len(created) < 74, "a kernel per prompt length"
+
+
+def _created_matmuls(capfd, run) -> list[str]:
+    capfd.readouterr()
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+        run()
+    return [line.split(",")[-2] for line in capfd.readouterr().out.splitlines()
+            if "create:cache_miss" in line and ",matmul," in line]
+
+
+def test_a_bf16_encoder_pads_its_batches_with_sequences_of_its_own(capfd):
+    """all-MiniLM-L6-v2 in bf16: batches of 1..10 sentences run at bucketed token counts (filler sequences
+    after the real ones), and each sentence's embedding is the same as alone and close to float32's."""
+    from tests.encoder_models import SENTENCES, minilm_path
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    reference = [torch.tensor(e.embedding) for e in LLM(str(minilm_path()), dtype="float32").embed(SENTENCES)]
+    llm = LLM(str(minilm_path()), dtype="bfloat16")
+    batches = []
+    created = _created_matmuls(capfd, lambda: batches.extend(llm.embed(SENTENCES[:k]) for k in range(1, 11)))
+    if not created:
+        pytest.skip("this CPU's bf16 products do not go through oneDNN")
+    rows = {int(shape.split("x")[0]) for shape in created if shape.endswith("x1536") or shape.endswith("x384")}
+    assert rows and all(n <= 16 or n == shape_bucket(n) for n in rows), sorted(rows)
+    for k, batch in enumerate(batches, start=1):
+        for i, out in enumerate(batch):
+            got = torch.tensor(out.embedding)
+            assert torch.cosine_similarity(got, reference[i], dim=0) > 0.995, (k, i)
+            assert torch.cosine_similarity(got, torch.tensor(batches[i][i].embedding), dim=0) > 0.999, (k, i)

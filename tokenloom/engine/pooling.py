@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.adapters.manager import VirtualSpan
@@ -18,6 +19,7 @@ from tokenloom.engine.request import InvalidRequestError
 from tokenloom.loader import LoadedModel
 from tokenloom.models.layers.attention import VirtualKV
 from tokenloom.models.layers.encoder_attention import EncoderMetadata
+from tokenloom.models.layers.linear import onednn_gemm, shape_bucket
 from tokenloom.models.pooling import PoolingConfig, pool
 
 if TYPE_CHECKING:
@@ -141,6 +143,13 @@ class EncoderTokenizer:
         return EncoderInput(cut, truncated=True)
 
 
+def filler_lens(num_tokens: int, longest: int) -> list[int]:
+    """Lengths of the filler sequences that bring a batch of `num_tokens` up to its `shape_bucket`, none longer
+    than the batch's longest sequence (so that attention's padded view keeps its width)."""
+    pad = shape_bucket(num_tokens) - num_tokens
+    return [longest] * (pad // longest) + ([pad % longest] if pad % longest else [])
+
+
 class PoolingRunner:
     """The runner's pooling branch: packs the batch's inputs (no padding), runs the encoder once and each
     request's head (one call per task over the rows it reads) or pooling."""
@@ -157,16 +166,22 @@ class PoolingRunner:
         """Each request's float32 result on the CPU, by request id."""
         lens = [r.num_prompt_tokens for r in requests]
         meta = EncoderMetadata.from_lens(lens, self.device)
+        # filler sequences after the requests' bring the token count to a few sizes where the products go
+        # through oneDNN (layers/linear.py, bucketed_linear, says why); they attend only to themselves
+        fill = filler_lens(meta.num_tokens, max(lens)) if onednn_gemm(self.model.input_embeddings().weight) \
+            else []
+        run_meta = EncoderMetadata.from_lens(lens + fill, self.device) if fill else meta
         ids = torch.tensor([t for r in requests for t in r.prompt_token_ids], device=self.device)
-        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
+        positions = torch.cat([torch.arange(n) for n in lens + fill]).to(self.device)
         types = None
         if any(r.token_type_ids for r in requests):
             types = torch.tensor([t for r in requests for t in (r.token_type_ids or [0] * r.num_prompt_tokens)],
                                  device=self.device)
         if self.adapters is not None:
-            meta.virtual_kv = self._begin_adapters(requests, meta)
+            meta.virtual_kv = run_meta.virtual_kv = self._begin_adapters(requests, run_meta)
         try:
-            hidden = self.model(ids, positions, meta, types)
+            hidden = self.model(F.pad(ids, (0, sum(fill))), positions, run_meta,
+                                None if types is None else F.pad(types, (0, sum(fill))))[:meta.num_tokens]
         finally:
             if self.adapters is not None:
                 self.adapters.end_step()
