@@ -135,6 +135,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = args.model_ref or flag_model
     if args.model_ref is None and (config.models_dir or config.models_config) and model == DEFAULT_MODEL:
         model = None  # a catalog serves its own models; the default one stays available on demand
+    if config.replicas > 1 or config.ray_address:
+        from tokenloom.distributed.front import serve_replicas
+
+        return serve_replicas(config, model, options)
     state = build_state(config, server_specs(config, model, options), config.served_model_name or model)
     if state.models.default_model is not None:
         try:
@@ -275,7 +279,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tokenloom.pipelines.batch import run_yaml
 
     s = run_yaml(args.pipeline, args.input, args.output, batch_size=args.batch_size,
-                 retry_errors=args.retry_errors, progress=not args.quiet)
+                 retry_errors=args.retry_errors, progress=not args.quiet,
+                 ray_replicas=args.replicas if args.ray else None, ray_address=args.ray_address)
     print(f"{s.total} rows ({s.resumed} done before, {s.processed} run now, {s.failed} failed) -> {s.output}",
           file=sys.stderr)
     return 0
@@ -336,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the YAML's)")
     run.add_argument("--retry-errors", action="store_true", help="on resume, run the failed rows again")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--ray", action="store_true", help="share the batches out over replicas on Ray (tokenloom[ray])")
+    run.add_argument("--replicas", type=int, default=2, help="with --ray: pipeline replicas (default: 2)")
+    run.add_argument("--ray-address", default=None, help="with --ray: a Ray cluster (default: a local instance)")
     run.set_defaults(func=cmd_run)
     for p in (gen, chat, serve, ev, plugins, run):
         add_plugin_flag(p)

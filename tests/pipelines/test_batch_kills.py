@@ -85,11 +85,12 @@ def _die_at(size: int, output: Path) -> None:
     Path.open = open_
 
 
-def cli(pipeline: Path, data: Path, out: Path, kill_at: int | None = None) -> subprocess.Popen:
+def cli(pipeline: Path, data: Path, out: Path, kill_at: int | None = None, extra: tuple[str, ...] = ()
+        ) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != KILL_AT}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **({KILL_AT: str(kill_at)} if kill_at is not None else {}))
     return subprocess.Popen([sys.executable, "-c", "from tests.pipelines.test_batch_kills import child; child()",
-                             "run", str(pipeline), "--input", str(data), "--output", str(out), "--quiet"],
+                             "run", str(pipeline), "--input", str(data), "--output", str(out), "--quiet", *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -154,6 +154,7 @@ def _servers(request, tiny_path, tiny_models, tmp_path_factory, models_dir, budg
         "gemma": ("gemma-3-270m", GEMMA_FLAGS),
         "speculative": (tiny_path, [*TINY_FLAGS, "--speculative-method", "ngram", "--speculative-max-batch", "0",
                                     "--prompt-lookup-min", "1"]),
+        "replicas": (tiny_path, [*TINY_FLAGS, "--replicas", "2", "--api-key", "sekrit"]),
         "multi": (None, [*MODEL_FLAGS, "--models-dir", str(models_dir)]),
         "budget": (None, [*MODEL_FLAGS, "--models-config", str(budget_catalog),
                           "--memory-budget-gib", str(ONE_MODEL_BUDGET_GIB)]),
@@ -187,6 +188,13 @@ def hardened_server(_servers) -> Server:
     """The tiny model with tight guards: 4 running sequences and a waiting queue of 1, max_tokens 8 by default
     and 64 at most, 4 prompts a request, 1 s for headers and for a body, 16 connections."""
     return _servers["hardened"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def replicas_server(_servers) -> Server:
+    """The tiny model as 'tiny' on two Ray replicas (one thread each) behind one endpoint, API key 'sekrit'."""
+    pytest.importorskip("ray")
+    return _servers["replicas"].wait_ready(timeout=300)
 
 
 @pytest.fixture(scope="session")

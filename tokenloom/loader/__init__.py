@@ -79,6 +79,21 @@ def count_parameters(source: ModelSource) -> int:
     return total
 
 
+def load_tokenizer(model_config: ModelConfig) -> Tokenizer:
+    """The tokenizer `load_model` would give the model, without its weights (a router that routes by token ids)."""
+    from tokenloom.loader.sources import resolve_model
+
+    if model_config.tokenizer:
+        return hf_tokenizer(Path(model_config.tokenizer))
+    source = resolve_model(model_config.model)
+    if source.kind == "gguf":
+        from tokenloom.loader.gguf_config import read_gguf
+        from tokenloom.loader.gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(read_gguf(source.path))
+    return hf_tokenizer(source.path)
+
+
 def load_model(model_config: ModelConfig, device: torch.device) -> LoadedModel:
     """Resolve `model_config.model`, build the model on the meta device, then fill its weights."""
     from tokenloom.loader.sources import resolve_model

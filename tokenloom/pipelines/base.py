@@ -8,7 +8,7 @@ row never stops its batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -109,6 +109,12 @@ class Pipeline:
         for start in range(0, len(rows), self.batch_size):
             out += self.run_batch(rows[start:start + self.batch_size])
         return out
+
+    def run_batches(self, batches: list[list[Any]]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """(k, results of batches[k]) for every batch, as each finishes (here: in order, one at a time; a
+        sharded run's batches finish in any order: distributed/batch.py)."""
+        for k, rows in enumerate(batches):
+            yield k, self.run_batch(rows)
 
     def run_batch(self, rows: Iterable[Any]) -> list[dict[str, Any]]:
         """One batch through every step; a row that cannot become an item fails alone."""

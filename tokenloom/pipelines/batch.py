@@ -15,11 +15,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from tokenloom.pipelines.base import ERROR, Pipeline
+from tokenloom.pipelines.base import ERROR
 
 
 class BatchInputError(ValueError):
@@ -116,46 +116,70 @@ def _row_line(index: int, row: InputRow, result: dict[str, Any]) -> str:
     return json.dumps(out, ensure_ascii=False, default=str)  # a plugin's odd value must not stop the run
 
 
+class BatchRunner(Protocol):
+    """What a batch run needs of a pipeline: its task (the progress bar's name), its batch size, and its batches'
+    results as they finish (a `Pipeline`, or a pipeline sharded over Ray replicas)."""
+
+    task: str
+    batch_size: int
+
+    def run_batches(self, batches: list[list[Any]]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """(k, results of batches[k]) for each batch, in the order they finish."""
+
+
 def run_yaml(pipeline_yaml: str | Path, input_path: str | Path, output_path: str | Path, *,
-             batch_size: int | None = None, retry_errors: bool = False, progress: bool = True) -> RunSummary:
-    """`tokenloom run`: the input is read and the YAML checked before the model loads."""
-    from tokenloom.pipelines.yaml_spec import load_pipeline
+             batch_size: int | None = None, retry_errors: bool = False, progress: bool = True,
+             ray_replicas: int | None = None, ray_address: str | None = None) -> RunSummary:
+    """`tokenloom run`: the input is read and the YAML checked before the model loads; with `ray_replicas`,
+    the batches are shared out over that many replicas on Ray (the same output, byte for byte)."""
+    from tokenloom.pipelines.yaml_spec import load_pipeline, load_spec
 
     rows = read_rows(Path(input_path))
+    if batch_size is not None and batch_size < 1:
+        raise BatchInputError(f"--batch-size must be >= 1; got {batch_size}")
+    if ray_replicas is not None:
+        from tokenloom.distributed.batch import ShardedPipeline
+
+        spec, _ = load_spec(pipeline_yaml)
+        pipe = ShardedPipeline.start(pipeline_yaml, spec.task, batch_size or spec.batch_size, ray_replicas,
+                                     ray_address)
+        try:
+            return run_file(pipe, rows, output_path, retry_errors=retry_errors, progress=progress)
+        finally:
+            pipe.shutdown()
     pipe = load_pipeline(pipeline_yaml)
     if batch_size is not None:
-        if batch_size < 1:
-            raise BatchInputError(f"--batch-size must be >= 1; got {batch_size}")
         pipe.batch_size = batch_size
     return run_file(pipe, rows, output_path, retry_errors=retry_errors, progress=progress)
 
 
-def run_file(pipe: Pipeline, inputs: str | Path | list[InputRow], output_path: str | Path, *,
+def run_file(pipe: BatchRunner, inputs: str | Path | list[InputRow], output_path: str | Path, *,
              retry_errors: bool = False, progress: bool = True) -> RunSummary:
     """Run the pipeline over every row of `inputs` (a file, or rows read with `read_rows`) into
     `output_path` (JSON lines, input order), resuming from what an earlier run of the same input already
-    wrote there."""
+    wrote there. Each batch's rows are appended as it finishes (in any order); the end rewrites the file in
+    input order."""
     rows = inputs if isinstance(inputs, list) else read_rows(Path(inputs))
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = finished_rows(output, rows, retry_errors)
     _write_atomic(output, (done[i] for i in sorted(done)))  # drops a torn last line before appending
     todo = [i for i in range(len(rows)) if i not in done]
+    batches = [todo[start:start + pipe.batch_size] for start in range(0, len(todo), pipe.batch_size)]
+    readable = [[i for i in batch if rows[i].error is None] for batch in batches]
     resumed, failed = len(done), 0
     bar = tqdm(total=len(rows), initial=resumed, desc=f"{pipe.task}", unit="row", disable=not progress)
     try:
         with output.open("a", encoding="utf-8") as f:
-            for start in range(0, len(todo), pipe.batch_size):
-                batch = todo[start:start + pipe.batch_size]
-                readable = [i for i in batch if rows[i].error is None]
-                results = dict(zip(readable, pipe.run_batch([rows[i].data for i in readable])))
-                for i in batch:
+            for k, out in pipe.run_batches([[rows[i].data for i in batch] for batch in readable]):
+                results = dict(zip(readable[k], out))
+                for i in batches[k]:
                     done[i] = _row_line(i, rows[i], results.get(i, {}))
                     failed += int(rows[i].error is not None or ERROR in results[i])
                     f.write(done[i] + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-                bar.update(len(batch))
+                bar.update(len(batches[k]))
     finally:
         bar.close()
     _write_atomic(output, (done[i] for i in sorted(done)))

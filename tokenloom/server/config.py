@@ -48,12 +48,22 @@ class ServerConfig:
     # The folder POST /v1/models/load may load adapters from (adapter_path inside it; no .., no URLs). Unset,
     # clients cannot make the server read a path: only the --adapters given at start exist.
     adapter_dir: str | None = None
+    # Scale-out on Ray (tokenloom[ray]): this many replicas of the server behind this endpoint, on a local Ray
+    # instance or the cluster at ray_address; routing: prefix (to the replica holding the prompt's leading
+    # blocks, balanced against load) or round_robin.
+    replicas: int = 1
+    ray_address: str | None = None
+    routing: str = "prefix"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ServerConfigError(f"port must be in [0, 65535]; got {self.port}")
         if self.max_waiting < 1:
             raise ServerConfigError(f"max_waiting must be >= 1; got {self.max_waiting}")
+        if self.replicas < 1:
+            raise ServerConfigError(f"replicas must be >= 1; got {self.replicas}")
+        if self.routing not in ("prefix", "round_robin"):
+            raise ServerConfigError(f"routing must be prefix or round_robin; got {self.routing!r}")
         if self.max_body_bytes < 1:
             raise ServerConfigError(f"max_body_bytes must be >= 1; got {self.max_body_bytes}")
         for name in ("max_tokens_default", "max_tokens_limit"):
