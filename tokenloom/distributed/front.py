@@ -245,7 +245,9 @@ def serve_replicas(config: Any, model: str | None, engine_options: dict[str, Any
         engine_config = EngineConfig.from_kwargs(model=model, **engine_options)
         tokenizer = TokenizerPool(load_tokenizer(engine_config.model_config))
         block_size = engine_config.cache_config.block_size
-    replicas = ReplicaSet.start(config.replicas, server_options, model, engine_options, config.ray_address)
+    device = EngineConfig.from_kwargs(**engine_options).device_config.torch_device()
+    replicas = ReplicaSet.start(config.replicas, server_options, model, engine_options, config.ray_address,
+                                num_gpus=1.0 if device.type == "cuda" else 0.0)
     try:
         router = ReplicaRouter(config.replicas, config.routing, block_size=block_size)
         app = build_front_app(Front(replicas, router, tokenizer, name), config.api_key, config.max_body_bytes,
