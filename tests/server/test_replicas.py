@@ -92,6 +92,22 @@ def test_a_shared_prefix_stays_on_one_replica_and_hits_its_cache(replicas_server
     assert metric(text, f'tokenloom:replica_up{{replica="{replica}"}}') == 1.0
 
 
+def test_a_client_that_leaves_before_the_answer_is_aborted_on_its_replica(replicas_server):
+    def aborted() -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{replicas_server.url}/metrics").text
+                   .splitlines() if line.startswith("tokenloom:request_success_total{") and '"abort"' in line)
+
+    before = aborted()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{replicas_server.url}/v1/completions", headers=KEY, timeout=httpx.Timeout(30, read=0.3),
+                   json={"model": "tiny", "prompt": "A long answer:", "max_tokens": 480, "min_tokens": 480, "n": 16})
+    deadline = time.monotonic() + 20
+    while aborted() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert aborted() > before
+    assert all(r["in_flight"] == 0 for r in _replicas(replicas_server))
+
+
 def test_a_replica_killed_mid_load_fails_only_its_own_requests_and_comes_back(replicas_server, front):
     """Last in the module: it kills a replica."""
     under_way = threading.Barrier(9)

@@ -49,6 +49,7 @@ class Front:
     tokenizer: TokenizerPool | None
     model_name: str | None
     client: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=None))
+    _tasks: set[asyncio.Task] = field(default_factory=set)
 
     def replica_failed(self, replica: int) -> None:
         """Stop routing to a replica whose connection failed, and wait in the background for Ray's restart."""
@@ -56,7 +57,9 @@ class Front:
             return
         logger.warning("replica %d failed; routing around it until it is back", replica)
         self.router.mark_down(replica)
-        asyncio.get_running_loop().create_task(self._revive(replica))
+        task = asyncio.get_running_loop().create_task(self._revive(replica))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _revive(self, replica: int) -> None:
         while True:
@@ -130,7 +133,10 @@ def build_front_app(front: Front, api_key: str | None, max_body_bytes: int, body
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def relay(request: Request, path: str) -> Response:
-        return await _relay(front, request)
+        try:
+            return await _relay(front, request)
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
 
     if api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
@@ -158,22 +164,62 @@ async def _relay(front: Front, request: Request) -> Response:
         url = f"{front.replicas.urls[replica]}{path}"
         upstream_request = front.client.build_request(request.method, url, params=request.query_params,
                                                       headers=headers, content=body)
-        upstream = None
         try:
-            upstream = await front.client.send(upstream_request, stream=True)
-            chunks = upstream.aiter_raw()
-            first = await anext(chunks, b"")
+            upstream, first, chunks = await _first_answer(request, front.client, upstream_request)
         except httpx.TransportError:
-            if upstream is not None:
-                await upstream.aclose()
             front.router.end(replica)
             front.replica_failed(replica)
             failed.add(replica)
             continue
+        except BaseException:  # the client left (or the front stops): the replica sees its connection close
+            front.router.end(replica)
+            raise
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
         out_headers["x-tokenloom-replica"] = str(replica)
         return StreamingResponse(_forward(front, replica, upstream, first, chunks), status_code=upstream.status_code,
                                  headers=out_headers)
+
+
+class ClientGone(Exception):
+    """The client disconnected before the replica's first byte."""
+
+
+async def _first_answer(request: Request, client: httpx.AsyncClient, upstream_request: httpx.Request
+                        ) -> tuple[httpx.Response, bytes, AsyncIterator[bytes]]:
+    """The replica's response with its first bytes (a whole answer, unless streamed), unless the client leaves
+    first: then ClientGone, and the replica's connection is closed, which aborts the request there (a request
+    whose client has gone is not computed on)."""
+    answer = asyncio.ensure_future(_open(client, upstream_request))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        answer.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not answer.done():
+        answer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+            await answer
+        raise ClientGone
+    return answer.result()
+
+
+async def _open(client: httpx.AsyncClient, upstream_request: httpx.Request
+                ) -> tuple[httpx.Response, bytes, AsyncIterator[bytes]]:
+    upstream = await client.send(upstream_request, stream=True)
+    try:
+        chunks = upstream.aiter_raw()
+        return upstream, await anext(chunks, b""), chunks
+    except BaseException:
+        await upstream.aclose()
+        raise
+
+
+async def _disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
 
 
 async def _forward(front: Front, replica: int, upstream: httpx.Response, first: bytes,
