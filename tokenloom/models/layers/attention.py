@@ -268,7 +268,8 @@ class PagedAttention(GivenKVAttention):
         scores.mul_(self.scale).masked_fill_(~mask, float("-inf"))
         # bf16 on CPU is a oneDNN product, a kernel kept per shape: pad rows and keys to a few sizes (with zero
         # probabilities and values) so that a server's chunks reuse them (bucketed_linear says why)
-        rows_in, keys_in = (shape_bucket(length), shape_bucket(keys)) if onednn_gemm(v) else (length, keys)
+        rows_in, keys_in = (max(16, shape_bucket(length)), max(16, shape_bucket(keys))) if onednn_gemm(v) \
+            else (length, keys)
         probs = torch.zeros(kv_heads, group, rows_in, keys_in, dtype=v.dtype, device=v.device)
         probs[:, :, :length, :keys] = torch.softmax(scores, dim=-1)
         values = v.permute(1, 0, 2)
