@@ -79,3 +79,18 @@ def test_bad_router_settings_are_refused():
         ReplicaRouter(2, policy="random")
     with pytest.raises(ValueError, match="replicas must be >= 1"):
         ReplicaRouter(0)
+
+
+def test_a_prefix_that_overflowed_has_two_holders_and_goes_to_the_less_loaded():
+    router = ReplicaRouter(3, slack=2, seed=0)
+    owner = router.choose(_prompt(0))
+    for _ in range(3):
+        router.begin(owner)
+    second = router.choose(_prompt(0, seed=1))
+    assert second != owner and router.stats.affinity_hits[second] == 0
+    for _ in range(2):
+        router.begin(second)
+    # now both hold it: the less loaded holder takes it as a hit, never the third replica
+    third = ({0, 1, 2} - {owner, second}).pop()
+    assert router.choose(_prompt(0, seed=2)) == second and router.stats.affinity_hits[second] == 1
+    assert router.stats.routed[third] == 0

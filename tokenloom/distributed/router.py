@@ -2,8 +2,10 @@
 load (power of two choices on requests in flight), or plain round-robin for comparison.
 
 The keys are the prefix cache's own chained block hashes (`engine/kv_cache.hash_block`), so "holds the prefix"
-means what the replica's cache means by it. The router remembers which replica it sent each hash to (an LRU
-of `capacity` hashes): it never asks the replicas, and a replica that restarted is forgotten with its cache.
+means what the replica's cache means by it. The router remembers which replicas it sent each hash to (an LRU
+of `capacity` hashes, each with a bit per replica): it never asks the replicas, and a replica that restarted is
+forgotten with its cache. A hot prefix that overflows its replica gains a second holder, and from then on goes
+to the less loaded of its holders: affinity without piling a popular prefix onto one replica.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ class RouterStats:
 class ReplicaRouter:
     """Picks a replica per request and tracks each one's requests in flight (`begin` / `end`).
 
-    `prefix`: the healthy replica that was sent the longest of the prompt's leading block hashes, unless it has
-    `slack` more requests in flight than the least loaded one; otherwise the less loaded of two replicas drawn at
-    random. `round_robin`: the next healthy replica in turn.
+    `prefix`: of the healthy replicas that were sent the longest of the prompt's leading block hashes, the least
+    loaded, unless it has more than `slack` requests in flight above the least loaded replica; otherwise (and for
+    a prefix nobody holds) the less loaded of two replicas drawn at random. `round_robin`: the next healthy
+    replica in turn.
     """
 
     num_replicas: int
@@ -55,7 +58,7 @@ class ReplicaRouter:
     in_flight: list[int] = field(init=False)
     healthy: list[bool] = field(init=False)
     stats: RouterStats = field(init=False)
-    _owner: OrderedDict[int, int] = field(init=False, default_factory=OrderedDict)
+    _holders: OrderedDict[int, int] = field(init=False, default_factory=OrderedDict)  # block hash → replica bits
     _next: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -79,18 +82,20 @@ class ReplicaRouter:
             self._next = (choice + 1) % self.num_replicas
             return self._routed(choice, hit=False)
         hashes = prefix_hashes(token_ids or [], self.block_size, self.max_blocks)
-        owner = self._owner_of(hashes, up)
+        holders = self._holders_of(hashes, up)
         least = min(self.in_flight[i] for i in up)
-        if owner is not None and self.in_flight[owner] <= least + self.slack:
-            choice, hit = owner, True
+        best = min(holders, key=lambda i: self.in_flight[i]) if holders else None
+        if best is not None and self.in_flight[best] <= least + self.slack:
+            choice, hit = best, True
         else:
+            # ties go to the replica routed fewer requests so far: new prefixes spread evenly from the start
             pair = self._rng.sample(up, 2) if len(up) > 1 else up
-            choice, hit = min(pair, key=lambda i: self.in_flight[i]), False
+            choice, hit = min(pair, key=lambda i: (self.in_flight[i], self.stats.routed[i])), False
         for h in hashes:
-            self._owner[h] = choice
-            self._owner.move_to_end(h)
-        while len(self._owner) > self.capacity:
-            self._owner.popitem(last=False)
+            self._holders[h] = self._holders.get(h, 0) | 1 << choice
+            self._holders.move_to_end(h)
+        while len(self._holders) > self.capacity:
+            self._holders.popitem(last=False)
         return self._routed(choice, hit)
 
     def begin(self, replica: int) -> None:
@@ -105,19 +110,25 @@ class ReplicaRouter:
         """Route nothing to `replica` until `mark_up`; forget the prefixes sent to it (a restart empties its
         cache)."""
         self.healthy[replica] = False
-        for h in [h for h, r in self._owner.items() if r == replica]:
-            del self._owner[h]
+        bit = 1 << replica
+        for h in [h for h, mask in self._holders.items() if mask & bit]:
+            if self._holders[h] == bit:
+                del self._holders[h]
+            else:
+                self._holders[h] &= ~bit
 
     def mark_up(self, replica: int) -> None:
         """`replica` serves again."""
         self.healthy[replica] = True
 
-    def _owner_of(self, hashes: list[int], up: list[int]) -> int | None:
+    def _holders_of(self, hashes: list[int], up: list[int]) -> list[int]:
+        """The healthy replicas sent the longest of `hashes` (none when no replica was sent even the first)."""
         for h in reversed(hashes):
-            owner = self._owner.get(h)
-            if owner is not None and owner in up:
-                return owner
-        return None
+            mask = self._holders.get(h, 0)
+            holders = [i for i in up if mask >> i & 1]
+            if holders:
+                return holders
+        return []
 
     def _routed(self, replica: int, hit: bool) -> int:
         self.stats.routed[replica] += 1
