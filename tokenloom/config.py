@@ -95,7 +95,6 @@ class DecodingConfig:
 SPECULATIVE_METHODS = ("ngram", "draft", "self")
 # speculative_max_batch when unset, per method (benchmarks/speculative.py's sweeps)
 DEFAULT_SPECULATIVE_MAX_BATCH = {"ngram": 64, "draft": 2, "self": 2}
-DEFAULT_DRAFT_VOCAB = 32768  # a draft's leading token ids, for large vocabularies (SpeculativeConfig)
 
 
 @dataclass(slots=True)
@@ -112,9 +111,7 @@ class SpeculativeConfig:
     whose running requests number more than `speculative_max_batch`: there the step is compute-bound and every
     guessed row costs as much as a token (0: never pause; None: the method's default, measured on a 2-core CPU:
     64 for ngram, whose guesses cost only their rows, 2 for draft and self, whose draft steps cost on top;
-    docs/benchmarks.md). A draft guesses among the first `speculative_draft_vocab` token ids (and the special
-    ones) only, its projection onto the rest skipped (engine/draft_model.py, DraftVocabHead): None picks 32768
-    for vocabularies over 65536 tokens, 0 keeps them all. `LLM(speculative_config={...})` takes vLLM's shape."""
+    docs/benchmarks.md). `LLM(speculative_config={...})` takes vLLM's shape."""
 
     speculative_method: str | None = None
     num_speculative_tokens: int = 4
@@ -122,13 +119,6 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     speculative_max_batch: int | None = None
     speculative_model: str | None = None
-    speculative_draft_vocab: int | None = None
-
-    def draft_vocab(self, vocab_size: int) -> int:
-        """How many leading token ids a draft guesses among (`vocab_size`: all of them)."""
-        if self.speculative_draft_vocab is None:
-            return DEFAULT_DRAFT_VOCAB if vocab_size > 2 * DEFAULT_DRAFT_VOCAB else vocab_size
-        return min(self.speculative_draft_vocab or vocab_size, vocab_size)
 
 
 @dataclass(slots=True)
@@ -227,9 +217,6 @@ class EngineConfig:
                               f"{sp.prompt_lookup_min}, {sp.prompt_lookup_max}")
         if sp.speculative_max_batch is not None and sp.speculative_max_batch < 0:
             raise ConfigError(f"speculative_max_batch must be >= 0; got {sp.speculative_max_batch}")
-        if sp.speculative_draft_vocab is not None and sp.speculative_draft_vocab < 0:
-            raise ConfigError(f"speculative_draft_vocab must be >= 0 (0: the whole vocabulary); got "
-                              f"{sp.speculative_draft_vocab}")
         if (sp.speculative_method == "draft") != (sp.speculative_model is not None):
             raise ConfigError("speculative_model names the draft model of speculative_method draft, and only of "
                               f"it; got method {sp.speculative_method!r} and model {sp.speculative_model!r}")

@@ -329,36 +329,3 @@ def test_speculation_pauses_above_its_batch_limit(tiny_models):
     params = [SamplingParams(temperature=0, max_tokens=8 * (i + 1), ignore_eos=True) for i in range(6)]
     spec.generate(repetitive_prompts(6, 300, seed=16), params, use_tqdm=False)
     assert seen and max(seen) <= 2  # guesses only in steps with at most two requests running
-
-
-@pytest.mark.parametrize("quantized", [True, False])
-def test_a_draft_vocab_head_gives_the_full_heads_logits_on_its_ids_and_minus_inf_elsewhere(quantized):
-    from tokenloom.engine.draft_model import DraftVocabHead
-    from tokenloom.models.layers.linear import LMHead
-    from tokenloom.models.layers.quantized import QuantizedLMHead
-    from tokenloom.models.quantize import _pack_layer
-
-    torch.manual_seed(0)
-    head = LMHead(128, 300)
-    if quantized:
-        head = QuantizedLMHead(head, _pack_layer(head.weight, [("lm_head.weight", 0, 300)], "int4", None))
-    hidden = torch.randn(3, 128)
-    full = head(hidden).float()
-    reduced = DraftVocabHead(head, 64, [1, 5, 299, 400], 300)(hidden)
-    kept = list(range(64)) + [299]
-    torch.testing.assert_close(reduced[:, kept], full[:, kept], atol=1e-4, rtol=1e-4)
-    assert torch.isneginf(reduced[:, 64:299]).all()
-
-
-def test_a_draft_over_the_leading_vocabulary_stays_exact(tiny_models):
-    target = str(tiny_models["qwen3"])
-    prompts = mixed_prompts(4, 200, seed=16)
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    reference = token_ids(LLM(target, dtype="float32").generate(prompts, params, use_tqdm=False))
-    spec = LLM(target, dtype="float32", quantization="none", speculative_method="self", speculative_max_batch=0,
-               speculative_draft_vocab=200)
-    head = spec.engine.speculator.drafter.loaded.model.lm_head
-    assert head.ids[:200].tolist() == list(range(200))
-    assert set(head.ids[200:].tolist()) >= set(spec.engine.inputs.eos_token_ids) - set(range(200))
-    assert token_ids(spec.generate(prompts, params, use_tqdm=False)) == reference
-    assert spec.engine.stats().speculative.num_draft_tokens > 0

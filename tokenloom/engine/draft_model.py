@@ -16,15 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from tokenloom.engine.model_runner import ModelRunner
 from tokenloom.engine.request import Request
 from tokenloom.engine.scheduler import SchedulerOutput
 from tokenloom.loader import LoadedModel
-from tokenloom.models.layers.group_quant import GroupQuantWeight
-from tokenloom.models.layers.linear import vocab_projection
-from tokenloom.models.layers.quantized import QuantizedLMHead
 from tokenloom.sampling_params import SamplingParams
 
 _GREEDY = SamplingParams(temperature=0.0)
@@ -72,14 +68,8 @@ class DraftModelProposer:
     """Runs the draft model over its own KV cache to guess requests' next tokens."""
 
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
-                 device: torch.device, vocab_size: int, draft_vocab: int | None = None,
-                 special_ids: list[int] = ()) -> None:
-        """`draft_vocab`: guess among the first that many token ids and `special_ids` only (DraftVocabHead)."""
+                 device: torch.device, vocab_size: int) -> None:
         self.loaded = loaded
-        head = getattr(loaded.model, "lm_head", None)
-        width = None if head is None else getattr(head, "out_features", None) or head.weight.shape[0]
-        if draft_vocab is not None and width is not None and draft_vocab < width:
-            loaded.model.lm_head = DraftVocabHead(head, draft_vocab, list(special_ids), width)
         self.runner = ModelRunner(loaded.model, num_blocks, block_size, kv_dtype, device, short_chunks_as_decode=True)
         self.vocab_size = vocab_size  # the target's: a draft token past it cannot be a guess
         self._state: dict[str, _DraftState] = {}
@@ -126,48 +116,3 @@ class DraftModelProposer:
     def kv_cache_bytes(self) -> int:
         """Bytes of the draft's KV cache."""
         return self.runner.kv_cache_bytes()
-
-
-class DraftVocabHead(nn.Module):
-    """A draft's vocabulary projection onto a subset of token ids (the first `leading` ids and `extra` ones, such
-    as end-of-turn tokens listed at the end); every other id gets -inf, so the draft never guesses it.
-
-    Tokenizers list their pieces by merge rank (BPE) or score (unigram), so the leading ids are the frequent ones
-    and a draft's guesses rarely need the rest, while the projection onto the whole vocabulary is most of a
-    small model's step (gemma-3-270m: 168 M of its 268 M parameters). A guess the subset cannot make costs a
-    rejection, never a wrong token: the target verifies every guess."""
-
-    def __init__(self, head: nn.Module, leading: int, extra: list[int], vocab: int) -> None:
-        super().__init__()
-        ids = list(range(leading)) + sorted({t for t in extra if leading <= t < vocab})
-        self.vocab = vocab
-        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long))
-        if isinstance(head, QuantizedLMHead):
-            w, rows = head.packed, self.ids.to(head.packed.codes.device)
-            sub = GroupQuantWeight(w.codes[rows], w.d[rows], w.m[rows], None if w.high is None else w.high[rows])
-            self.head = QuantizedLMHead(_Selected(head.dense, self.ids), sub)
-        else:
-            self.head = _Selected(head, self.ids)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [M, K] → float32 logits [M, vocab], -inf outside the subset."""
-        sub = self.head(hidden).float()
-        out = sub.new_full((hidden.shape[0], self.vocab), float("-inf"))
-        return out.index_copy_(1, self.ids.to(out.device), sub)
-
-
-class _Selected(nn.Module):
-    """A dense head's logits for some token ids only: the leading ones from a view of its matrix, the others from
-    their own rows."""
-
-    def __init__(self, head: nn.Module, ids: torch.Tensor) -> None:
-        super().__init__()
-        self.full = head
-        self.leading = int((ids == torch.arange(len(ids))).sum())
-        self.register_buffer("extra_rows", head.weight[ids[self.leading:].to(head.weight.device)].clone())
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [M, K] → [M, len(ids)]."""
-        weight = self.full.weight
-        return torch.cat([vocab_projection(hidden, weight[:self.leading]).float(),
-                          vocab_projection(hidden, self.extra_rows).float()], dim=1)

@@ -111,10 +111,8 @@ class LLMEngine:
         self.vocab_size = self.inputs.vocab_size
         self.speculator = None
         if config.speculative_config.speculative_method is not None:
-            special = [*self.inputs.eos_token_ids, *(self.tokenizer.hf.all_special_ids or ())]
             drafter = DraftModelProposer(draft, num_blocks, cache.block_size, cache.torch_dtype(draft.dtype), device,
-                                         self.vocab_size, config.speculative_config.draft_vocab(self.vocab_size),
-                                         special) if draft is not None else None
+                                         self.vocab_size) if draft is not None else None
             self.speculator = Speculator(config.speculative_config, self.max_model_len, drafter)
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len, self.speculator)
         self.structured = None  # constraints (JSON schema, regex, choice, grammar): generative models only
