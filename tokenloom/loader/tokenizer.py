@@ -31,12 +31,21 @@ class TokenizerError(ValueError):
     """The tokenizer cannot do what was asked (no chat template, bad message list, …)."""
 
 
+# Entries of a BPE tokenizer's cache of encoded words. Its default (10,000) is a leak in a server: where the
+# pre-tokenizer does not split at spaces (SentencePiece-style vocabularies, gemma's) the "word" is a whole
+# prompt, so every distinct prompt adds an entry of a few KB to a cache that only fills (docs/reliability.md).
+BPE_CACHE_ENTRIES = 1024
+
+
 class Tokenizer:
     """Encode, decode and chat-format text for one model."""
 
     def __init__(self, hf_tokenizer: Any, chat_template: str | None = None,
                  extra_eos_token_ids: Sequence[int] = ()) -> None:
         self.hf = hf_tokenizer
+        model = getattr(getattr(hf_tokenizer, "_tokenizer", None), "model", None)
+        if hasattr(model, "_resize_cache"):
+            model._resize_cache(BPE_CACHE_ENTRIES)
         self.chat_template = chat_template or getattr(hf_tokenizer, "chat_template", None)
         eos = {hf_tokenizer.eos_token_id} if hf_tokenizer.eos_token_id is not None else set()
         self.eos_token_ids: set[int] = eos | set(extra_eos_token_ids)
