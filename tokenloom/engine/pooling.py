@@ -161,6 +161,8 @@ class PoolingRunner:
         self.mask_token_id = mask_token_id
         self.device = device
         self.adapters = adapters  # LoRAs on the encoder's layers, classification heads on top
+        # where its products go through oneDNN, a batch is topped up to a bucket size (execute)
+        self.bucketed = onednn_gemm(model.input_embeddings().weight)
 
     def execute(self, requests: list[Any]) -> dict[str, torch.Tensor]:
         """Each request's float32 result on the CPU, by request id."""
@@ -168,8 +170,7 @@ class PoolingRunner:
         meta = EncoderMetadata.from_lens(lens, self.device)
         # filler sequences after the requests' bring the token count to a few sizes where the products go
         # through oneDNN (layers/linear.py, bucketed_linear, says why); they attend only to themselves
-        fill = filler_lens(meta.num_tokens, max(lens)) if onednn_gemm(self.model.input_embeddings().weight) \
-            else []
+        fill = filler_lens(meta.num_tokens, max(lens)) if self.bucketed else []
         run_meta = EncoderMetadata.from_lens(lens + fill, self.device) if fill else meta
         ids = torch.tensor([t for r in requests for t in r.prompt_token_ids], device=self.device)
         positions = torch.cat([torch.arange(n) for n in lens + fill]).to(self.device)

@@ -270,10 +270,12 @@ class PagedAttention(GivenKVAttention):
         # probabilities and values) so that a server's chunks reuse them (bucketed_linear says why)
         rows_in, keys_in = (max(16, shape_bucket(length)), max(16, shape_bucket(keys))) if onednn_gemm(v) \
             else (length, keys)
-        probs = torch.zeros(kv_heads, group, rows_in, keys_in, dtype=v.dtype, device=v.device)
-        probs[:, :, :length, :keys] = torch.softmax(scores, dim=-1)
         values = v.permute(1, 0, 2)
-        if keys_in != keys:
+        if (rows_in, keys_in) == (length, keys):
+            probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        else:
+            probs = torch.zeros(kv_heads, group, rows_in, keys_in, dtype=v.dtype, device=v.device)
+            probs[:, :, :length, :keys] = torch.softmax(scores, dim=-1)
             values = F.pad(values, (0, 0, 0, keys_in - keys))
         out = torch.bmm(probs.view(kv_heads, group * rows_in, keys_in), values)
         out = out.view(kv_heads, group, rows_in, dim)[:, :, :length]
