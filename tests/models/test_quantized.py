@@ -265,6 +265,69 @@ def test_row_tiles_hold_the_same_weight_and_give_the_same_products(kernels, rows
     assert torch.equal(alone, got)  # a row's logits do not depend on the other rows of the step
 
 
+@pytest.mark.parametrize("rows", [64, 83])
+def test_5_bit_row_tiles_hold_the_same_weight_and_give_the_same_products(kernels, rows):
+    from tokenloom.models.layers.group_quant import tile_group_quant, untile_group_quant
+
+    if not kernels.gq_tiles_high_supported():
+        pytest.skip("no 5-bit row tiles at this level")
+    torch.manual_seed(13)
+    packed = pack_group_quant(torch.randn(rows, 192) * 0.05, 5)
+    tiled = tile_group_quant(packed)
+    assert tiled.high.shape == (-(-rows // 16), 192 // 8, 16)
+    back = untile_group_quant(tiled, rows)
+    assert all(torch.equal(a, b) for a, b in zip(back, packed))
+    x = torch.randn(70, 192)  # more rows than a pass of the few-rows kernel: avx2's many-rows kernel
+    got = kernels.gq_tiles_linear(x, *tiled)[:, :rows]
+    torch.testing.assert_close(got, kernels.gq_linear(x, *packed, None, True), rtol=1e-5, atol=1e-5)
+    # A row's outputs do not depend on the other rows, nor on which kernel the step's size picked.
+    for size in (1, 3, 5, 70):
+        assert torch.equal(kernels.gq_tiles_linear(x[:size], *tiled)[:, :rows], got[:size])
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+def test_many_rows_of_tiles_sum_like_a_few(kernels, bits):
+    """Steps of any size give each row the same bits as one row alone (prefill and decode agree)."""
+    from tokenloom.models.layers.group_quant import tile_group_quant
+
+    if bits == 5 and not kernels.gq_tiles_high_supported():
+        pytest.skip("no 5-bit row tiles at this level")
+    torch.manual_seed(14)
+    tiled = tile_group_quant(pack_group_quant(torch.randn(48, 640) * 0.05, bits))
+    x = torch.randn(150, 640)  # two full blocks of 64 rows and a tail
+    many = kernels.gq_tiles_linear(x, *tiled)
+    alone = torch.cat([kernels.gq_tiles_linear(x[i:i + 1], *tiled) for i in range(0, 150, 7)])
+    assert torch.equal(alone, many[::7])
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_layers_are_tiled_where_the_level_says_and_compute_the_same_product(kernels, bits):
+    torch.manual_seed(15)
+    dense = nn.Linear(128, 83)  # 83 outputs: the last tile padded; a bias
+    packed = pack_group_quant(dense.weight, bits)
+    layer = GroupQuantLinear(packed, dense.bias)
+    assert layer.tiled == (ops.tiled_layers() and bits != 8)
+    assert all(torch.equal(a, b) for a, b in zip(layer.packed[:3], packed[:3]))
+    for rows in (1, 9, 100):
+        x = torch.randn(rows, 128)
+        want = x @ unpack_group_quant(packed).t() + dense.bias
+        got = layer(x)
+        assert got.shape == (rows, 83) and got.dtype == torch.float32
+        assert _relative_error(got, want) < 0.02  # int8 activations on the kernels' paths
+        assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_avx2_keeps_layers_in_row_tiles():
+    if "avx2" not in ops.isa.supported_levels():
+        pytest.skip("this CPU cannot run the avx2 level")
+    with ops.use_level("avx2") as module:
+        if module is None:
+            pytest.skip("the avx2 kernels could not be built")
+        assert ops.tiled_layers() and ops.group_quant_max_rows(tiled=True) >= 2048
+        layer = GroupQuantLinear(pack_group_quant(torch.randn(32, 64), 5), None)
+        assert layer.tiled and layer.high.shape == (2, 8, 16) and "row tiles" in repr(layer)
+
+
 def test_a_4_bit_head_runs_on_row_tiles(kernels):
     if not kernels.gq_linear_native():
         pytest.skip("row tiles need the vectorised kernels")

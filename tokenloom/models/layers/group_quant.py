@@ -174,22 +174,26 @@ def _natural_codes(weight: GroupQuantWeight) -> torch.Tensor:
     return q[..., _GQ_INVERSE.to(q.device)].reshape(n, chunks * GQ_CHUNK)
 
 
-_TILE = 16  # rows per tile of the LM head's decode layout (csrc/gq_tiles.cpp)
+_TILE = 16  # rows per tile (csrc/gq_tiles.cpp)
+_BITS_OF_BYTE = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
 class TiledWeight(NamedTuple):
-    """A 4-bit weight in row tiles of 16 (csrc/gq_tiles.cpp): tiles uint8 [N' / 16, K / 8, 64], d and m
-    float16 [N' / 16, K / 32, 16], N' = N rounded up to 16 (padding rows are zeros)."""
+    """A 4- or 5-bit weight in row tiles of 16 (csrc/gq_tiles.cpp): tiles uint8 [N' / 16, K / 8, 64], d and m
+    float16 [N' / 16, K / 32, 16], N' = N rounded up to 16 (padding rows are zeros); high uint8
+    [N' / 16, K / 8, 16] (5 bits: the fifth bits, per block 64 for the low nibbles' codes, 64 for the high
+    ones') or None."""
 
     tiles: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor
+    high: torch.Tensor | None = None
 
 
 def tile_group_quant(weight: GroupQuantWeight) -> TiledWeight:
-    """The same 4-bit codes, scales and minimums laid out in row tiles of 16."""
-    if weight.bits != 4:
-        raise ValueError(f"row tiles hold 4-bit codes, not {weight.bits}")
+    """The same 4- or 5-bit codes, scales and minimums laid out in row tiles of 16."""
+    if weight.bits not in (4, 5):
+        raise ValueError(f"row tiles hold 4- or 5-bit codes, not {weight.bits}")
     codes, n, k = _natural_codes(weight), weight.codes.shape[0], weight.in_features
     d, m = weight.d.reshape(n, k // 32), weight.m
     pad = -n % _TILE
@@ -197,19 +201,30 @@ def tile_group_quant(weight: GroupQuantWeight) -> TiledWeight:
         codes, d, m = (F.pad(t, (0, 0, 0, pad)) for t in (codes, d, m))
     count = (n + pad) // _TILE
     halves = codes.view(count, _TILE, k // 8, 2, 4)  # [tile, row, block of 8 inputs, half, input]
-    tiles = (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).permute(0, 2, 1, 3).reshape(count, k // 8, 64)
+    by_block = halves.permute(0, 2, 3, 1, 4).reshape(count, k // 8, 2, 64)  # [tile, block, half, byte 4r + j]
+    tiles = ((by_block[:, :, 0] & 0x0F) | ((by_block[:, :, 1] & 0x0F) << 4)).contiguous()
+    high = None
+    if weight.bits == 5:
+        fifth = (by_block >> 4).view(count, k // 8, 2, 8, 8) * _BITS_OF_BYTE.to(codes.device)
+        high = fifth.sum(dim=-1, dtype=torch.uint8).reshape(count, k // 8, 16).contiguous()
     per_group = lambda t: t.view(count, _TILE, k // 32).transpose(1, 2).contiguous()  # noqa: E731
-    return TiledWeight(tiles.contiguous(), per_group(d), per_group(m))
+    return TiledWeight(tiles, per_group(d), per_group(m), high)
 
 
 def untile_group_quant(tiled: TiledWeight, rows: int) -> GroupQuantWeight:
     """The inverse of `tile_group_quant` (the first `rows` rows)."""
     count, blocks, _ = tiled.tiles.shape
     k = blocks * 8
-    bytes_ = tiled.tiles.view(count, blocks, _TILE, 4).permute(0, 2, 1, 3)  # [tile, row, block, input]
-    codes = torch.stack([bytes_ & 0x0F, bytes_ >> 4], dim=3).reshape(count * _TILE, k)[:rows]
+    lo, hi = tiled.tiles & 0x0F, tiled.tiles >> 4  # [tile, block, byte 4r + j]
+    if tiled.high is not None:
+        shifts = torch.arange(8, dtype=torch.uint8, device=lo.device)
+        bits = ((tiled.high.view(count, blocks, 2, 8, 1) >> shifts) & 1).view(count, blocks, 2, 64) << 4
+        lo, hi = lo | bits[:, :, 0], hi | bits[:, :, 1]
+    by_row = lambda t: t.view(count, blocks, _TILE, 4).permute(0, 2, 1, 3)  # noqa: E731 - [tile, row, block, input]
+    codes = torch.stack([by_row(lo), by_row(hi)], dim=3).reshape(count * _TILE, k)[:rows]
     per_row = lambda t: t.transpose(1, 2).reshape(count * _TILE, k // 32)[:rows]  # noqa: E731
-    return pack_group_codes(codes.contiguous(), per_row(tiled.d), per_row(tiled.m), 4)
+    bits = 4 if tiled.high is None else 5
+    return pack_group_codes(codes.contiguous(), per_row(tiled.d), per_row(tiled.m), bits)
 
 
 def group_quant_matmul(x: torch.Tensor, weight: GroupQuantWeight, bias: torch.Tensor | None = None,

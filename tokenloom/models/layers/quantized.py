@@ -20,16 +20,19 @@ from tokenloom.models.layers.linear import ShardedOutput
 
 
 class GroupQuantLinear(ShardedOutput, nn.Module):
-    """A linear layer over group-quantized weights (see `group_quant` for the two regimes)."""
+    """A linear layer over group-quantized weights (see `group_quant` for the two regimes). Where the level
+    keeps layers in row tiles (`ops.tiled_layers`: avx2), 4- and 5-bit weights are stored tiled and every step
+    runs the tiles kernel; elsewhere the general layout's few-rows kernel or a GEMM over the dequantized
+    matrix."""
 
     def __init__(self, weight: GroupQuantWeight, bias: torch.Tensor | None,
                  shard_offsets: dict[str, tuple[int, int]] | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features, self.bits = weight.codes.shape[0], weight.in_features, weight.bits
-        self.register_buffer("codes", weight.codes)
-        self.register_buffer("d", weight.d)
-        self.register_buffer("m", weight.m)
-        self.register_buffer("high", weight.high)
+        self.tiled = weight.bits in (4, 5) and weight.codes.device.type == "cpu" and ops.tiled_layers()
+        fields = tile_group_quant(weight) if self.tiled else weight
+        for name, value in zip(fields._fields, fields):
+            self.register_buffer(name, value)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.shard_offsets = dict(shard_offsets or {})
         self._packed: GroupQuantWeight | None = None
@@ -40,19 +43,34 @@ class GroupQuantLinear(ShardedOutput, nn.Module):
 
     @property
     def packed(self) -> GroupQuantWeight:
-        """The weight as the kernels take it."""
+        """The weight in the general layout (the few-rows kernel's, and what the dequantization reads)."""
         if self._packed is None:  # a plain attribute afterwards: a decode step makes ~300 of these lookups
-            self._packed = GroupQuantWeight(self.codes, self.d, self.m, self.high)
+            self._packed = (untile_group_quant(TiledWeight(self.tiles, self.d, self.m, self.high), self.out_features)
+                            if self.tiled else GroupQuantWeight(self.codes, self.d, self.m, self.high))
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] → [..., N] in x's dtype."""
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        out = group_quant_matmul(rows, self.packed, self.bias)
+        out = self._tiled_product(rows) if self.tiled else None
+        if out is None:
+            out = group_quant_matmul(rows, self.packed, self.bias)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
+    def _tiled_product(self, rows: torch.Tensor) -> torch.Tensor | None:
+        out = ops.group_quant_tiles(rows, self.tiles, self.d, self.m, self.high)
+        if out is None:
+            return None
+        if out.shape[1] != self.out_features:
+            out = out[:, :self.out_features]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(rows.dtype)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} groups of 32"
+        layout = ", row tiles" if self.tiled else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} groups of 32"
+                f"{layout}")
 
 
 class QuantizedLMHead(nn.Module):
@@ -69,8 +87,6 @@ class QuantizedLMHead(nn.Module):
         fields = tile_group_quant(weight) if self.tiled else weight
         for name, value in zip(fields._fields, fields):
             self.register_buffer(name, value)
-        if not self.tiled:
-            self.register_buffer("high", weight.high)
 
     @property
     def packed(self) -> GroupQuantWeight:

@@ -20,16 +20,21 @@ from tokenloom.models.ops.native import kernels_enabled, load_level
 
 __all__ = ["isa", "kernels", "level_in_use", "describe", "use_level", "bf16_is_fast", "rms_norm", "add_rms_norm",
            "qkv_rope_cache", "paged_decode_attention", "dense_rows", "group_quant_rows", "group_quant_tiles",
-           "group_quant_pack", "group_quant_dequant", "vectorised_group_quant", "group_quant_max_rows", "argmax_rows",
+           "group_quant_pack", "group_quant_dequant", "vectorised_group_quant", "group_quant_max_rows", "tiled_layers",
+           "argmax_rows",
            "bind_threads"]
 
 MAX_ROWS = 8  # the dense few-rows product (decode) takes up to 8 rows; larger steps use a GEMM
 # The largest step the group-quantized kernels take (passes of 8 rows, each weight row read once per step)
 # before a GEMM over the dequantized matrix is faster, per level, for the layers and for the 4-bit row-tiled
-# vocabulary projection. AVX2 and NEON have no fast bf16 GEMM and the layers' GEMM pays a dequantization of
-# every matrix every step; AVX-512 multiplies bf16 natively (AMX) once a step has a few dozen rows.
-# Measured in docs/benchmarks.md (2026-12-02, second run: "steps of 9–64 rows").
-_GROUP_QUANT_ROWS = {"avx512": (8, 32), "avx2": (64, 256), "neon": (64, 256)}
+# vocabulary projection. AVX-512 multiplies bf16 natively (AMX) once a step has a few dozen rows. At avx2 the
+# layers are in row tiles too (`tiled_layers`), whose many-rows kernel runs at about twice torch's fp32 GEMM
+# on the same product (vpmaddubsw: 32 multiply-adds an instruction), so every step size takes the tiles
+# (the limit only bounds a step's activations buffer).
+# NEON has no fast bf16 GEMM either; its tiles have no many-rows kernel yet (not measured on an ARM machine).
+# Measured in docs/benchmarks.md (2026-12-02, second run: "steps of 9–64 rows"; 2026-12-03: AMD EPYC Zen 3).
+_GROUP_QUANT_ROWS = {"avx512": (8, 32), "avx2": (64, 1 << 16), "neon": (64, 256)}
+_TILED_LAYERS = {"avx2"}  # levels whose group-quantized layers are kept in row tiles
 
 
 class _Active:
@@ -40,6 +45,8 @@ class _Active:
         self.level = module.isa_level() if module is not None else "torch"
         self.vectorised_gq = module is not None and module.gq_linear_native()
         self.gq_rows, self.tile_rows = _GROUP_QUANT_ROWS.get(self.level, (0, 0)) if self.vectorised_gq else (0, 0)
+        self.tiled_layers = self.vectorised_gq and self.level in _TILED_LAYERS
+        self.tiles_high = module is not None and module.gq_tiles_high_supported()
         self.dense_pairs: dict[tuple[torch.dtype, torch.dtype], bool] = {}
 
 
@@ -177,13 +184,21 @@ def group_quant_rows(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: t
     return k.gq_linear(x, codes, d, m, high, bias, float_out)
 
 
-def group_quant_tiles(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor | None:
-    """x [rows, K] @ a 4-bit weight in row tiles of 16 → float32 [rows, padded N], for steps of up to
+def tiled_layers() -> bool:
+    """Whether group-quantized layers are kept in row tiles at the level in use (`group_quant_tiles` takes
+    steps of any size there)."""
+    kernels()
+    return _active.tiled_layers
+
+
+def group_quant_tiles(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                      high: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [rows, K] @ a 4- or 5-bit weight in row tiles of 16 → float32 [rows, padded N], for steps of up to
     `group_quant_max_rows(tiled=True)` rows."""
     k = _cpu(x)
-    if k is None or x.shape[0] > _active.tile_rows:
+    if k is None or x.shape[0] > _active.tile_rows or (high is not None and not _active.tiles_high):
         return None
-    return k.gq_tiles_linear(x, tiles, d, m)
+    return k.gq_tiles_linear(x, tiles, d, m, high)
 
 
 def group_quant_pack(weight: torch.Tensor, bits: int) -> list[torch.Tensor] | None:

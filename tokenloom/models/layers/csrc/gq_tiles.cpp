@@ -1,4 +1,5 @@
-// A 4-bit group-quantized matrix in row tiles, for the vocabulary projection of decode steps.
+// A 4- or 5-bit group-quantized matrix in row tiles: the vocabulary projection of decode steps, and at the
+// avx2 level every group-quantized layer (ops.tiled_layers), for steps of any size.
 //
 // In gq_linear's layout a 32-bit lane holds four codes of one row, so every output row ends in a
 // horizontal sum and every chunk pays its own scale arithmetic: about ten instructions per 64 weights,
@@ -16,6 +17,14 @@
 //   tiles uint8 [N / 16, K / 8, 64]: for inputs 8b..8b+7 of tile t, byte 4r + j holds the code of row
 //         16t + r for input 8b + j in its low nibble and for input 8b + 4 + j in its high nibble.
 //   d, m  fp16 [N / 16, K / 32, 16]: scale and minimum of group g of row 16t + r at [t, g, r].
+//   high  uint8 [N / 16, K / 8, 16] (5 bits only): for block b of tile t, bit i of the first 8 bytes (a
+//         little-endian 64-bit word) is the fifth bit of byte i's low-nibble code, of the next 8 its
+//         high-nibble code's.
+//
+// Many rows at avx2 (tile_many): with lanes along the weight rows, a GEMM of int8 activations against these
+// codes needs no horizontal sums, and vpmaddubsw does 32 multiply-adds where an fp32 FMA does 8. Unpacked
+// once per group for 64 rows, the codes cost nothing per row: on a Zen 3 core the product runs at about
+// twice torch's fp32 GEMM, so prefill and batched decode take it rather than dequantizing the matrix.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -36,80 +45,185 @@ using namespace tokenloom::gq;
 
 constexpr int64_t kTile = 16;
 
-struct NaturalRow {
-  std::vector<int8_t> q;     // [K], natural order
-  std::vector<float> scale;  // [K / 32]
-  std::vector<float> sum;    // [K / 32]: scale * sum(q)
+// The activations of a call, quantized per group of 32 (the same codes as gq_linear's), one row after another.
+struct Activations {
+  int64_t k = 0, groups = 0;
+  std::vector<int8_t> q;     // [rows, K], natural order
+  std::vector<float> scale;  // [rows, K / 32]
+  std::vector<float> sum;    // [rows, K / 32]: scale * sum(q)
+
+  const int8_t* codes(int64_t r) const { return q.data() + r * k; }
+  const float* scales(int64_t r) const { return scale.data() + r * groups; }
+  const float* sums(int64_t r) const { return sum.data() + r * groups; }
 };
 
 template <typename T>
-void quantize_natural(const T* x, int64_t k, NaturalRow& out) {
-  out.q.resize(k);
-  out.scale.resize(k / 32);
-  out.sum.resize(k / 32);
-  for (int64_t g = 0; g < k / 32; ++g) out.scale[g] = quantize32(x + 32 * g, out.q.data() + 32 * g, out.sum[g]);
+void quantize_rows(const T* x, int64_t rows, int64_t k, Activations& out) {
+  out.k = k;
+  out.groups = k / 32;
+  out.q.resize(rows * k);
+  out.scale.resize(rows * out.groups);
+  out.sum.resize(rows * out.groups);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < out.groups; ++g)
+      out.scale[r * out.groups + g] =
+          quantize32(x + r * k + 32 * g, out.q.data() + r * k + 32 * g, out.sum[r * out.groups + g]);
 }
 
+// Where one tile starts in each array.
+struct TileRef {
+  const uint8_t* codes;
+  const uint8_t* high;  // nullptr: 4 bits
+  const c10::Half* d;
+  const c10::Half* m;
+};
+
 #ifdef TOKENLOOM_GQ_VECTOR
-// M activation rows x one tile into out[r * n + first_row ...], kLanes rows of the tile at a time.
-template <int M>
-void tile_rows(const uint8_t* tile, const c10::Half* d, const c10::Half* m, const NaturalRow* xs, int64_t groups,
-               float* out, int64_t n, int64_t first_row) {
+// M activation rows (from r0) x one tile into out[r * n + first_row ...], kLanes rows of the tile at a time.
+template <int M, int Bits>
+void tile_rows(const TileRef& t, const Activations& a, int64_t r0, float* out, int64_t n, int64_t first_row) {
   for (int part = 0; part < kTile / kLanes; ++part) {
     vf acc[M];
     for (int r = 0; r < M; ++r) acc[r] = vzero();
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t g = 0; g < a.groups; ++g) {
       const int8_t* x[M];
-      for (int r = 0; r < M; ++r) x[r] = xs[r].q.data() + 32 * g;
+      for (int r = 0; r < M; ++r) x[r] = a.codes(r0 + r) + 32 * g;
       vf dots[M];
-      group_dots<M>(tile + 4 * g * kTileBlock, part, x, dots);
-      const vf dv = vload(d + kTile * g + kLanes * part), mv = vload(m + kTile * g + kLanes * part);
+      group_dots<M, Bits>(t.codes + 4 * g * kTileBlock, t.high + 4 * g * kTileHighBlock, part, x, dots);
+      const vf dv = vload(t.d + kTile * g + kLanes * part), mv = vload(t.m + kTile * g + kLanes * part);
       for (int r = 0; r < M; ++r) {
-        acc[r] = vfma(dots[r], vmul(dv, vset1(xs[r].scale[g])), acc[r]);
-        acc[r] = vfma(mv, vset1(xs[r].sum[g]), acc[r]);
+        acc[r] = vfma(dots[r], vmul(dv, vset1(a.scales(r0 + r)[g])), acc[r]);
+        acc[r] = vfma(mv, vset1(a.sums(r0 + r)[g]), acc[r]);
       }
     }
-    for (int r = 0; r < M; ++r) vstore(out + r * n + first_row + kLanes * part, acc[r]);
+    for (int r = 0; r < M; ++r) vstore(out + (r0 + r) * n + first_row + kLanes * part, acc[r]);
   }
 }
 #endif
 
-void tile_rows_scalar(const uint8_t* tile, const c10::Half* d, const c10::Half* m, const NaturalRow* xs, int rows,
-                      int64_t groups, float* out, int64_t n, int64_t first_row) {
-  for (int r = 0; r < rows; ++r)
+#if defined(TOKENLOOM_AVX2)
+// Many rows (prefill, batched decode): a group's codes are unpacked once for all the rows of the call (in the
+// few-rows kernel, once per pass of kTileRows rows), held in 8 registers while every row goes by, its
+// accumulators in `acc` (L1). The same arithmetic in the same order as tile_rows, so a row's outputs do not
+// depend on which kernel ran: one int16 sum per 8 products, widened and converted once per group, then the
+// two fused multiply-adds.
+constexpr int64_t kManyRows = 64;  // rows per pass: their int8 activations (K bytes each) stay in L1/L2
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+template <int Bits>
+void tile_many(const TileRef& t, const Activations& a, int64_t r0, int rows, float* acc, float* out, int64_t n,
+               int64_t first_row) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int part = 0; part < 2; ++part) {
+    for (int r = 0; r < rows; ++r) _mm256_storeu_ps(acc + r * kLanes, _mm256_setzero_ps());
+    for (int64_t g = 0; g < a.groups; ++g) {
+      __m256i c[8];
+      for (int b = 0; b < 4; ++b)
+        block_codes<Bits>(t.codes + 4 * g * kTileBlock, t.high + 4 * g * kTileHighBlock, b, part, c[2 * b],
+                          c[2 * b + 1]);
+      const vf dv = vload(t.d + kTile * g + kLanes * part), mv = vload(t.m + kTile * g + kLanes * part);
+      for (int r = 0; r < rows; ++r) {
+        const int8_t* xq = a.codes(r0 + r) + 32 * g;
+        const __m256i first = _mm256_add_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(c[0], _mm256_set1_epi32(load4(xq))),
+                             _mm256_maddubs_epi16(c[1], _mm256_set1_epi32(load4(xq + 4)))),
+            _mm256_add_epi16(_mm256_maddubs_epi16(c[2], _mm256_set1_epi32(load4(xq + 8))),
+                             _mm256_maddubs_epi16(c[3], _mm256_set1_epi32(load4(xq + 12)))));
+        const __m256i second = _mm256_add_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(c[4], _mm256_set1_epi32(load4(xq + 16))),
+                             _mm256_maddubs_epi16(c[5], _mm256_set1_epi32(load4(xq + 20)))),
+            _mm256_add_epi16(_mm256_maddubs_epi16(c[6], _mm256_set1_epi32(load4(xq + 24))),
+                             _mm256_maddubs_epi16(c[7], _mm256_set1_epi32(load4(xq + 28)))));
+        const __m256i total = Bits == 5 ? _mm256_add_epi32(_mm256_madd_epi16(first, ones), _mm256_madd_epi16(second, ones))
+                                        : _mm256_madd_epi16(_mm256_add_epi16(first, second), ones);
+        const vf dots = _mm256_cvtepi32_ps(total);
+        vf sum = vload(acc + r * kLanes);
+        sum = vfma(dots, vmul(dv, vset1(a.scales(r0 + r)[g])), sum);
+        sum = vfma(mv, vset1(a.sums(r0 + r)[g]), sum);
+        vstore(acc + r * kLanes, sum);
+      }
+    }
+    for (int r = 0; r < rows; ++r) vstore(out + (r0 + r) * n + first_row + kLanes * part, vload(acc + r * kLanes));
+  }
+}
+#endif
+
+#if defined(TOKENLOOM_AVX2)
+constexpr int64_t kRowBlock = kManyRows;
+constexpr int64_t kManyRowsBuffer = kManyRows * kLanes;
+#else
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kManyRowsBuffer = 0;
+#endif
+
+void tile_rows_scalar(const TileRef& t, const Activations& a, int64_t r0, int rows, float* out, int64_t n,
+                      int64_t first_row) {
+  for (int64_t r = r0; r < r0 + rows; ++r)
     for (int64_t lane = 0; lane < kTile; ++lane) {
       float total = 0.f;
-      for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t g = 0; g < a.groups; ++g) {
         int32_t dot = 0;
         for (int b = 0; b < 4; ++b)
           for (int j = 0; j < 4; ++j) {
-            const uint8_t byte = tile[(4 * g + b) * kTileBlock + 4 * lane + j];
-            dot += (byte & 0x0F) * xs[r].q[32 * g + 8 * b + j] + (byte >> 4) * xs[r].q[32 * g + 8 * b + 4 + j];
+            const int64_t i = (4 * g + b) * kTileBlock + 4 * lane + j;  // byte i of the tile
+            int lo = t.codes[i] & 0x0F, hi = t.codes[i] >> 4;
+            if (t.high) {
+              const uint8_t* bits = t.high + (4 * g + b) * kTileHighBlock;
+              const int64_t byte = 4 * lane + j;
+              lo |= ((bits[byte / 8] >> (byte % 8)) & 1) << 4;
+              hi |= ((bits[8 + byte / 8] >> (byte % 8)) & 1) << 4;
+            }
+            const int8_t* x = a.codes(r) + 32 * g + 8 * b + j;
+            dot += lo * x[0] + hi * x[4];
           }
-        total += static_cast<float>(dot) * (static_cast<float>(d[16 * g + lane]) * xs[r].scale[g]);
-        total += static_cast<float>(m[16 * g + lane]) * xs[r].sum[g];
+        total += static_cast<float>(dot) * (static_cast<float>(t.d[16 * g + lane]) * a.scales(r)[g]);
+        total += static_cast<float>(t.m[16 * g + lane]) * a.sums(r)[g];
       }
       out[r * n + first_row + lane] = total;
     }
 }
 
-// All rows x one tile: passes of at most kTileRows rows (a row's arithmetic is the same in any pass).
-void tile_all_rows(const uint8_t* tile, const c10::Half* d, const c10::Half* m, const NaturalRow* xs, int rows,
-                   int64_t groups, float* out, int64_t n, int64_t first_row) {
-#ifdef TOKENLOOM_GQ_VECTOR
-  for (int r0 = 0; r0 < rows; r0 += kTileRows)
-    with_rows<kTileRows>(std::min(kTileRows, rows - r0), [&](auto r) {
-      tile_rows<decltype(r)::value>(tile, d, m, xs + r0, groups, out + r0 * n, n, first_row);
-    });
-#else
-  tile_rows_scalar(tile, d, m, xs, rows, groups, out, n, first_row);
+// Rows r0 .. r0 + rows - 1 x one tile: the many-rows kernel where the level has one and the call has more rows
+// than a pass of the few-rows kernel, else passes of at most kTileRows rows (a row's arithmetic is the same in
+// any pass and either kernel).
+template <int Bits>
+void tile_block(const TileRef& t, const Activations& a, int64_t r0, int rows, float* acc, float* out, int64_t n,
+                int64_t first_row) {
+#if defined(TOKENLOOM_AVX2)
+  if (rows > kTileRows) return tile_many<Bits>(t, a, r0, rows, acc, out, n, first_row);
 #endif
+#ifdef TOKENLOOM_GQ_VECTOR
+  static_cast<void>(acc);
+  if constexpr (Bits == 4 || kTileHighBits) {
+    for (int64_t p = r0; p < r0 + rows; p += kTileRows)
+      with_rows<kTileRows>(static_cast<int>(std::min<int64_t>(kTileRows, r0 + rows - p)), [&](auto r) {
+        tile_rows<decltype(r)::value, Bits>(t, a, p, out, n, first_row);
+      });
+    return;
+  }
+#endif
+  static_cast<void>(acc);
+  tile_rows_scalar(t, a, r0, rows, out, n, first_row);
 }
 
 }  // namespace
 
-// x [M, K] (any M, in passes of kTileRows; float32/bfloat16/float16, K % 32 == 0) → float32 [M, N] with N = 16 * tiles.
-at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Tensor m) {
+bool gq_tiles_high_supported() {
+#ifdef TOKENLOOM_GQ_VECTOR
+  return kTileHighBits;
+#else
+  return true;  // the scalar loop
+#endif
+}
+
+// x [M, K] (any M; float32/bfloat16/float16, K % 32 == 0) → float32 [M, N] with N = 16 * tiles. high: the fifth
+// bits of 5-bit codes, uint8 [N / 16, K / 8, 16], or None for 4 bits.
+at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high) {
   TORCH_CHECK(x.device().is_cpu() && tiles.device().is_cpu(), "gq_tiles_linear: CPU tensors only");
   TORCH_CHECK(x.dim() == 2, "gq_tiles_linear: x must be [rows, K]");
   const int64_t k = x.size(1), count = tiles.size(0), groups = k / 32;
@@ -119,24 +233,44 @@ at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Ten
   TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.dim() == 3 && m.dim() == 3 &&
                   d.size(0) == count && d.size(1) == groups && d.size(2) == kTile && m.sizes() == d.sizes(),
               "gq_tiles_linear: d and m must be float16 [N / 16, K / 32, 16]");
+  at::Tensor h;
+  if (high.has_value() && high->defined()) {
+    h = high->contiguous();
+    TORCH_CHECK(gq_tiles_high_supported(), "gq_tiles_linear: 5-bit tiles need the avx2 or avx512 level");
+    TORCH_CHECK(h.scalar_type() == at::kByte && h.dim() == 3 && h.size(0) == count && h.size(1) == k / 8 &&
+                    h.size(2) == kTileHighBlock,
+                "gq_tiles_linear: high must be uint8 [N / 16, K / 8, 16]");
+  }
   x = x.contiguous();
   tiles = tiles.contiguous();
   d = d.contiguous();
   m = m.contiguous();
   const int64_t rows = x.size(0), n = count * kTile;
-  std::vector<NaturalRow> xs(rows);
+  Activations acts;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gq_tiles_linear", [&] {
-    for (int64_t r = 0; r < rows; ++r) quantize_natural(x.data_ptr<scalar_t>() + r * k, k, xs[r]);
+    quantize_rows(x.data_ptr<scalar_t>(), rows, k, acts);
   });
   auto out = at::empty({rows, n}, x.options().dtype(at::kFloat));
   const uint8_t* tp = tiles.data_ptr<uint8_t>();
+  const uint8_t* hp = h.defined() ? h.data_ptr<uint8_t>() : nullptr;
   const c10::Half* dp = d.data_ptr<c10::Half>();
   const c10::Half* mp = m.data_ptr<c10::Half>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      tile_all_rows(tp + t * (k / 8) * kTileBlock, dp + t * groups * kTile, mp + t * groups * kTile, xs.data(),
-                    static_cast<int>(rows), groups, op, n, t * kTile);
+  // Few rows read every tile once from memory: tiles of a few KB each are plenty per task. Row blocks go
+  // outermost, so a task's tiles are read again from cache, not its rows' activations.
+  at::parallel_for(0, count, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(kManyRowsBuffer);
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+      const int block = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
+      for (int64_t t = begin; t < end; ++t) {
+        const TileRef ref{tp + t * (k / 8) * kTileBlock, hp ? hp + t * (k / 8) * kTileHighBlock : nullptr,
+                          dp + t * groups * kTile, mp + t * groups * kTile};
+        if (hp)
+          tile_block<5>(ref, acts, r0, block, acc.data(), op, n, t * kTile);
+        else
+          tile_block<4>(ref, acts, r0, block, acc.data(), op, n, t * kTile);
+      }
+    }
   });
   return out;
 }

@@ -19,7 +19,8 @@ std::vector<at::Tensor> gq_pack(at::Tensor weight, int64_t bits);
 at::Tensor argmax_rows(at::Tensor x, c10::optional<at::Tensor> bitmask, c10::optional<at::Tensor> masked);
 at::Tensor dense_rows_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, bool float_out);
 bool dense_rows_supported(at::ScalarType x, at::ScalarType w);
-at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Tensor m);
+at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high);
+bool gq_tiles_high_supported();
 std::vector<int64_t> bind_threads(std::vector<int64_t> cpus);
 void lora_add(at::Tensor out, at::Tensor x, at::Tensor a, at::Tensor b_flat, at::Tensor cols, at::Tensor token_slot,
               at::Tensor ranges);
@@ -39,7 +40,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gq_pack", &gq_pack, "quantize a float weight into gq_linear's 4-, 5- or 8-bit layout");
   m.def("gq_dequant", &gq_dequant, "the dense matrix a gq_linear weight stands for", py::arg("codes"), py::arg("d"),
         py::arg("m"), py::arg("high") = py::none(), py::arg("dtype") = at::kFloat);
-  m.def("gq_tiles_linear", &gq_tiles_linear, "4-bit group-quantized rows in tiles of 16 x int8 activations (LM head)");
+  m.def("gq_tiles_linear", &gq_tiles_linear, "4- or 5-bit group-quantized rows in tiles of 16 x int8 activations",
+        py::arg("x"), py::arg("tiles"), py::arg("d"), py::arg("m"), py::arg("high") = py::none());
+  m.def("gq_tiles_high_supported", &gq_tiles_high_supported, "whether gq_tiles_linear takes 5-bit tiles at this level");
   m.def("dense_rows_linear", &dense_rows_linear, "bf16 or fp32 matrix x up to 8 activation rows (float32 sums)",
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("float_out") = false);
   m.def("dense_rows_supported", &dense_rows_supported,
