@@ -10,13 +10,12 @@ batches run again.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenloom.distributed.replica_set import import_ray
+from tokenloom.distributed.replica_set import connect_ray, cpu_share, import_ray
 
 IN_FLIGHT_PER_REPLICA = 2  # batches queued on a replica: the next one is there when the last finishes
 
@@ -52,13 +51,9 @@ class ShardedPipeline:
         """`num_replicas` replicas of the pipeline (on a local Ray instance unless `ray_address`), each with
         `num_cpus` CPUs (default: this machine's cores shared out) and as many torch threads. The YAML must be
         readable at the same path where the replicas run."""
-        if num_replicas < 1:
-            raise ValueError(f"--replicas must be >= 1; got {num_replicas}")
+        cpus = cpu_share(num_replicas, num_cpus)
         ray = import_ray()
-        started = not ray.is_initialized()
-        if started:
-            ray.init(address=ray_address, include_dashboard=False, configure_logging=False)
-        cpus = num_cpus if num_cpus is not None else max(1, (os.cpu_count() or 1) // num_replicas)
+        started = connect_ray(ray_address)
         actor_class = ray.remote(PipelineReplica).options(num_cpus=cpus, max_restarts=-1, max_task_retries=-1)
         path = str(Path(pipeline_yaml).resolve())
         return cls(task, batch_size, [actor_class.remote(path, max(1, int(cpus))) for _ in range(num_replicas)],

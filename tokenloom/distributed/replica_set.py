@@ -26,6 +26,24 @@ def import_ray() -> Any:
     return ray
 
 
+def connect_ray(ray_address: str | None) -> bool:
+    """Join the Ray cluster at `ray_address`, or start a local instance without one; True when this call
+    started Ray (the caller then shuts it down), False when the process was already connected."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
+    return True
+
+
+def cpu_share(num_replicas: int, num_cpus: float | None) -> float:
+    """The CPUs each of `num_replicas` replicas reserves: `num_cpus` when given, else this machine's cores
+    shared out, at least one."""
+    if num_replicas < 1:
+        raise ValueError(f"--replicas must be >= 1; got {num_replicas}")
+    return num_cpus if num_cpus is not None else max(1, (os.cpu_count() or 1) // num_replicas)
+
+
 @dataclass
 class ReplicaSet:
     """The replica actors, their current addresses and the key the front sends them."""
@@ -46,11 +64,8 @@ class ReplicaSet:
         ray = import_ray()
         from tokenloom.distributed.replica import ReplicaServer
 
-        started = not ray.is_initialized()
-        if started:
-            ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING,
-                     configure_logging=False)
-        cpus = num_cpus if num_cpus is not None else max(1, (os.cpu_count() or 1) // num_replicas)
+        cpus = cpu_share(num_replicas, num_cpus)
+        started = connect_ray(ray_address)
         options = dict(engine_options)
         options.setdefault("num_threads", max(1, int(cpus)))
         key = secrets.token_urlsafe(24)
