@@ -78,6 +78,12 @@ struct TileRef {
   const c10::Half* m;
 };
 
+// Group g's fifth bits (nullptr for 4 bits).
+template <int Bits>
+inline const uint8_t* high_of_group(const TileRef& t, int64_t g) {
+  return Bits == 5 ? t.high + 4 * g * kTileHighBlock : nullptr;
+}
+
 #ifdef TOKENLOOM_GQ_VECTOR
 // M activation rows (from r0) x one tile into out[r * n + first_row ...], kLanes rows of the tile at a time.
 template <int M, int Bits>
@@ -89,7 +95,7 @@ void tile_rows(const TileRef& t, const Activations& a, int64_t r0, float* out, i
       const int8_t* x[M];
       for (int r = 0; r < M; ++r) x[r] = a.codes(r0 + r) + 32 * g;
       vf dots[M];
-      group_dots<M, Bits>(t.codes + 4 * g * kTileBlock, t.high + 4 * g * kTileHighBlock, part, x, dots);
+      group_dots<M, Bits>(t.codes + 4 * g * kTileBlock, high_of_group<Bits>(t, g), part, x, dots);
       const vf dv = vload(t.d + kTile * g + kLanes * part), mv = vload(t.m + kTile * g + kLanes * part);
       for (int r = 0; r < M; ++r) {
         acc[r] = vfma(dots[r], vmul(dv, vset1(a.scales(r0 + r)[g])), acc[r]);
@@ -124,8 +130,7 @@ void tile_many(const TileRef& t, const Activations& a, int64_t r0, int rows, flo
     for (int64_t g = 0; g < a.groups; ++g) {
       __m256i c[8];
       for (int b = 0; b < 4; ++b)
-        block_codes<Bits>(t.codes + 4 * g * kTileBlock, t.high + 4 * g * kTileHighBlock, b, part, c[2 * b],
-                          c[2 * b + 1]);
+        block_codes<Bits>(t.codes + 4 * g * kTileBlock, high_of_group<Bits>(t, g), b, part, c[2 * b], c[2 * b + 1]);
       const vf dv = vload(t.d + kTile * g + kLanes * part), mv = vload(t.m + kTile * g + kLanes * part);
       for (int r = 0; r < rows; ++r) {
         const int8_t* xq = a.codes(r0 + r) + 32 * g;
