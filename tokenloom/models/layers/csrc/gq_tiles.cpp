@@ -86,12 +86,24 @@ inline const uint8_t* high_of_group(const TileRef& t, int64_t g) {
 
 #ifdef TOKENLOOM_GQ_VECTOR
 // M activation rows (from r0) x one tile into out[r * n + first_row ...], kLanes rows of the tile at a time.
+// `next` (or nullptr): the tile the caller takes next, prefetched during the first part, a group's share at a
+// time: a few rows read every tile once from memory, and the hardware prefetchers ramp up again on each
+// tile's three short streams (codes, scales, minimums).
 template <int M, int Bits>
-void tile_rows(const TileRef& t, const Activations& a, int64_t r0, float* out, int64_t n, int64_t first_row) {
+void tile_rows(const TileRef& t, const TileRef* next, const Activations& a, int64_t r0, float* out, int64_t n,
+               int64_t first_row) {
   for (int part = 0; part < kTile / kLanes; ++part) {
     vf acc[M];
     for (int r = 0; r < M; ++r) acc[r] = vzero();
     for (int64_t g = 0; g < a.groups; ++g) {
+      if (next != nullptr && part == 0) {
+        for (int line = 0; line < 4; ++line) prefetch(next->codes + 4 * g * kTileBlock + 64 * line);
+        if (g % 2 == 0) {  // a group's scales (or minimums) are 32 bytes
+          prefetch(next->d + kTile * g);
+          prefetch(next->m + kTile * g);
+        }
+        if (Bits == 5) prefetch(next->high + 4 * g * kTileHighBlock);
+      }
       const int8_t* x[M];
       for (int r = 0; r < M; ++r) x[r] = a.codes(r0 + r) + 32 * g;
       vf dots[M];
@@ -197,8 +209,8 @@ void tile_rows_scalar(const TileRef& t, const Activations& a, int64_t r0, int ro
 // than a pass of the few-rows kernel, else passes of at most kTileRows rows (a row's arithmetic is the same in
 // any pass and either kernel).
 template <int Bits>
-void tile_block(const TileRef& t, const Activations& a, int64_t r0, int rows, float* acc, float* out, int64_t n,
-                int64_t first_row) {
+void tile_block(const TileRef& t, const TileRef* next, const Activations& a, int64_t r0, int rows, float* acc,
+                float* out, int64_t n, int64_t first_row) {
 #if defined(TOKENLOOM_AVX2)
   if (rows > kTileRows) return tile_many<Bits>(t, a, r0, rows, acc, out, n, first_row);
 #endif
@@ -207,12 +219,13 @@ void tile_block(const TileRef& t, const Activations& a, int64_t r0, int rows, fl
   if constexpr (Bits == 4 || kTileHighBits) {
     for (int64_t p = r0; p < r0 + rows; p += kTileRows)
       with_rows<kTileRows>(static_cast<int>(std::min<int64_t>(kTileRows, r0 + rows - p)), [&](auto r) {
-        tile_rows<decltype(r)::value, Bits>(t, a, p, out, n, first_row);
+        tile_rows<decltype(r)::value, Bits>(t, p == r0 ? next : nullptr, a, p, out, n, first_row);
       });
     return;
   }
 #endif
   static_cast<void>(acc);
+  static_cast<void>(next);
   tile_rows_scalar(t, a, r0, rows, out, n, first_row);
 }
 
@@ -267,13 +280,17 @@ at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Ten
     std::vector<float> acc(kManyRowsBuffer);
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
       const int block = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
+      auto tile = [&](int64_t t) {
+        return TileRef{tp + t * (k / 8) * kTileBlock, hp ? hp + t * (k / 8) * kTileHighBlock : nullptr,
+                       dp + t * groups * kTile, mp + t * groups * kTile};
+      };
       for (int64_t t = begin; t < end; ++t) {
-        const TileRef ref{tp + t * (k / 8) * kTileBlock, hp ? hp + t * (k / 8) * kTileHighBlock : nullptr,
-                          dp + t * groups * kTile, mp + t * groups * kTile};
+        const TileRef ref = tile(t), following = tile(t + 1);
+        const TileRef* next = t + 1 < end ? &following : nullptr;
         if (hp)
-          tile_block<5>(ref, acts, r0, block, acc.data(), op, n, t * kTile);
+          tile_block<5>(ref, next, acts, r0, block, acc.data(), op, n, t * kTile);
         else
-          tile_block<4>(ref, acts, r0, block, acc.data(), op, n, t * kTile);
+          tile_block<4>(ref, next, acts, r0, block, acc.data(), op, n, t * kTile);
       }
     }
   });
