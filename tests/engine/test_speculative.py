@@ -315,10 +315,15 @@ def test_gemma_greedy_with_self_speculation_equals_without(gemma):
 
 def test_speculation_pauses_above_its_batch_limit(tiny_models):
     from tokenloom.config import SpeculativeConfig
-    from tokenloom.engine.speculative import Speculator
+    from tokenloom.engine.speculative import NGRAM_MAX_BATCH_TILED, Speculator
+    from tokenloom.models import ops
 
-    assert Speculator(SpeculativeConfig("ngram"), 512).max_batch == 64
+    assert Speculator(SpeculativeConfig("ngram"), 512).max_batch == (64 if not ops.tiled_layers()
+                                                                     else NGRAM_MAX_BATCH_TILED)
+    with ops.use_level("torch"):  # no row tiles: the per-method default
+        assert Speculator(SpeculativeConfig("ngram"), 512).max_batch == 64
     assert Speculator(SpeculativeConfig("self"), 512).max_batch == 2
+    assert Speculator(SpeculativeConfig("ngram", speculative_max_batch=5), 512).max_batch == 5
     never = Speculator(SpeculativeConfig("ngram", speculative_max_batch=0), 512)
     assert never.active(1000)
     spec = LLM(str(tiny_models["llama"]), dtype="float32", speculative_method="ngram", speculative_max_batch=2)

@@ -33,6 +33,7 @@ import torch
 
 from tokenloom.config import DEFAULT_SPECULATIVE_MAX_BATCH, SpeculativeConfig
 from tokenloom.engine.request import Request
+from tokenloom.models import ops
 from tokenloom.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from tokenloom.engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+NGRAM_MAX_BATCH_TILED = 8  # ngram's speculative_max_batch where the layers run in row tiles (ops.tiled_layers)
 PENDING = -1  # a guess slot reserved by the scheduler, filled by a draft model before the step runs
 
 
@@ -164,7 +167,14 @@ class Speculator:
     def max_batch(self) -> int:
         """Running requests above which a step does not speculate (0: always speculates)."""
         limit = self.config.speculative_max_batch
-        return DEFAULT_SPECULATIVE_MAX_BATCH.get(self.config.speculative_method, 0) if limit is None else limit
+        if limit is not None:
+            return limit
+        method = self.config.speculative_method
+        if method == "ngram" and ops.tiled_layers():
+            # avx2's row-tile kernels make a step of a few dozen rows compute-bound: measured there, ngram
+            # gains 1.36x at 2 streams, ~1.0x at 4-8 and loses at 16 (0.76x) (docs/benchmarks.md, 2026-12-03)
+            return NGRAM_MAX_BATCH_TILED
+        return DEFAULT_SPECULATIVE_MAX_BATCH.get(method, 0)
 
     def active(self, num_running: int) -> bool:
         """Whether this step speculates: not when more requests run than `max_batch`."""
