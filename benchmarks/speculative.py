@@ -72,7 +72,7 @@ def sweep(llm, prompts: list[str], args, label: str) -> None:
     (the input for speculative_max_batch)."""
     engine = llm.engine
     speculator = engine.speculator or _ngram(engine, args.k)
-    speculator.config.speculative_max_batch = 0
+    speculator.config.speculative_max_batch = speculator.max_batch = 0  # never paused
     print(f"\nBatch-size sweep, {label}, input-grounded prompts, never paused vs none, generated tok/s:")
     print("| concurrent | none | speculating | ratio |\n|---|---|---|---|")
     for c in map(int, args.sweep.split(",")):

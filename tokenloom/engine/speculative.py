@@ -162,9 +162,9 @@ class Speculator:
         self.drafter = drafter  # the draft model of methods draft and self; None for ngram
         self.stats = SpeculativeStats(config.speculative_method or "none")
         self._state: dict[str, _RequestState] = {}
+        self.max_batch = self._max_batch()  # read every step
 
-    @property
-    def max_batch(self) -> int:
+    def _max_batch(self) -> int:
         """Running requests above which a step does not speculate (0: always speculates)."""
         limit = self.config.speculative_max_batch
         if limit is not None:

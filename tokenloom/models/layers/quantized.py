@@ -19,6 +19,20 @@ from tokenloom.models.layers.group_quant import (
 from tokenloom.models.layers.linear import ShardedOutput
 
 
+def _register_weight(module: nn.Module, weight: GroupQuantWeight, tiled: bool) -> None:
+    """The weight's tensors as buffers of `module`: tiles, d, m, high in row tiles, else codes, d, m, high."""
+    fields = tile_group_quant(weight) if tiled else weight
+    for name, value in zip(fields._fields, fields):
+        module.register_buffer(name, value)
+
+
+def _general_layout(module: nn.Module, tiled: bool, rows: int) -> GroupQuantWeight:
+    """The weight of a module filled by `_register_weight`, in the general layout."""
+    if tiled:
+        return untile_group_quant(TiledWeight(module.tiles, module.d, module.m, module.high), rows)
+    return GroupQuantWeight(module.codes, module.d, module.m, module.high)
+
+
 class GroupQuantLinear(ShardedOutput, nn.Module):
     """A linear layer over group-quantized weights (see `group_quant` for the two regimes). Where the level
     keeps layers in row tiles (`ops.tiled_layers`: avx2), 4- and 5-bit weights are stored tiled and every step
@@ -30,9 +44,7 @@ class GroupQuantLinear(ShardedOutput, nn.Module):
         super().__init__()
         self.out_features, self.in_features, self.bits = weight.codes.shape[0], weight.in_features, weight.bits
         self.tiled = weight.bits in (4, 5) and weight.codes.device.type == "cpu" and ops.tiled_layers()
-        fields = tile_group_quant(weight) if self.tiled else weight
-        for name, value in zip(fields._fields, fields):
-            self.register_buffer(name, value)
+        _register_weight(self, weight, self.tiled)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.shard_offsets = dict(shard_offsets or {})
         self._packed: GroupQuantWeight | None = None
@@ -46,8 +58,7 @@ class GroupQuantLinear(ShardedOutput, nn.Module):
     def packed(self) -> GroupQuantWeight:
         """The weight in the general layout (the few-rows kernel's, and what the dequantization reads)."""
         if self._packed is None:  # a plain attribute afterwards: a decode step makes ~300 of these lookups
-            self._packed = (untile_group_quant(TiledWeight(self.tiles, self.d, self.m, self.high), self.out_features)
-                            if self.tiled else GroupQuantWeight(self.codes, self.d, self.m, self.high))
+            self._packed = _general_layout(self, self.tiled, self.out_features)
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,16 +100,12 @@ class QuantizedLMHead(nn.Module):
         super().__init__()
         self.dense, self.bits, self.out_features = dense, weight.bits, weight.codes.shape[0]
         self.tiled = weight.bits == 4 and weight.codes.device.type == "cpu" and ops.vectorised_group_quant()
-        fields = tile_group_quant(weight) if self.tiled else weight
-        for name, value in zip(fields._fields, fields):
-            self.register_buffer(name, value)
+        _register_weight(self, weight, self.tiled)
 
     @property
     def packed(self) -> GroupQuantWeight:
         """The quantized matrix in the general layout."""
-        if self.tiled:
-            return untile_group_quant(TiledWeight(self.tiles, self.d, self.m), self.out_features)
-        return GroupQuantWeight(self.codes, self.d, self.m, self.high)
+        return _general_layout(self, self.tiled, self.out_features)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [M, K] → logits [M, vocab]: float32 from the quantized kernel (the logits are wanted in

@@ -36,9 +36,9 @@ inline int32_t four_bytes(const int8_t* p) {
 
 constexpr int kTileRows = 8;
 
-// Sums of the group's 4 blocks at `blocks` against x[r] (the row's 32 activations of the group), as floats.
 constexpr bool kTileHighBits = true;
 
+// Sums of the group's 4 blocks at `blocks` against x[r] (the row's 32 activations of the group), as floats.
 template <int M, int Bits = 4>
 inline void group_dots(const uint8_t* blocks, const uint8_t* high, int /*part*/, const int8_t* const* x, vf* dots) {
   __m512i lo_sum[M], hi_sum[M];  // two integer chains per row: half the dependent latency

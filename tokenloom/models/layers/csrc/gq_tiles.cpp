@@ -44,6 +44,7 @@ namespace {
 using namespace tokenloom::gq;
 
 constexpr int64_t kTile = 16;
+constexpr int64_t kRowBlock = 64;  // rows per pass over a task's tiles: their int8 activations stay in L1/L2
 
 // The activations of a call, quantized per group of 32 (the same codes as gq_linear's), one row after another.
 struct Activations {
@@ -124,8 +125,8 @@ void tile_rows(const TileRef& t, const TileRef* next, const Activations& a, int6
 // few-rows kernel, once per pass of kTileRows rows), held in 8 registers while every row goes by, its
 // accumulators in `acc` (L1). The same arithmetic in the same order as tile_rows, so a row's outputs do not
 // depend on which kernel ran: one int16 sum per 8 products, widened and converted once per group, then the
-// two fused multiply-adds.
-constexpr int64_t kManyRows = 64;  // rows per pass: their int8 activations (K bytes each) stay in L1/L2
+// two fused multiply-adds. `acc` holds kRowBlock rows.
+constexpr int64_t kManyRowsBuffer = kRowBlock * kLanes;
 
 inline int32_t load4(const int8_t* p) {
   int32_t v;
@@ -170,12 +171,8 @@ void tile_many(const TileRef& t, const Activations& a, int64_t r0, int rows, flo
 }
 #endif
 
-#if defined(TOKENLOOM_AVX2)
-constexpr int64_t kRowBlock = kManyRows;
-constexpr int64_t kManyRowsBuffer = kManyRows * kLanes;
-#else
-constexpr int64_t kRowBlock = 64;
-constexpr int64_t kManyRowsBuffer = 0;
+#if !defined(TOKENLOOM_AVX2)
+constexpr int64_t kManyRowsBuffer = 0;  // no many-rows kernel
 #endif
 
 void tile_rows_scalar(const TileRef& t, const Activations& a, int64_t r0, int rows, float* out, int64_t n,
@@ -214,8 +211,8 @@ void tile_block(const TileRef& t, const TileRef* next, const Activations& a, int
 #if defined(TOKENLOOM_AVX2)
   if (rows > kTileRows) return tile_many<Bits>(t, a, r0, rows, acc, out, n, first_row);
 #endif
-#ifdef TOKENLOOM_GQ_VECTOR
   static_cast<void>(acc);
+#ifdef TOKENLOOM_GQ_VECTOR
   if constexpr (Bits == 4 || kTileHighBits) {
     for (int64_t p = r0; p < r0 + rows; p += kTileRows)
       with_rows<kTileRows>(static_cast<int>(std::min<int64_t>(kTileRows, r0 + rows - p)), [&](auto r) {
@@ -224,7 +221,6 @@ void tile_block(const TileRef& t, const TileRef* next, const Activations& a, int
     return;
   }
 #endif
-  static_cast<void>(acc);
   static_cast<void>(next);
   tile_rows_scalar(t, a, r0, rows, out, n, first_row);
 }
@@ -276,14 +272,14 @@ at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Ten
   float* op = out.data_ptr<float>();
   // Few rows read every tile once from memory: tiles of a few KB each are plenty per task. Row blocks go
   // outermost, so a task's tiles are read again from cache, not its rows' activations.
+  auto tile = [&](int64_t t) {
+    return TileRef{tp + t * (k / 8) * kTileBlock, hp ? hp + t * (k / 8) * kTileHighBlock : nullptr,
+                   dp + t * groups * kTile, mp + t * groups * kTile};
+  };
   at::parallel_for(0, count, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
     std::vector<float> acc(kManyRowsBuffer);
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
       const int block = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
-      auto tile = [&](int64_t t) {
-        return TileRef{tp + t * (k / 8) * kTileBlock, hp ? hp + t * (k / 8) * kTileHighBlock : nullptr,
-                       dp + t * groups * kTile, mp + t * groups * kTile};
-      };
       for (int64_t t = begin; t < end; ++t) {
         const TileRef ref = tile(t), following = tile(t + 1);
         const TileRef* next = t + 1 < end ? &following : nullptr;
