@@ -124,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the OpenAI API until SIGTERM or Ctrl-C: the command line's model (the default one unless a
     models folder or catalog is given), loaded now, plus the catalogs' models on demand."""
     from tokenloom.manager import ModelLoadError
-    from tokenloom.server.app import build_state, run_server, server_specs
+    from tokenloom.server.app import ListenError, bind_server_socket, build_state, run_server, server_specs
     from tokenloom.server.config import ServerConfig
 
     config = ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
@@ -135,18 +135,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = args.model_ref or flag_model
     if args.model_ref is None and (config.models_dir or config.models_config) and model == DEFAULT_MODEL:
         model = None  # a catalog serves its own models; the default one stays available on demand
+    try:
+        sock = bind_server_socket(config.host, config.port)
+    except ListenError as exc:
+        print(f"tokenloom: error: {exc}", file=sys.stderr)
+        return 1
     if config.replicas > 1 or config.ray_address:
         from tokenloom.distributed.front import serve_replicas
 
-        return serve_replicas(config, model, options)
+        return serve_replicas(config, model, options, sock)
     state = build_state(config, server_specs(config, model, options), config.served_model_name or model)
     if state.models.default_model is not None:
         try:
             state.manager.get(state.models.default_model)  # fail at start-up, not on the first request
         except ModelLoadError as exc:
+            sock.close()
             print(f"tokenloom: error: {exc}", file=sys.stderr)
             return 1
-    return run_server(state)
+    return run_server(state, sock)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

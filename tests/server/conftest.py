@@ -7,6 +7,7 @@ test first needs it; each is stopped at the end of the session.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -64,8 +65,27 @@ class Server:
                 self.proc.wait()
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A port nobody listens on right now."""
+    """A free port between Ray's worker ports (10002–19999) and the kernel's ephemeral range: the server binds
+    it a few seconds after this returns, and a port from the ephemeral range could meanwhile become the local
+    end of some process's outbound connection (Ray's make many), as one did in a CI run."""
+    low, high = 20000, _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200 if high > low else 0):
+        port = rng.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

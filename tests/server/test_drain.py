@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -66,3 +69,19 @@ def test_sigterm_drains_then_exits_cleanly(tiny_path, tmp_path):
         assert "Traceback" not in log
     finally:
         server.stop()
+
+
+def test_a_taken_port_fails_at_once_with_a_clear_error(tiny_path, tmp_path):
+    # The address is bound before the model loads (or Ray starts): a taken port is an error in a second, not
+    # after the load, and nothing started meanwhile can take a free one.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "tokenloom.cli", "serve", tiny_path, *TINY_FLAGS,
+                               "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+    assert ", quantization " not in proc.stderr  # refused before the model load (its log line)
+    assert time.monotonic() - started < 60

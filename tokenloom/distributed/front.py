@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -273,16 +274,20 @@ async def _watch(front: Front) -> None:
                 front.replica_failed(replica)
 
 
-def serve_replicas(config: Any, model: str | None, engine_options: dict[str, Any]) -> int:
-    """`tokenloom serve --replicas N`: start the replicas on Ray, then serve the front until SIGINT/SIGTERM."""
+def serve_replicas(config: Any, model: str | None, engine_options: dict[str, Any],
+                   sock: socket.socket | None = None) -> int:
+    """`tokenloom serve --replicas N`: start the replicas on Ray, then serve the front until SIGINT/SIGTERM on
+    `sock` (the address bound before Ray starts, `bind_server_socket`; bound here first when not given)."""
     import dataclasses
 
     import uvicorn
 
     from tokenloom.config import EngineConfig
     from tokenloom.loader import load_tokenizer
+    from tokenloom.server.app import bind_server_socket
     from tokenloom.server.http_protocol import GuardedH11Protocol
 
+    sock = sock if sock is not None else bind_server_socket(config.host, config.port)
     server_options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     name = config.served_model_name or model
     tokenizer = None
@@ -300,8 +305,9 @@ def serve_replicas(config: Any, model: str | None, engine_options: dict[str, Any
                               config.body_timeout)
         uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                    http=GuardedH11Protocol.configure(config.header_timeout, config.max_connections))
-        uvicorn.Server(uv_config).run()
+        uvicorn.Server(uv_config).run(sockets=[sock])
     finally:
+        sock.close()
         replicas.shutdown()
         if tokenizer is not None:
             tokenizer.close()

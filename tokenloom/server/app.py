@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import FrameType
@@ -145,11 +146,35 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_server(state: ServerState) -> int:
+class ListenError(OSError):
+    """The server's address cannot be bound (in use, not local, not permitted)."""
+
+
+def bind_server_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (not yet listening) before the slow part of start-up: the port is ours from
+    here on, so nothing started meanwhile (a model load, Ray's processes and their outbound connections) can
+    take it, and a taken port fails in a second rather than after the load. Clients are refused until the
+    server listens."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restarts reuse a TIME_WAIT port
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(state: ServerState, sock: socket.socket | None = None) -> int:
     """Serve until SIGINT or SIGTERM, then drain: in-flight requests finish (up to the drain timeout), every
     model is unloaded, and the process returns normally instead of dying from the re-raised signal. Returns
-    the exit code: 0, or 1 when an engine loop died."""
+    the exit code: 0, or 1 when an engine loop died. `sock`: the address already bound (`bind_server_socket`),
+    else bound now."""
     config = state.config
+    if sock is None:
+        sock = bind_server_socket(config.host, config.port)
     app = build_app(state)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                timeout_graceful_shutdown=int(config.drain_timeout) + 5,
@@ -159,8 +184,9 @@ def run_server(state: ServerState) -> int:
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean return.
     previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM,)}
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         state.manager.close_all()
