@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
+from tokenloom.models.layers.fused_decode import DecodeParts, FusedDecodeLayer
 from tokenloom.models.layers.linear import Linear, MergedLinear, TiedLMHead
 from tokenloom.models.layers.norm import RMSNorm, add_rms_norm
 from tokenloom.models.layers.rotary import RotaryEmbedding, rope_parameters
@@ -61,7 +62,7 @@ def _gemma_rope(config: Any, layer_type: str) -> dict[str, Any]:
     return rope_parameters(config)
 
 
-class Gemma3DecoderLayer(nn.Module):
+class Gemma3DecoderLayer(FusedDecodeLayer):
     """Attention and MLP blocks, each normalised before and after (sandwich norms)."""
 
     def __init__(self, config: Any, layer_idx: int, rotary: dict[str, RotaryEmbedding]) -> None:
@@ -81,6 +82,13 @@ class Gemma3DecoderLayer(nn.Module):
         x, h = add_rms_norm(x, self.self_attn(h, positions, meta), self.post_attention_layernorm,
                             self.pre_feedforward_layernorm)
         return add_rms_norm(x, self.mlp(h), self.post_feedforward_layernorm, next_norm)
+
+    def decode_parts(self) -> DecodeParts:
+        """This layer's modules in its forward's order (sandwich norms around both blocks)."""
+        attn, mlp = self.self_attn, self.mlp
+        return DecodeParts(self.input_layernorm, attn.qkv_proj, attn.q_norm, attn.k_norm, attn.rotary, attn.attn,
+                           attn.o_proj, self.post_attention_layernorm, self.pre_feedforward_layernorm,
+                           mlp.gate_up_proj, mlp.act, mlp.down_proj, self.post_feedforward_layernorm)
 
 
 class ScaledEmbedding(nn.Embedding):

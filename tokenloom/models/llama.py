@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.models.layers.attention import AttentionMetadata, PagedAttention
+from tokenloom.models.layers.fused_decode import DecodeParts, FusedDecodeLayer, run_fused_decode
 from tokenloom.models.layers.linear import Linear, LMHead, MergedLinear, TiedLMHead
 from tokenloom.models.layers.norm import RMSNorm, add_rms_norm
 from tokenloom.models.layers.rotary import RotaryEmbedding, rope_parameters
@@ -29,7 +30,11 @@ def head_dim_of(config: Any) -> int:
 def run_decoder_layers(layers: nn.ModuleList, final_norm: RMSNorm, x: torch.Tensor, positions: torch.Tensor,
                        meta: AttentionMetadata) -> torch.Tensor:
     """Pre-norm layers that hand each other (residual, normalised input), so that every residual add
-    fuses with the next norm: the last layer's output comes back through `final_norm`."""
+    fuses with the next norm: the last layer's output comes back through `final_norm`. A decode step whose
+    layers qualify runs each layer in one native call (`fused_decode`), with the same result."""
+    fused = run_fused_decode(layers, final_norm, x, positions, meta)
+    if fused is not None:
+        return fused
     h = layers[0].input_layernorm(x)
     for i, layer in enumerate(layers):
         next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else final_norm
@@ -91,7 +96,7 @@ class GatedMLP(nn.Module):
         return self.down_proj(gate * up)
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(FusedDecodeLayer):
     """Pre-norm attention and MLP blocks with residuals."""
 
     def __init__(self, config: Any, layer_idx: int, rotary: RotaryEmbedding, qk_norm: bool) -> None:
@@ -108,6 +113,13 @@ class LlamaDecoderLayer(nn.Module):
         and `next_norm` of it (the next block's input)."""
         x, h = add_rms_norm(x, self.self_attn(h, positions, meta), None, self.post_attention_layernorm)
         return add_rms_norm(x, self.mlp(h), None, next_norm)
+
+    def decode_parts(self) -> DecodeParts:
+        """This layer's modules in its forward's order (no sandwich norms)."""
+        attn, mlp = self.self_attn, self.mlp
+        q_norm, k_norm = (attn.q_norm, attn.k_norm) if attn.qk_norm else (None, None)
+        return DecodeParts(self.input_layernorm, attn.qkv_proj, q_norm, k_norm, attn.rotary, attn.attn, attn.o_proj,
+                           None, self.post_attention_layernorm, mlp.gate_up_proj, mlp.act, mlp.down_proj, None)
 
 
 class LlamaModel(nn.Module):

@@ -19,10 +19,10 @@ from tokenloom.models.ops import isa
 from tokenloom.models.ops.native import kernels_enabled, load_level
 
 __all__ = ["isa", "kernels", "level_in_use", "describe", "use_level", "bf16_is_fast", "rms_norm", "add_rms_norm",
-           "qkv_rope_cache", "paged_decode_attention", "dense_rows", "group_quant_rows", "group_quant_tiles",
-           "group_quant_pack", "group_quant_dequant", "vectorised_group_quant", "group_quant_max_rows", "tiled_layers",
-           "argmax_rows",
-           "bind_threads"]
+           "qkv_rope_cache", "paged_decode_attention", "dense_rows", "dense_rows_supported", "group_quant_rows",
+           "group_quant_tiles", "group_quant_tiles_high", "group_quant_pack", "group_quant_dequant",
+           "vectorised_group_quant", "group_quant_max_rows", "tiled_layers", "argmax_rows", "bind_threads",
+           "decode_projection", "decode_layer_plan", "decode_layer"]
 
 MAX_ROWS = 8  # the dense few-rows product (decode) takes up to 8 rows; larger steps use a GEMM
 # The largest step the group-quantized kernels take (passes of 8 rows, each weight row read once per step)
@@ -140,11 +140,17 @@ def dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     k = _cpu(x)
     if k is None or x.dim() != 2 or x.shape[0] > MAX_ROWS or weight.shape[1] % 32:
         return None
-    pair = (x.dtype, weight.dtype)
+    return k.dense_rows_linear(x, weight, bias, float_out) if dense_rows_supported(x.dtype, weight.dtype) else None
+
+
+def dense_rows_supported(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether `dense_rows` has a vectorised kernel for the dtypes at the level in use."""
+    k = kernels()
+    pair = (x_dtype, weight_dtype)
     supported = _active.dense_pairs.get(pair)
     if supported is None:
-        supported = _active.dense_pairs[pair] = k.dense_rows_supported(*pair)
-    return k.dense_rows_linear(x, weight, bias, float_out) if supported else None
+        supported = _active.dense_pairs[pair] = k is not None and k.dense_rows_supported(*pair)
+    return supported
 
 
 def lora_add(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_flat: torch.Tensor, cols: torch.Tensor,
@@ -189,6 +195,12 @@ def tiled_layers() -> bool:
     steps of any size there)."""
     kernels()
     return _active.tiled_layers
+
+
+def group_quant_tiles_high() -> bool:
+    """Whether `group_quant_tiles` takes 5-bit tiles (their fifth-bit planes) at the level in use."""
+    kernels()
+    return _active.tiles_high
 
 
 def group_quant_tiles(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
@@ -244,3 +256,27 @@ def bind_threads(cpus: list[int]) -> list[int] | None:
     """Pin the calling thread's intra-op pool, thread i to cpus[i % n]; None without the kernels."""
     k = kernels()
     return k.bind_threads(cpus) if k is not None else None
+
+
+def decode_projection(kind: str, a: torch.Tensor, b: torch.Tensor | None = None, c: torch.Tensor | None = None,
+                      high: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                      out_features: int = 0) -> object | None:
+    """A linear layer's weights for `decode_layer`: `tiles` (a, b, c = tiles, d, m), `rows` (the general
+    group-quantized layout: codes, d, m) or `dense` (a = the weight); None without the kernels."""
+    k = _cpu(a)
+    return k.make_projection(kind, a, b, c, high, bias, out_features) if k is not None else None
+
+
+def decode_layer_plan() -> object | None:
+    """An empty native plan of one decoder layer (csrc/decode_layer.h: fields filled by the caller)."""
+    k = kernels()
+    return k.DecodeLayerPlan() if k is not None else None
+
+
+def decode_layer(plan: object, x: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 block_table: torch.Tensor, lens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 next_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer of a decode step in one native call: (new residual, the next block's input). The
+    caller (models/layers/fused_decode.py) has checked that `plan`'s kernels take this step."""
+    return tuple(_active.kernels.decode_layer(plan, x, h, positions, slots, block_table, lens, k_cache, v_cache,
+                                              next_norm))

@@ -1,6 +1,7 @@
 // Python bindings of the CPU kernels (one extension module, built by models/layers/kernels.py).
 #include <torch/extension.h>
 
+#include "decode_layer.h"
 #include "isa.h"
 
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_table,
@@ -28,7 +29,44 @@ void apply_token_bitmask(at::Tensor logits, at::Tensor bitmask, at::Tensor rows)
 at::Tensor gq_dequant(at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high,
                       at::ScalarType dtype);
 
+std::shared_ptr<tokenloom::Projection> make_projection(const std::string& kind, at::Tensor a,
+                                                       c10::optional<at::Tensor> b, c10::optional<at::Tensor> c,
+                                                       c10::optional<at::Tensor> high, c10::optional<at::Tensor> bias,
+                                                       int64_t out_features);
+std::vector<at::Tensor> decode_layer(const tokenloom::DecodeLayerPlan& plan, at::Tensor x, at::Tensor h,
+                                     at::Tensor positions, at::Tensor slots, at::Tensor block_table, at::Tensor lens,
+                                     at::Tensor k_cache, at::Tensor v_cache, at::Tensor next_norm);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<tokenloom::Projection, std::shared_ptr<tokenloom::Projection>>(m, "Projection", py::module_local());
+  m.def("make_projection", &make_projection, "a linear layer's weights for decode_layer: kind tiles, rows or dense",
+        py::arg("kind"), py::arg("a"), py::arg("b") = py::none(), py::arg("c") = py::none(),
+        py::arg("high") = py::none(), py::arg("bias") = py::none(), py::arg("out_features"));
+  using Plan = tokenloom::DecodeLayerPlan;
+  py::class_<Plan>(m, "DecodeLayerPlan", py::module_local())  // each level's module has its own
+      .def(py::init<>())
+      .def_readwrite("qkv", &Plan::qkv)
+      .def_readwrite("o", &Plan::o)
+      .def_readwrite("gate_up", &Plan::gate_up)
+      .def_readwrite("down", &Plan::down)
+      .def_readwrite("q_norm", &Plan::q_norm)
+      .def_readwrite("k_norm", &Plan::k_norm)
+      .def_readwrite("qk_eps", &Plan::qk_eps)
+      .def_readwrite("qk_offset", &Plan::qk_offset)
+      .def_readwrite("cos", &Plan::cos)
+      .def_readwrite("sin", &Plan::sin)
+      .def_readwrite("attn_out_norm", &Plan::attn_out_norm)
+      .def_readwrite("mlp_in_norm", &Plan::mlp_in_norm)
+      .def_readwrite("mlp_out_norm", &Plan::mlp_out_norm)
+      .def_readwrite("eps", &Plan::eps)
+      .def_readwrite("offset", &Plan::offset)
+      .def_readwrite("heads", &Plan::heads)
+      .def_readwrite("kv_heads", &Plan::kv_heads)
+      .def_readwrite("window", &Plan::window)
+      .def_readwrite("scale", &Plan::scale)
+      .def_readwrite("gelu_tanh", &Plan::gelu_tanh);
+  m.def("decode_layer", &decode_layer, "one decoder layer of a decode step: (residual, next block's input)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("isa_level", [] { return std::string(TOKENLOOM_ISA_NAME); }, "the instruction-set level this module is built for");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm, Llama (offset 0) or Gemma (offset 1) convention");

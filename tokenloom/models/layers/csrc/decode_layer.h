@@ -1,0 +1,36 @@
+// A decoder layer's weights for decode_layer (csrc/decode_layer.cpp), held once per layer by Python.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <memory>
+
+namespace tokenloom {
+
+// One linear layer: row tiles (a = tiles, b = d, c = m), the general group-quantized layout (a = codes),
+// or a dense bf16 / float32 matrix (a = weight).
+struct Projection {
+  enum class Kind { kTiles, kRows, kDense };
+  Kind kind = Kind::kDense;
+  at::Tensor a, b, c;
+  c10::optional<at::Tensor> high, bias;
+  int64_t out_features = 0;
+
+  at::Tensor operator()(const at::Tensor& x) const;
+};
+
+struct DecodeLayerPlan {
+  std::shared_ptr<Projection> qkv, o, gate_up, down;
+  c10::optional<at::Tensor> q_norm, k_norm;  // per-head q/k RMSNorm weights (Qwen3, Gemma 3)
+  double qk_eps = 0.0, qk_offset = 0.0;
+  at::Tensor cos, sin;                            // the layer's RoPE tables in the activations' dtype
+  c10::optional<at::Tensor> attn_out_norm;        // the attention output's own norm (Gemma's sandwich norm)
+  at::Tensor mlp_in_norm;                         // the MLP's input norm
+  c10::optional<at::Tensor> mlp_out_norm;         // the MLP output's own norm (Gemma)
+  double eps = 0.0, offset = 0.0;                 // the layer norms' convention
+  int64_t heads = 0, kv_heads = 0, window = 0;    // window 0: full attention
+  double scale = 1.0;
+  bool gelu_tanh = false;                         // else SiLU
+};
+
+}  // namespace tokenloom
