@@ -60,11 +60,12 @@ def set_method(llm, method: str | None, k: int, max_batch: int | None = None) ->
     """Switch prompt lookup on the loaded engine (same weights, same KV cache)."""
     from tokenloom.config import SpeculativeConfig
     from tokenloom.engine.speculative import Speculator
+    from tokenloom.models.layers.quantized import has_tiled_layers
 
     engine = llm.engine
     engine.speculator = engine.scheduler.speculator = None if method is None else Speculator(
         SpeculativeConfig(speculative_method=method, num_speculative_tokens=k, speculative_max_batch=max_batch),
-        engine.max_model_len)
+        engine.max_model_len, tiled_target=has_tiled_layers(engine.loaded.model))
 
 
 def sweep(llm, prompts: list[str], args, label: str) -> None:

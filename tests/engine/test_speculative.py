@@ -318,10 +318,15 @@ def test_speculation_pauses_above_its_batch_limit(tiny_models):
     from tokenloom.engine.speculative import NGRAM_MAX_BATCH_TILED, Speculator
     from tokenloom.models import ops
 
-    assert Speculator(SpeculativeConfig("ngram"), 512).max_batch == (64 if not ops.tiled_layers()
-                                                                     else NGRAM_MAX_BATCH_TILED)
-    with ops.use_level("torch"):  # no row tiles: the per-method default
-        assert Speculator(SpeculativeConfig("ngram"), 512).max_batch == 64
+    # The limit follows the target's layout: a row-tiled target (quantized, avx2) pauses ngram early, a dense one
+    # (bound by reading its weights) keeps the per-method default.
+    assert Speculator(SpeculativeConfig("ngram"), 512, tiled_target=True).max_batch == NGRAM_MAX_BATCH_TILED
+    assert Speculator(SpeculativeConfig("ngram"), 512).max_batch == 64
+    for quantization, tiled in (("none", False), ("int4", ops.tiled_layers())):
+        engine = LLM(str(tiny_models["llama"]), dtype="float32", quantization=quantization, kv_cache_gib=0.01,
+                     speculative_method="ngram").engine
+        assert engine.speculator.tiled_target == tiled
+        assert engine.speculator.max_batch == (NGRAM_MAX_BATCH_TILED if tiled else 64)
     assert Speculator(SpeculativeConfig("self"), 512).max_batch == 2
     assert Speculator(SpeculativeConfig("ngram", speculative_max_batch=5), 512).max_batch == 5
     never = Speculator(SpeculativeConfig("ngram", speculative_max_batch=0), 512)

@@ -39,6 +39,7 @@ from tokenloom.engine.scheduler import Scheduler, SchedulerOutput
 from tokenloom.engine.speculative import SpeculativeStats, Speculator
 from tokenloom.engine.threads import ThreadBinder
 from tokenloom.loader import LoadedModel, load_model
+from tokenloom.models.layers.quantized import has_tiled_layers
 from tokenloom.models.pooling import PoolingConfig, read_pooling_config
 from tokenloom.outputs import RequestOutput
 from tokenloom.sampling_params import SamplingParams
@@ -113,7 +114,8 @@ class LLMEngine:
         if config.speculative_config.speculative_method is not None:
             drafter = DraftModelProposer(draft, num_blocks, cache.block_size, cache.torch_dtype(draft.dtype), device,
                                          self.vocab_size) if draft is not None else None
-            self.speculator = Speculator(config.speculative_config, self.max_model_len, drafter)
+            self.speculator = Speculator(config.speculative_config, self.max_model_len, drafter,
+                                         tiled_target=has_tiled_layers(self.loaded.model))
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len, self.speculator)
         self.structured = None  # constraints (JSON schema, regex, choice, grammar): generative models only
         if self.loaded.kind != "encoder":

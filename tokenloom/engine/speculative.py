@@ -33,7 +33,6 @@ import torch
 
 from tokenloom.config import DEFAULT_SPECULATIVE_MAX_BATCH, SpeculativeConfig
 from tokenloom.engine.request import Request
-from tokenloom.models import ops
 from tokenloom.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -155,9 +154,10 @@ class _RequestState:
 class Speculator:
     """Makes each step's guesses and adapts each request's guess count to its acceptance."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int, drafter: DraftModelProposer | None = None
-                 ) -> None:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, drafter: DraftModelProposer | None = None,
+                 tiled_target: bool = False) -> None:
         self.config = config
+        self.tiled_target = tiled_target  # the target's layers run in row tiles (quantized, at the avx2 level)
         self.max_model_len = max_model_len
         self.drafter = drafter  # the draft model of methods draft and self; None for ngram
         self.stats = SpeculativeStats(config.speculative_method or "none")
@@ -170,9 +170,10 @@ class Speculator:
         if limit is not None:
             return limit
         method = self.config.speculative_method
-        if method == "ngram" and ops.tiled_layers():
+        if method == "ngram" and self.tiled_target:
             # avx2's row-tile kernels make a step of a few dozen rows compute-bound: measured there, ngram
-            # gains 1.36x at 2 streams, ~1.0x at 4-8 and loses at 16 (0.76x) (docs/benchmarks.md, 2026-12-03)
+            # gains 1.36x at 2 streams, ~1.0x at 4-8 and loses at 16 (0.76x) (docs/benchmarks.md, 2026-12-03).
+            # A dense target is bound by reading its weights: ngram gained 1.49x at 16 streams, 1.29x at 64.
             return NGRAM_MAX_BATCH_TILED
         return DEFAULT_SPECULATIVE_MAX_BATCH.get(method, 0)
 

@@ -119,3 +119,8 @@ class QuantizedLMHead(nn.Module):
             if logits is not None:
                 return logits
         return self.dense(hidden)
+
+
+def has_tiled_layers(model: nn.Module) -> bool:
+    """Whether any of the model's group-quantized layers runs in row tiles (`GroupQuantLinear.tiled`)."""
+    return any(isinstance(m, GroupQuantLinear) and m.tiled for m in model.modules())
