@@ -5,7 +5,8 @@
 gemma-3-270m with the engine's defaults for this CPU. Single stream: each prompt alone, greedy, up to
 `--max-tokens` tokens, on input-grounded prompts (copy or continue a given text: the project's own source files
 and docs) and open-ended ones, each method against none in the same run (the same loaded weights: speculation is
-switched on the engine between runs). Then 16 and 64 concurrent requests mixing both kinds. Generated tokens per
+switched on the engine between runs). Then 16 and 64 concurrent requests mixing both kinds, each method's runs
+alternating with its own engine's runs without speculation (the ratio's reference). Generated tokens per
 second include prefill. With `--llama-cpp` (a virtual environment holding llama-cpp-python), llama.cpp on the
 same prompts without and with its prompt-lookup decoding (`LlamaPromptLookupDecoding`), in a process of its own.
 Prints markdown tables with ratios.
@@ -140,9 +141,30 @@ def measure(llm, prompts: dict[str, list[str]], args, concurrency: list[int]) ->
     mixed = prompts["input-grounded"] + prompts["open-ended"]
     for c in concurrency:
         batch = (mixed * (c // len(mixed) + 1))[:c]
-        tokens, seconds = run(llm, batch, args.max_tokens, True)
-        rates[str(c)] = tokens / seconds
+        rates[str(c)], base = _paired(llm, batch, args)
+        if base is not None:
+            rates[f"{c} base"] = base
     return rates
+
+
+def _paired(llm, batch: list[str], args) -> tuple[float, float | None]:
+    """Generated tok/s of a concurrent batch, median of `--reps` runs; with speculation on, each run alternates
+    with one of the same engine with speculation off (this VM's noise between runs is larger than the
+    differences measured), whose median is returned too."""
+    import statistics
+
+    engine = llm.engine
+    speculator = engine.speculator
+    on, off = [], []
+    try:
+        for _ in range(args.reps):
+            for rates, active in ((off, None), (on, speculator)) if speculator is not None else ((on, None),):
+                engine.speculator = engine.scheduler.speculator = active
+                tokens, seconds = run(llm, batch, args.max_tokens, True)
+                rates.append(tokens / seconds)
+    finally:
+        engine.speculator = engine.scheduler.speculator = speculator
+    return statistics.median(on), statistics.median(off) if off else None
 
 
 def _accepted(llm) -> tuple[int, int]:
@@ -165,6 +187,8 @@ def main() -> None:
                         help="default: the engine's defaults for this CPU (the GGUF's 4-bit weights); dense: "
                              "--quantization none (where self-speculation applies)")
     parser.add_argument("--concurrency", default="16,64")
+    parser.add_argument("--reps", type=int, default=2, help="runs of each concurrent batch (median), each method's "
+                        "alternating with the same engine's runs without speculation")
     parser.add_argument("--sweep", default="", help="batch sizes for the speculative_max_batch sweep, e.g. 1,2,4,8,16")
     parser.add_argument("--sweep-methods", default="ngram,self")
     parser.add_argument("--max-batch", type=int, default=None, help="speculative_max_batch (default: the method's)")
@@ -223,7 +247,8 @@ def main() -> None:
 def _row(target: str, method: str, rates: dict[str, float], base: dict[str, float], columns: list[str]) -> None:
     cells = []
     for c in columns:
-        cell = f"{rates[c]:.1f}" + (f" ({rates[c] / base[c]:.2f}x)" if rates is not base else "")
+        reference = rates.get(f"{c} base", base[c])  # concurrent columns: the paired runs without speculation
+        cell = f"{rates[c]:.1f}" + (f" ({rates[c] / reference:.2f}x)" if rates is not base else "")
         accepted = rates.get(f"{c} accepted")
         if accepted is not None and accepted == accepted:  # not NaN
             cell += f" ({accepted:.2f})"
