@@ -36,6 +36,7 @@ def test_sigterm_drains_then_exits_cleanly(tiny_path, tmp_path):
     # One sequence at a time: 32 long requests (15k tokens) queue up far longer than the drain timeout.
     server = launch(tiny_path, [*TINY_FLAGS, "--max-num-seqs", "1", "--drain-timeout", str(DRAIN_TIMEOUT)],
                     tmp_path, "drain").wait_ready()
+    assert f"serving on http://127.0.0.1:{server.port}" in server.log.read_text()  # the address, bound early
     try:
         async def run() -> tuple[list, float]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:

@@ -284,7 +284,7 @@ def serve_replicas(config: Any, model: str | None, engine_options: dict[str, Any
 
     from tokenloom.config import EngineConfig
     from tokenloom.loader import load_tokenizer
-    from tokenloom.server.app import bind_server_socket
+    from tokenloom.server.app import bind_server_socket, log_address
     from tokenloom.server.http_protocol import GuardedH11Protocol
 
     sock = sock if sock is not None else bind_server_socket(config.host, config.port)
@@ -305,6 +305,7 @@ def serve_replicas(config: Any, model: str | None, engine_options: dict[str, Any
                               config.body_timeout)
         uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                    http=GuardedH11Protocol.configure(config.header_timeout, config.max_connections))
+        log_address(sock)
         uvicorn.Server(uv_config).run(sockets=[sock])
     finally:
         sock.close()

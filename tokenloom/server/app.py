@@ -167,6 +167,12 @@ def bind_server_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def log_address(sock: socket.socket) -> None:
+    """uvicorn logs its address only for sockets it binds itself: say where the server listens."""
+    host, port = sock.getsockname()[:2]
+    logger.info("serving on http://%s:%d (press CTRL+C to quit)", f"[{host}]" if ":" in host else host, port)
+
+
 def run_server(state: ServerState, sock: socket.socket | None = None) -> int:
     """Serve until SIGINT or SIGTERM, then drain: in-flight requests finish (up to the drain timeout), every
     model is unloaded, and the process returns normally instead of dying from the re-raised signal. Returns
@@ -183,6 +189,7 @@ def run_server(state: ServerState, sock: socket.socket | None = None) -> int:
     state.request_exit = lambda: setattr(server, "should_exit", True)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean return.
     previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM,)}
+    log_address(sock)
     try:
         server.run(sockets=[sock])
     finally:
