@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-NGRAM_MAX_BATCH_TILED = 8  # ngram's speculative_max_batch where the layers run in row tiles (ops.tiled_layers)
+NGRAM_MAX_BATCH_TILED = 8  # ngram's speculative_max_batch for a target whose layers run in row tiles
 PENDING = -1  # a guess slot reserved by the scheduler, filled by a draft model before the step runs
 
 

@@ -1,7 +1,7 @@
 """Decode steps through whole decoder layers, one native call a layer (csrc/decode_layer.cpp).
 
 A decode step's layer is ~10 kernel calls on a few kilobytes of activations; from Python each costs a module
-call, its wrapper and a binding, ~200 us a layer: a third of a gemma-3-270m step at 4 bits on AVX2. The native
+call, its wrapper and a binding, ~200 us a layer: about a quarter of a gemma-3-270m step at 4 bits on AVX2. The native
 call runs the same kernels, in the same order, on the same tensors, so its outputs are bit-identical to the
 module path. It is taken for a step when:
 - the step is decode only (one new token per sequence) on CPU, without autograd, soft-prompt keys or

@@ -1,7 +1,7 @@
 // One decoder layer of a decode step in one call.
 //
 // A decode step's layer is ~10 kernel calls on a few kilobytes of activations; from Python each costs its
-// module call, wrapper and binding (~200 us a layer, a third of a gemma-3-270m step at 4 bits on AVX2).
+// module call, wrapper and binding (~200 us a layer, about a quarter of a gemma-3-270m step at 4 bits on AVX2).
 // Here the same kernels run in the same order on the same tensors, so the outputs are bit-identical to the
 // module path (tests/models/test_decode_layer.py): the projections (row tiles, the general group-quantized
 // layout, or dense rows), q/k norms + RoPE + cache write, paged decode attention, the residual adds fused
@@ -15,19 +15,7 @@
 #include <vector>
 
 #include "decode_layer.h"
-
-at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_table,
-                                  at::Tensor lens, double scale, int64_t window);
-at::Tensor gq_linear(at::Tensor x, at::Tensor codes, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high,
-                     c10::optional<at::Tensor> bias, bool float_out);
-std::vector<at::Tensor> add_rms_norm(at::Tensor residual, at::Tensor update, c10::optional<at::Tensor> update_weight,
-                                     at::Tensor next_weight, double eps, double offset);
-at::Tensor qkv_rope_cache(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor sin,
-                          c10::optional<at::Tensor> q_weight, c10::optional<at::Tensor> k_weight, double eps,
-                          double offset, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots, int64_t heads,
-                          int64_t kv_heads);
-at::Tensor dense_rows_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, bool float_out);
-at::Tensor gq_tiles_linear(at::Tensor x, at::Tensor tiles, at::Tensor d, at::Tensor m, c10::optional<at::Tensor> high);
+#include "kernels.h"
 
 namespace tokenloom {
 

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <string>
+#include <vector>
 
 namespace tokenloom {
 
@@ -34,3 +36,13 @@ struct DecodeLayerPlan {
 };
 
 }  // namespace tokenloom
+
+// A projection of kind "tiles", "rows" or "dense" (csrc/decode_layer.cpp).
+std::shared_ptr<tokenloom::Projection> make_projection(const std::string& kind, at::Tensor a,
+                                                       c10::optional<at::Tensor> b, c10::optional<at::Tensor> c,
+                                                       c10::optional<at::Tensor> high, c10::optional<at::Tensor> bias,
+                                                       int64_t out_features);
+// One decoder layer of a decode step: {the new residual, the next block's normalised input}.
+std::vector<at::Tensor> decode_layer(const tokenloom::DecodeLayerPlan& plan, at::Tensor x, at::Tensor h,
+                                     at::Tensor positions, at::Tensor slots, at::Tensor block_table, at::Tensor lens,
+                                     at::Tensor k_cache, at::Tensor v_cache, at::Tensor next_norm);

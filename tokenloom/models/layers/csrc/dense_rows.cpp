@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace {

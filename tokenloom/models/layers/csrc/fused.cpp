@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
 #include "kv_dtype.h"
 #include "norm_row.h"
 

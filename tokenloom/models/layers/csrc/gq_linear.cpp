@@ -27,6 +27,7 @@
 #include "gq_chunk.h"
 #include "gq_layout.h"
 #include "gq_simd.h"
+#include "kernels.h"
 
 namespace {
 

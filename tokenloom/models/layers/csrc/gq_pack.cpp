@@ -14,6 +14,7 @@
 
 #include "gq_layout.h"
 #include "gq_simd.h"
+#include "kernels.h"
 
 namespace {
 

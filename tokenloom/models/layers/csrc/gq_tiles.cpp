@@ -38,6 +38,7 @@
 
 #include "gq_simd.h"
 #include "gq_tile.h"
+#include "kernels.h"
 
 namespace {
 

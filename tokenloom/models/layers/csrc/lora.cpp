@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace {

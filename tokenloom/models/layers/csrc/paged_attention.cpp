@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
 #include "kv_dtype.h"
 #include "simd.h"
 

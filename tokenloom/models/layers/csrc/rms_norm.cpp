@@ -9,6 +9,7 @@
 
 #include <algorithm>
 
+#include "kernels.h"
 #include "norm_row.h"
 
 namespace {

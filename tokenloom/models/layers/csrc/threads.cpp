@@ -11,6 +11,8 @@
 #include <sched.h>
 #endif
 
+#include "kernels.h"
+
 // Returns, per pool thread, the CPU it was pinned to, or -1 where that failed (or off Linux).
 std::vector<int64_t> bind_threads(std::vector<int64_t> cpus) {
   TORCH_CHECK(!cpus.empty(), "bind_threads: no CPUs given");

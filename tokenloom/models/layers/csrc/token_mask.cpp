@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "kernels.h"
+
 // logits float32 [R, V] (modified in place); bitmask int32 [R, W]; rows int64: the rows to mask (row r of the
 // bitmask for row r of the logits). Tokens past 32 W are forbidden.
 void apply_token_bitmask(at::Tensor logits, at::Tensor bitmask, at::Tensor rows) {
