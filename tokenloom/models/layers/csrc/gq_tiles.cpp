@@ -123,11 +123,14 @@ void tile_rows(const TileRef& t, const TileRef* next, const Activations& a, int6
 
 #if defined(TOKENLOOM_AVX2)
 // Many rows (prefill, batched decode): a group's codes are unpacked once for all the rows of the call (in the
-// few-rows kernel, once per pass of kTileRows rows), held in 8 registers while every row goes by, its
-// accumulators in `acc` (L1). The same arithmetic in the same order as tile_rows, so a row's outputs do not
-// depend on which kernel ran: one int16 sum per 8 products, widened and converted once per group, then the
-// two fused multiply-adds. `acc` holds kRowBlock rows.
-constexpr int64_t kManyRowsBuffer = kRowBlock * kLanes;
+// few-rows kernel, once per pass of kTileRows rows), half a group at a time for both halves of the tile: 8
+// registers, so each activation broadcast feeds two vpmaddubsw, one per half (loads, not arithmetic, bound this
+// loop on Zen 3: a whole group of one half took one broadcast per vpmaddubsw, and ran ~1.25x slower). A row's
+// int16 sums of the first half-group wait in `acc` (L1) for the second, beside its float accumulators. The same
+// arithmetic in the same order as tile_rows, so a row's outputs do not depend on which kernel ran: one int16 sum
+// per 8 products (4 bits; 5-bit halves widened apart), widened and converted once per group, then the two fused
+// multiply-adds. `acc` holds kRowBlock rows: two halves of floats, then two of int16 sums.
+constexpr int64_t kManyRowsBuffer = kRowBlock * 4 * kLanes;
 
 inline int32_t load4(const int8_t* p) {
   int32_t v;
@@ -135,39 +138,63 @@ inline int32_t load4(const int8_t* p) {
   return v;
 }
 
+// One row's products with half a group (blocks 2h, 2h + 1) for both halves of the tile: c[4 * part + 2 * b + hi].
+inline void half_group_sums(const __m256i* c, const int8_t* xq, __m256i& part0, __m256i& part1) {
+  const __m256i x0 = _mm256_set1_epi32(load4(xq)), x1 = _mm256_set1_epi32(load4(xq + 4));
+  const __m256i x2 = _mm256_set1_epi32(load4(xq + 8)), x3 = _mm256_set1_epi32(load4(xq + 12));
+  part0 = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(c[0], x0), _mm256_maddubs_epi16(c[1], x1)),
+                           _mm256_add_epi16(_mm256_maddubs_epi16(c[2], x2), _mm256_maddubs_epi16(c[3], x3)));
+  part1 = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(c[4], x0), _mm256_maddubs_epi16(c[5], x1)),
+                           _mm256_add_epi16(_mm256_maddubs_epi16(c[6], x2), _mm256_maddubs_epi16(c[7], x3)));
+}
+
+template <int Bits>
+inline void half_group_codes(const TileRef& t, int64_t g, int h, __m256i* c) {
+  for (int part = 0; part < 2; ++part)
+    for (int b = 0; b < 2; ++b)
+      block_codes<Bits>(t.codes + 4 * g * kTileBlock, high_of_group<Bits>(t, g), 2 * h + b, part, c[4 * part + 2 * b],
+                        c[4 * part + 2 * b + 1]);
+}
+
 template <int Bits>
 void tile_many(const TileRef& t, const Activations& a, int64_t r0, int rows, float* acc, float* out, int64_t n,
                int64_t first_row) {
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int part = 0; part < 2; ++part) {
-    for (int r = 0; r < rows; ++r) _mm256_storeu_ps(acc + r * kLanes, _mm256_setzero_ps());
-    for (int64_t g = 0; g < a.groups; ++g) {
-      __m256i c[8];
-      for (int b = 0; b < 4; ++b)
-        block_codes<Bits>(t.codes + 4 * g * kTileBlock, high_of_group<Bits>(t, g), b, part, c[2 * b], c[2 * b + 1]);
-      const vf dv = vload(t.d + kTile * g + kLanes * part), mv = vload(t.m + kTile * g + kLanes * part);
-      for (int r = 0; r < rows; ++r) {
-        const int8_t* xq = a.codes(r0 + r) + 32 * g;
-        const __m256i first = _mm256_add_epi16(
-            _mm256_add_epi16(_mm256_maddubs_epi16(c[0], _mm256_set1_epi32(load4(xq))),
-                             _mm256_maddubs_epi16(c[1], _mm256_set1_epi32(load4(xq + 4)))),
-            _mm256_add_epi16(_mm256_maddubs_epi16(c[2], _mm256_set1_epi32(load4(xq + 8))),
-                             _mm256_maddubs_epi16(c[3], _mm256_set1_epi32(load4(xq + 12)))));
-        const __m256i second = _mm256_add_epi16(
-            _mm256_add_epi16(_mm256_maddubs_epi16(c[4], _mm256_set1_epi32(load4(xq + 16))),
-                             _mm256_maddubs_epi16(c[5], _mm256_set1_epi32(load4(xq + 20)))),
-            _mm256_add_epi16(_mm256_maddubs_epi16(c[6], _mm256_set1_epi32(load4(xq + 24))),
-                             _mm256_maddubs_epi16(c[7], _mm256_set1_epi32(load4(xq + 28)))));
-        const __m256i total = Bits == 5 ? _mm256_add_epi32(_mm256_madd_epi16(first, ones), _mm256_madd_epi16(second, ones))
-                                        : _mm256_madd_epi16(_mm256_add_epi16(first, second), ones);
-        const vf dots = _mm256_cvtepi32_ps(total);
-        vf sum = vload(acc + r * kLanes);
-        sum = vfma(dots, vmul(dv, vset1(a.scales(r0 + r)[g])), sum);
-        sum = vfma(mv, vset1(a.sums(r0 + r)[g]), sum);
-        vstore(acc + r * kLanes, sum);
+  __m256i* partial = reinterpret_cast<__m256i*>(acc + kRowBlock * 2 * kLanes);  // [rows, 2 parts]
+  for (int r = 0; r < 2 * rows; ++r) _mm256_storeu_ps(acc + r * kLanes, _mm256_setzero_ps());
+  for (int64_t g = 0; g < a.groups; ++g) {
+    __m256i c[8];
+    half_group_codes<Bits>(t, g, 0, c);
+    for (int r = 0; r < rows; ++r) {
+      __m256i p0, p1;
+      half_group_sums(c, a.codes(r0 + r) + 32 * g, p0, p1);
+      if (Bits == 5) {
+        p0 = _mm256_madd_epi16(p0, ones);
+        p1 = _mm256_madd_epi16(p1, ones);
       }
+      _mm256_storeu_si256(partial + 2 * r, p0);
+      _mm256_storeu_si256(partial + 2 * r + 1, p1);
     }
-    for (int r = 0; r < rows; ++r) vstore(out + (r0 + r) * n + first_row + kLanes * part, vload(acc + r * kLanes));
+    half_group_codes<Bits>(t, g, 1, c);
+    const vf d0 = vload(t.d + kTile * g), d1 = vload(t.d + kTile * g + kLanes);
+    const vf m0 = vload(t.m + kTile * g), m1 = vload(t.m + kTile * g + kLanes);
+    for (int r = 0; r < rows; ++r) {
+      __m256i p0, p1;
+      half_group_sums(c, a.codes(r0 + r) + 32 * g + 16, p0, p1);
+      const __m256i first0 = _mm256_loadu_si256(partial + 2 * r), first1 = _mm256_loadu_si256(partial + 2 * r + 1);
+      const __m256i t0 = Bits == 5 ? _mm256_add_epi32(first0, _mm256_madd_epi16(p0, ones))
+                                   : _mm256_madd_epi16(_mm256_add_epi16(first0, p0), ones);
+      const __m256i t1 = Bits == 5 ? _mm256_add_epi32(first1, _mm256_madd_epi16(p1, ones))
+                                   : _mm256_madd_epi16(_mm256_add_epi16(first1, p1), ones);
+      const vf xs = vset1(a.scales(r0 + r)[g]), xsum = vset1(a.sums(r0 + r)[g]);
+      float* a0 = acc + 2 * r * kLanes;
+      vstore(a0, vfma(m0, xsum, vfma(_mm256_cvtepi32_ps(t0), vmul(d0, xs), vload(a0))));
+      vstore(a0 + kLanes, vfma(m1, xsum, vfma(_mm256_cvtepi32_ps(t1), vmul(d1, xs), vload(a0 + kLanes))));
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    vstore(out + (r0 + r) * n + first_row, vload(acc + 2 * r * kLanes));
+    vstore(out + (r0 + r) * n + first_row + kLanes, vload(acc + 2 * r * kLanes + kLanes));
   }
 }
 #endif
