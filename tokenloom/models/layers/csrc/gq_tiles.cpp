@@ -59,6 +59,7 @@ struct Activations {
   const float* sums(int64_t r) const { return sum.data() + r * groups; }
 };
 
+// Rows in parallel where there are many (a prefill's thousands would otherwise be a serial ~5% of its step).
 template <typename T>
 void quantize_rows(const T* x, int64_t rows, int64_t k, Activations& out) {
   out.k = k;
@@ -66,10 +67,15 @@ void quantize_rows(const T* x, int64_t rows, int64_t k, Activations& out) {
   out.q.resize(rows * k);
   out.scale.resize(rows * out.groups);
   out.sum.resize(rows * out.groups);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < out.groups; ++g)
-      out.scale[r * out.groups + g] =
-          quantize32(x + r * k + 32 * g, out.q.data() + r * k + 32 * g, out.sum[r * out.groups + g]);
+  const int64_t groups = out.groups;
+  int8_t* q = out.q.data();
+  float* scale = out.scale.data();
+  float* sum = out.sum.data();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t g = 0; g < groups; ++g)
+        scale[r * groups + g] = quantize32(x + r * k + 32 * g, q + r * k + 32 * g, sum[r * groups + g]);
+  });
 }
 
 // Where one tile starts in each array.
