@@ -2,11 +2,14 @@
 bytes in use read after `gc.collect()` and `malloc_trim(0)` every few batches.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/shape_growth.py --requests 2000 [--fixed] [--onednn-verbose]
+        [--feature plain|sampled|n2|logprobs|stop|structured|chat]
 
 Batches hold 1–24 prompts of 3–60 words and ask 4–24 new tokens each (`--fixed`: always 8 prompts of 30 words,
 16 tokens: one shape, the control). It prints the in-use bytes against requests served and the growth per 1,000
 requests over the second half; `--onednn-verbose` also counts oneDNN primitives created, by kind and shape
-(torch's GEMMs that build a primitive per new shape and keep it in a cache).
+(torch's GEMMs that build a primitive per new shape and keep it in a cache). `--feature` adds one of the soak's
+request kinds to every request (benchmarks/soak.py: temperature 0.8, n = 2, logprobs 3, two stop strings, its JSON
+schema, chat through the template), so the growth the server shows can be pinned on a feature offline.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memwatch import _mallinfo  # noqa: E402
+
+FEATURES = ("plain", "sampled", "n2", "logprobs", "stop", "structured", "chat")
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "bright", "stars",
          "drift", "above", "quiet", "hills", "and", "rivers", "carry", "old", "songs", "toward", "distant", "sea"]
@@ -52,10 +57,11 @@ def main() -> None:
     parser.add_argument("--fixed", action="store_true", help="every batch the same shape (the control)")
     parser.add_argument("--onednn-verbose", action="store_true", help="count oneDNN primitive creations")
     parser.add_argument("--model", default=None, help="default: the embedded gemma-3-270m")
+    parser.add_argument("--feature", choices=FEATURES, default="plain", help="a soak request kind on every request")
     args, engine_args = parser.parse_known_args()
     import torch
 
-    from tokenloom import LLM, SamplingParams
+    from tokenloom import LLM
 
     options = {}
     for item in engine_args:  # --key=value engine options
@@ -67,8 +73,7 @@ def main() -> None:
     start = time.perf_counter()
     while served < args.requests:
         prompts, tokens = _batch(rng, args.fixed)
-        params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0.0)
-        run = functools.partial(llm.generate, prompts, params, use_tqdm=False)
+        run = _request(llm, prompts, tokens, args.feature, rng)
         if args.onednn_verbose:
             created.update(_created_primitives(run, torch))
         else:
@@ -87,6 +92,29 @@ def main() -> None:
     for (kind, shape), count in created.most_common(40):
         print(f"{count:6d}  {kind:12s} {shape}")
     print(f"{sum(created.values())} primitives created in all, {len(created)} distinct")
+
+
+def _request(llm, prompts: list[str], tokens: int, feature: str, rng: random.Random):
+    """The batch as a call of `llm`, with `feature`'s parameters."""
+    from soak import SCHEMA
+
+    from tokenloom import SamplingParams
+    from tokenloom.sampling_params import StructuredOutputsParams
+
+    options: dict = {"max_tokens": tokens, "min_tokens": tokens, "temperature": 0.0}
+    if feature in ("sampled", "n2"):
+        options.update(temperature=0.8, seed=rng.randrange(2**31), n=2 if feature == "n2" else 1)
+    elif feature == "logprobs":
+        options.update(logprobs=3)
+    elif feature == "stop":
+        options.update(stop=[rng.choice(WORDS), "."], min_tokens=0)
+    elif feature == "structured":
+        options.update(structured_outputs=StructuredOutputsParams(json=SCHEMA), max_tokens=48, min_tokens=0)
+    params = SamplingParams(**options)
+    if feature in ("chat", "structured"):
+        conversations = [[{"role": "user", "content": text}] for text in prompts]
+        return functools.partial(llm.chat, conversations, params, use_tqdm=False)
+    return functools.partial(llm.generate, prompts, params, use_tqdm=False)
 
 
 def _created_primitives(run, torch) -> Counter:

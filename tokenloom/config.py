@@ -52,14 +52,18 @@ class CacheConfig:
     kv_cache_gib: float = 1.0
     block_size: int = 16
     enable_prefix_caching: bool = True
-    # auto: the model's dtype. float16 / bfloat16 under float32 activations halve the cache's bytes (twice
-    # the tokens in kv_cache_gib, half the bytes decode attention reads), as llama.cpp's default f16 cache.
+    # auto: float16 under float32 activations with quantized weights on a CPU (the default on machines without
+    # native bf16: llama.cpp's default f16 cache, twice the tokens in kv_cache_gib, half the bytes decode
+    # attention reads); else the model's dtype (unquantized float32 keeps its float32 cache: its outputs are
+    # compared with transformers'). float16 / bfloat16 / float32 choose explicitly.
     kv_cache_dtype: str = "auto"
 
-    def torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        """The cache's element type for a model running in `model_dtype`."""
+    def torch_dtype(self, model_dtype: torch.dtype, quantized: bool = False,
+                    device: torch.device | None = None) -> torch.dtype:
+        """The cache's element type for a model running in `model_dtype` (`quantized`: its weights are)."""
         if self.kv_cache_dtype == "auto":
-            return model_dtype
+            on_cpu = device is None or device.type == "cpu"
+            return torch.float16 if model_dtype == torch.float32 and quantized and on_cpu else model_dtype
         dtype = _DTYPES[self.kv_cache_dtype]
         if dtype.itemsize > model_dtype.itemsize:
             raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype} is wider than the model's "

@@ -19,7 +19,7 @@ import torch
 from tokenloom.adapters import AdapterRequest
 from tokenloom.adapters.manager import AdapterManager
 from tokenloom.adapters.virtual import PLACEHOLDER_TOKEN
-from tokenloom.config import ConfigError, EngineConfig
+from tokenloom.config import CacheConfig, ConfigError, EngineConfig
 from tokenloom.engine.draft_model import DraftModelProposer
 from tokenloom.engine.input_processor import AdapterBinding, InputProcessor
 from tokenloom.engine.kv_cache import KVCacheManager
@@ -66,6 +66,11 @@ class EngineStats:
 GENERATIVE_TASKS = ("generate", "chat")
 
 
+def kv_cache_dtype(cache: CacheConfig, loaded: LoadedModel, device: torch.device) -> torch.dtype:
+    """The element type of `loaded`'s KV cache under `cache` (its `auto` depends on the weights' format)."""
+    return cache.torch_dtype(loaded.dtype, loaded.quantization != "none", device)
+
+
 class LLMEngine:
     """Owns the model, the KV cache, the scheduler and the per-request output state."""
 
@@ -79,7 +84,7 @@ class LLMEngine:
         self.loaded = loaded or load_model(config.model_config, device)
         self.tokenizer = self.loaded.tokenizer
         cache = config.cache_config
-        self.kv_dtype = cache.torch_dtype(self.loaded.dtype)
+        self.kv_dtype = kv_cache_dtype(cache, self.loaded, device)
         self.adapters = None
         if config.adapter_config.enable_adapters:
             if self.loaded.kind not in ("decoder", "encoder"):
@@ -98,13 +103,15 @@ class LLMEngine:
                                     self.adapters)
         else:
             block_bytes = kv_bytes_per_block(self.loaded.model, cache.block_size, self.kv_dtype) + (
-                kv_bytes_per_block(draft.model, cache.block_size, cache.torch_dtype(draft.dtype)) if draft else 0)
+                kv_bytes_per_block(draft.model, cache.block_size, kv_cache_dtype(cache, draft, device)) if draft else 0)
             num_blocks = int(cache.kv_cache_gib * 2**30 // block_bytes)
             if num_blocks < 1:
                 raise ConfigError(f"kv_cache_gib={cache.kv_cache_gib} holds no block of {block_bytes} bytes")
             # A request must always fit alone, or it could neither run nor be preempted away.
             self.max_model_len = min(self.loaded.max_model_len, num_blocks * cache.block_size,
                                      draft.max_model_len if draft is not None else num_blocks * cache.block_size)
+            logger.info("KV cache: %d blocks of %d tokens in %s (%.2f GiB)", num_blocks, cache.block_size,
+                        str(self.kv_dtype).removeprefix("torch."), cache.kv_cache_gib)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.runner = ModelRunner(self.loaded.model, num_blocks, cache.block_size, self.kv_dtype, device, pooling,
                                   self.adapters)
@@ -112,8 +119,8 @@ class LLMEngine:
         self.vocab_size = self.inputs.vocab_size
         self.speculator = None
         if config.speculative_config.speculative_method is not None:
-            drafter = DraftModelProposer(draft, num_blocks, cache.block_size, cache.torch_dtype(draft.dtype), device,
-                                         self.vocab_size) if draft is not None else None
+            drafter = DraftModelProposer(draft, num_blocks, cache.block_size, kv_cache_dtype(cache, draft, device),
+                                         device, self.vocab_size) if draft is not None else None
             self.speculator = Speculator(config.speculative_config, self.max_model_len, drafter,
                                          tiled_target=has_tiled_layers(self.loaded.model))
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len, self.speculator)
