@@ -58,12 +58,12 @@ class CacheConfig:
     # compared with transformers'). float16 / bfloat16 / float32 choose explicitly.
     kv_cache_dtype: str = "auto"
 
-    def torch_dtype(self, model_dtype: torch.dtype, quantized: bool = False,
-                    device: torch.device | None = None) -> torch.dtype:
-        """The cache's element type for a model running in `model_dtype` (`quantized`: its weights are)."""
+    def torch_dtype(self, model_dtype: torch.dtype, quantized: bool, device: torch.device) -> torch.dtype:
+        """The cache's element type for a model running in `model_dtype` on `device` (`quantized`: its weights
+        are)."""
         if self.kv_cache_dtype == "auto":
-            on_cpu = device is None or device.type == "cpu"
-            return torch.float16 if model_dtype == torch.float32 and quantized and on_cpu else model_dtype
+            cpu_fp32_quantized = model_dtype == torch.float32 and quantized and device.type == "cpu"
+            return torch.float16 if cpu_fp32_quantized else model_dtype
         dtype = _DTYPES[self.kv_cache_dtype]
         if dtype.itemsize > model_dtype.itemsize:
             raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype} is wider than the model's "

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenloom.config import ModelConfig
+from tokenloom.config import CacheConfig, ModelConfig
 from tokenloom.models import ops
 from tokenloom.models.ops import isa
 from tokenloom.models.ops.native import CSRC, sources
@@ -76,6 +76,17 @@ def test_dtype_auto_is_float32_where_bf16_is_emulated():
     assert config.torch_dtype(torch.float32, bf16_fast=True) == torch.float32
     assert ModelConfig(dtype="bfloat16").torch_dtype(None, bf16_fast=False) == torch.bfloat16  # asked for: kept
     assert ops.bf16_is_fast(torch.device("cpu")) == (isa.requested_level() == "avx512")
+
+
+def test_kv_cache_dtype_auto_is_float16_for_quantized_float32_models_on_a_cpu():
+    """llama.cpp's default f16 cache where activations are float32 and weights quantized; an unquantized float32
+    model keeps float32 (compared with transformers), bf16 keeps bf16, a GPU keeps the model's dtype."""
+    auto, cpu, cuda = CacheConfig(), torch.device("cpu"), torch.device("cuda")
+    assert auto.torch_dtype(torch.float32, True, cpu) == torch.float16
+    assert auto.torch_dtype(torch.float32, False, cpu) == torch.float32
+    assert auto.torch_dtype(torch.bfloat16, True, cpu) == torch.bfloat16
+    assert auto.torch_dtype(torch.float32, True, cuda) == torch.float32
+    assert CacheConfig(kv_cache_dtype="float32").torch_dtype(torch.float32, True, cpu) == torch.float32  # asked for
 
 
 CROSS = "aarch64-linux-gnu-g++"
